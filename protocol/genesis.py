@@ -1,0 +1,204 @@
+"""Genesis: the chain's root of trust, one human-readable JSON file.
+
+It fixes the chain id, the validators (who also are the participants) and their voting power, the learning
+task, the initial model (by hash) and the rules. Its hash is sha256 over canonical JSON (sorted keys, no
+spaces), so any edit, even of whitespace-insensitive content, gives another chain.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import GenesisError
+from .hashing import digest
+
+
+@dataclass(frozen=True)
+class ValidatorInfo:
+    name: str
+    public_key: str  # hex of the 32-byte Ed25519 key
+    power: int = 1
+
+    @property
+    def key_bytes(self) -> bytes:
+        return bytes.fromhex(self.public_key)
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    model: str = "logreg"  # "logreg" | "mlp"
+    hidden: int = 32  # mlp hidden width
+    dataset: str = "digits"  # "digits" | "synthetic" | a path to an .npz with x, y
+    partition: str = "iid"  # "iid" | "dirichlet"
+    dirichlet_alpha: float = 0.5
+    test_fraction: float = 0.2
+    seed: int = 0
+    learning_rate: float = 0.1
+    local_epochs: int = 1
+    batch_size: int = 32
+    synthetic_features: int = 64
+    synthetic_classes: int = 10
+    synthetic_samples: int = 4000
+
+
+@dataclass(frozen=True)
+class RewardRules:
+    reward_per_sample: int = 1
+    reward_cap: int = 500
+    initial_reputation: int = 100
+    max_reputation: int = 100
+    reputation_gain: int = 1
+    penalty_rejected: int = 10
+    penalty_outlier: int = 5
+    penalty_equivocation: int = 50
+    exclude_below: int = 50
+
+
+@dataclass(frozen=True)
+class Rules:
+    aggregator: str = "fedavg"  # "fedavg" | "median" | "trimmed_mean" | "multi_krum"
+    server_lr: float = 1.0
+    trim_fraction: float = 0.2
+    krum_byzantine: int = 1  # f assumed by Multi-Krum
+    krum_select: int = 0  # m updates kept; 0 means n - f
+    norm_bound: float = 100.0
+    max_blob_bytes: int = 64 << 20
+    min_updates: int = 0  # 0 means every participant; the proposer waits for this many...
+    collect_timeout_ms: int = 2000  # ...or this long after the height starts
+    timeout_propose_ms: int = 3000
+    timeout_propose_delta_ms: int = 500
+    timeout_prevote_ms: int = 1000
+    timeout_prevote_delta_ms: int = 500
+    timeout_precommit_ms: int = 1000
+    timeout_precommit_delta_ms: int = 500
+    rewards: RewardRules = field(default_factory=RewardRules)
+
+
+@dataclass(frozen=True)
+class Genesis:
+    chain_id: str
+    genesis_time: str
+    validators: tuple[ValidatorInfo, ...]
+    task: TaskSpec
+    initial_model_hash: str  # hex; the app recomputes it from task.seed and refuses a mismatch
+    rules: Rules = field(default_factory=Rules)
+
+    # ---- derived views ----
+    @property
+    def powers(self) -> dict[bytes, int]:
+        return {v.key_bytes: v.power for v in self.validators}
+
+    @property
+    def participant_keys(self) -> list[bytes]:
+        """Participants in canonical order (by public key bytes)."""
+        return sorted(v.key_bytes for v in self.validators)
+
+    def name_of(self, key: bytes) -> str:
+        for v in self.validators:
+            if v.key_bytes == key:
+                return v.name
+        return key.hex()[:12]
+
+    def index_of(self, key: bytes) -> int:
+        """Position in canonical participant order; fixes which data shard a participant trains on."""
+        return self.participant_keys.index(key)
+
+    def to_json_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["validators"] = [asdict(v) for v in self.validators]
+        return d
+
+    def canonical_bytes(self) -> bytes:
+        return json.dumps(self.to_json_dict(), sort_keys=True, separators=(",", ":")).encode()
+
+    def hash(self) -> bytes:
+        return digest(self.canonical_bytes())
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(self.to_json_dict(), sort_keys=True, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> Genesis:
+        try:
+            raw = json.loads(Path(path).read_text())
+        except OSError as exc:
+            raise GenesisError(f"cannot read genesis {path}: {exc.strerror}") from None
+        except json.JSONDecodeError as exc:
+            raise GenesisError(f"genesis {path} is not JSON: {exc}") from None
+        return cls.from_json_dict(raw)
+
+    @classmethod
+    def from_json_dict(cls, raw: Any) -> Genesis:
+        try:
+            if not isinstance(raw, dict):
+                raise GenesisError("genesis must be a JSON object")
+            rules_raw = dict(raw.get("rules", {}))
+            rewards = _build(RewardRules, rules_raw.pop("rewards", {}), "rules.rewards")
+            rules = _build(Rules, rules_raw, "rules", rewards=rewards)
+            vals = tuple(_build(ValidatorInfo, v, "validator") for v in raw["validators"])
+            g = cls(
+                chain_id=str(raw["chain_id"]),
+                genesis_time=str(raw["genesis_time"]),
+                validators=vals,
+                task=_build(TaskSpec, raw.get("task", {}), "task"),
+                initial_model_hash=str(raw["initial_model_hash"]),
+                rules=rules,
+            )
+        except KeyError as exc:
+            raise GenesisError(f"genesis: missing field {exc.args[0]!r}") from None
+        except (TypeError, ValueError) as exc:
+            raise GenesisError(f"genesis: {exc}") from None
+        g.check()
+        return g
+
+    def check(self) -> None:
+        if not self.chain_id or len(self.chain_id) > 64:
+            raise GenesisError("genesis: chain_id must be 1..64 characters")
+        if not self.validators:
+            raise GenesisError("genesis: no validators")
+        seen: set[bytes] = set()
+        for v in self.validators:
+            try:
+                kb = v.key_bytes
+            except ValueError:
+                raise GenesisError(f"genesis: validator {v.name!r} has a public key that is not hex") from None
+            if len(kb) != 32:
+                raise GenesisError(f"genesis: validator {v.name!r} public key is not 32 bytes")
+            if kb in seen:
+                raise GenesisError(f"genesis: validator {v.name!r} listed twice")
+            if not isinstance(v.power, int) or v.power <= 0:
+                raise GenesisError(f"genesis: validator {v.name!r} needs a positive integer power")
+            seen.add(kb)
+        try:
+            if len(bytes.fromhex(self.initial_model_hash)) != 32:
+                raise ValueError
+        except ValueError:
+            raise GenesisError("genesis: initial_model_hash must be 64 hex characters") from None
+        if self.rules.aggregator not in ("fedavg", "median", "trimmed_mean", "multi_krum"):
+            raise GenesisError(f"genesis: unknown aggregator {self.rules.aggregator!r}")
+
+
+def _build(cls: type, raw: Any, what: str, **extra: Any) -> Any:
+    if not isinstance(raw, dict):
+        raise GenesisError(f"genesis: {what} must be an object")
+    known = {f.name: f for f in fields(cls)}
+    unknown = set(raw) - set(known)
+    if unknown:
+        raise GenesisError(f"genesis: {what} has unknown field(s) {sorted(unknown)}")
+    kwargs: dict[str, Any] = {}
+    for name, value in raw.items():
+        default = known[name].default
+        if isinstance(default, bool) or default is None:
+            pass
+        elif isinstance(default, int) and (isinstance(value, bool) or not isinstance(value, int)):
+            raise GenesisError(f"genesis: {what}.{name} must be an integer")
+        elif isinstance(default, float) and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise GenesisError(f"genesis: {what}.{name} must be a number")
+        elif isinstance(default, str) and not isinstance(value, str):
+            raise GenesisError(f"genesis: {what}.{name} must be a string")
+        kwargs[name] = float(value) if isinstance(default, float) else value
+    kwargs.update(extra)
+    return cls(**kwargs)
