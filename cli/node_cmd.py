@@ -1,9 +1,367 @@
-"""Placeholder: commands of this group are registered here."""
+"""`flnode init`, `flnode testnet init`, `flnode start`, `flnode status`."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+
 import typer
+
+from .errors import fail, user_errors
+
+HomeOpt = Annotated[Path, typer.Option("--home", help="Node home directory.")]
+
+testnet_app = typer.Typer(help="Make a local or multi-host test network.", no_args_is_help=True)
 
 
 def register(app: typer.Typer) -> None:
-    return None
+    app.command("init")(init)
+    app.command("start")(start)
+    app.command("status")(status)
+    app.add_typer(testnet_app, name="testnet")
+    from .demo import demo
+
+    app.command("demo")(demo)
+
+
+# ---------------------------------------------------------------- genesis helpers
+
+
+def make_genesis(
+    chain_id: str, validators: list[tuple[str, bytes]], task_overrides: dict[str, Any], rule_overrides: dict[str, Any]
+) -> Any:
+    from flnode.node.app import initial_model
+    from flnode.protocol.genesis import Genesis, Rules, TaskSpec, ValidatorInfo
+    from flnode.protocol.tensors import tensors_hash
+
+    task = replace(TaskSpec(), **task_overrides)
+    rules = replace(Rules(), **rule_overrides)
+    g = Genesis(
+        chain_id=chain_id,
+        genesis_time=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        validators=tuple(ValidatorInfo(name, pk.hex(), 1) for name, pk in validators),
+        task=task,
+        initial_model_hash=tensors_hash(initial_model(task)).hex(),
+        rules=rules,
+    )
+    g.check()
+    return g
+
+
+def _task_and_rules(
+    model: str, dataset: str, partition: str, alpha: float, aggregator: str, seed: int, norm_bound: float,
+    local_epochs: int, learning_rate: float, collect_timeout_ms: int,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    task = {
+        "model": model, "dataset": dataset, "partition": partition, "dirichlet_alpha": alpha, "seed": seed,
+        "local_epochs": local_epochs, "learning_rate": learning_rate,
+    }
+    rules = {"aggregator": aggregator, "norm_bound": norm_bound, "collect_timeout_ms": collect_timeout_ms}
+    return task, rules
+
+
+# ---------------------------------------------------------------- init
+
+
+@user_errors
+def init(
+    home: HomeOpt,
+    moniker: Annotated[str, typer.Option(help="Human-readable node name.")] = "node0",
+    chain_id: Annotated[str, typer.Option(help="Chain id of the single-node genesis written here.")] = "flnode-local",
+    port: Annotated[int, typer.Option(help="TCP port to listen on.")] = 26656,
+    force: Annotated[bool, typer.Option(help="Overwrite an existing home.")] = False,
+) -> None:
+    """Create a node home: key (0600), config.toml and a single-validator genesis."""
+    from flnode.node.config import NodeConfig, home_paths, write_config
+    from flnode.protocol.crypto import NodeKey
+
+    home = home.expanduser()
+    cfg = NodeConfig(moniker=moniker, listen=(f"/ip4/0.0.0.0/tcp/{port}",))
+    paths = home_paths(home, cfg)
+    if paths.node_key.exists() and not force:
+        fail(f"{home} already has a node key; use --force to overwrite")
+    home.mkdir(parents=True, exist_ok=True)
+    key = NodeKey.generate()
+    key.save(paths.node_key)
+    write_config(home, cfg)
+    task, rules = _task_and_rules("logreg", "digits", "iid", 0.5, "fedavg", 0, 100.0, 1, 0.1, 2000)
+    make_genesis(chain_id, [(moniker, key.public_key)], task, rules).save(paths.genesis)
+    from flnode.node.net import peer_id_of
+
+    typer.echo(f"initialised {home}\n  peer id: {peer_id_of(key.public_key)}\n  public key: {key.public_key.hex()}")
+
+
+@testnet_app.command("init")
+@user_errors
+def testnet_init(
+    directory: Annotated[Path, typer.Option("--dir", help="Where to write node0 .. nodeN-1 homes.")] = Path("testnet"),
+    nodes: Annotated[int, typer.Option("--nodes", min=1, max=64)] = 4,
+    chain_id: Annotated[str, typer.Option()] = "flnode-testnet",
+    host: Annotated[str, typer.Option(help="IP address peers dial (all nodes on one machine).")] = "127.0.0.1",
+    hosts: Annotated[str, typer.Option(help="Comma-separated IP per node (one machine each).")] = "",
+    hostnames: Annotated[str, typer.Option(help="Comma-separated DNS names per node (compose/k8s).")] = "",
+    listen_host: Annotated[str, typer.Option(help="Interface to listen on.")] = "0.0.0.0",
+    base_port: Annotated[int, typer.Option(help="Port of node0; node i listens on base+i (0 = same port for all).")] = 26656,
+    same_port: Annotated[bool, typer.Option(help="Every node uses base-port (one host or container each).")] = False,
+    model: Annotated[str, typer.Option(help="logreg | mlp")] = "logreg",
+    dataset: Annotated[str, typer.Option(help="digits | synthetic | path to .npz")] = "digits",
+    partition: Annotated[str, typer.Option(help="iid | dirichlet")] = "iid",
+    alpha: Annotated[float, typer.Option(help="Dirichlet alpha for non-IID splits.")] = 0.5,
+    aggregator: Annotated[str, typer.Option(help="fedavg | median | trimmed_mean | multi_krum")] = "fedavg",
+    seed: Annotated[int, typer.Option()] = 0,
+    norm_bound: Annotated[float, typer.Option(help="Max L2 norm of an update.")] = 100.0,
+    local_epochs: Annotated[int, typer.Option()] = 1,
+    learning_rate: Annotated[float, typer.Option()] = 0.1,
+    collect_timeout_ms: Annotated[int, typer.Option(help="Proposer waits this long for updates at most.")] = 2000,
+    force: Annotated[bool, typer.Option(help="Overwrite existing homes.")] = False,
+) -> None:
+    """Write N homes with one shared genesis and each other's addresses as bootstrap peers."""
+    info = create_testnet(
+        directory, nodes, chain_id=chain_id, host=host, hosts=_csv(hosts), hostnames=_csv(hostnames),
+        listen_host=listen_host, base_port=base_port, same_port=same_port,
+        task_rules=_task_and_rules(model, dataset, partition, alpha, aggregator, seed, norm_bound, local_epochs,
+                                   learning_rate, collect_timeout_ms),
+        force=force,
+    )
+    for name, addr in info:
+        typer.echo(f"{name}: {addr}")
+
+
+def _csv(s: str) -> list[str]:
+    return [x.strip() for x in s.split(",") if x.strip()]
+
+
+def create_testnet(
+    directory: Path,
+    nodes: int,
+    *,
+    chain_id: str = "flnode-testnet",
+    host: str = "127.0.0.1",
+    hosts: list[str] | None = None,
+    hostnames: list[str] | None = None,
+    listen_host: str = "0.0.0.0",
+    base_port: int = 26656,
+    ports: list[int] | None = None,
+    same_port: bool = False,
+    task_rules: tuple[dict[str, Any], dict[str, Any]] | None = None,
+    force: bool = False,
+) -> list[tuple[str, str]]:
+    """Create the homes; returns (name, bootstrap multiaddr) per node."""
+    from flnode.node.config import NodeConfig, home_paths, write_config
+    from flnode.node.net import peer_id_of
+    from flnode.protocol.crypto import NodeKey
+
+    hosts = hosts or []
+    hostnames = hostnames or []
+    for lst, what in ((hosts, "--hosts"), (hostnames, "--hostnames")):
+        if lst and len(lst) != nodes:
+            fail(f"{what} lists {len(lst)} entries for {nodes} nodes")
+    directory = directory.expanduser()
+    names = [f"node{i}" for i in range(nodes)]
+    if ports is None:
+        ports = [base_port if same_port else base_port + i for i in range(nodes)]
+    keys = [NodeKey.generate() for _ in range(nodes)]
+    addrs = []
+    for i in range(nodes):
+        pid = peer_id_of(keys[i].public_key)
+        if hostnames:
+            addrs.append(f"/dns4/{hostnames[i]}/tcp/{ports[i]}/p2p/{pid}")
+        else:
+            addrs.append(f"/ip4/{hosts[i] if hosts else host}/tcp/{ports[i]}/p2p/{pid}")
+    task, rules = task_rules or _task_and_rules("logreg", "digits", "iid", 0.5, "fedavg", 0, 100.0, 1, 0.1, 2000)
+    genesis = make_genesis(chain_id, list(zip(names, [k.public_key for k in keys], strict=True)), task, rules)
+    for i, name in enumerate(names):
+        home = directory / name
+        cfg = NodeConfig(
+            moniker=name,
+            listen=(f"/ip4/{hosts[i] if hosts and listen_host == 'host' else listen_host}/tcp/{ports[i]}",),
+            announce=(addrs[i].rsplit("/p2p/", 1)[0],) if (hosts or hostnames) else (),
+            bootstrap=tuple(a for j, a in enumerate(addrs) if j != i),
+        )
+        paths = home_paths(home, cfg)
+        if paths.node_key.exists() and not force:
+            fail(f"{home} already exists; use --force to overwrite")
+        home.mkdir(parents=True, exist_ok=True)
+        keys[i].save(paths.node_key)
+        write_config(home, cfg)
+        genesis.save(paths.genesis)
+        if paths.data_dir.exists() and force:
+            for f in paths.data_dir.iterdir():
+                if f.is_file():
+                    f.unlink()
+    return list(zip(names, addrs, strict=True))
+
+
+# ---------------------------------------------------------------- start
+
+
+@contextmanager
+def _home_lock(lock_path: Path) -> Iterator[None]:
+    import fcntl
+
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fail(f"another flnode is running on this home (lock {lock_path} is held)")
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        yield
+    finally:
+        os.close(fd)
+
+
+def _check_ports_free(listen: tuple[str, ...]) -> None:
+    """libp2p binds with SO_REUSEPORT, so two daemons could share a port silently (pitfall 4): check first."""
+    for addr in listen:
+        parts = addr.strip("/").split("/")
+        if len(parts) >= 4 and parts[0] in ("ip4", "ip6") and parts[2] == "tcp" and parts[3] != "0":
+            fam = socket.AF_INET if parts[0] == "ip4" else socket.AF_INET6
+            with socket.socket(fam, socket.SOCK_STREAM) as s:
+                try:
+                    s.bind((parts[1], int(parts[3])))
+                except OSError as exc:
+                    fail(f"cannot listen on {addr}: {exc.strerror} (port in use?)")
+
+
+@user_errors
+def start(
+    home: HomeOpt,
+    bootstrap: Annotated[list[str] | None, typer.Option("--bootstrap", help="Peer multiaddr (repeatable).")] = None,
+    listen: Annotated[list[str] | None, typer.Option("--listen", help="Listen multiaddr (repeatable).")] = None,
+    announce: Annotated[list[str] | None, typer.Option("--announce", help="Address to advertise (repeatable).")] = None,
+    metrics_listen: Annotated[str | None, typer.Option("--metrics-listen", help="host:port for Prometheus text.")] = None,
+    log_level: Annotated[str | None, typer.Option("--log-level")] = None,
+    log_format: Annotated[str | None, typer.Option("--log-format", help="text | json")] = None,
+    data_path: Annotated[str | None, typer.Option("--data-path", help="Own .npz (x, y) to train on.")] = None,
+) -> None:
+    """Run a node: join the network through its bootstrap peers and take part in every round."""
+    import trio
+    from flnode.node.chain.store import ChainStore
+    from flnode.node.config import home_paths, load_config
+    from flnode.node.daemon import Daemon
+    from flnode.node.logs import setup_logging
+    from flnode.protocol.crypto import NodeKey
+    from flnode.protocol.genesis import Genesis
+
+    home = home.expanduser()
+    if not home.is_dir():
+        fail(f"home {home} does not exist (run `flnode init --home {home}` first)")
+    flags: dict[str, Any] = {}
+    for name, value in (
+        ("bootstrap", bootstrap), ("listen", listen), ("announce", announce), ("metrics_listen", metrics_listen),
+        ("log_level", log_level), ("log_format", log_format), ("data_path", data_path),
+    ):
+        if value:
+            flags[name] = tuple(value) if isinstance(value, list) else value
+    eff = load_config(home, flags, os.environ)
+    cfg = eff.config
+    paths = home_paths(home, cfg)
+    setup_logging(cfg.log_level, cfg.log_format)
+    genesis = Genesis.load(paths.genesis)
+    key = NodeKey.load(paths.node_key)
+    with _home_lock(paths.lock):
+        _check_ports_free(cfg.listen)
+        store = ChainStore.open(paths.chain_db, genesis_hash=genesis.hash())
+        try:
+            daemon = Daemon(genesis, key, cfg, store, status_path=paths.data_dir / "status.json")
+
+            async def main() -> None:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(daemon.run)
+                    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                        async for sig in signals:
+                            import logging
+
+                            logging.getLogger("flnode").info("shutting down", extra={"signal": signal.Signals(sig).name})
+                            nursery.cancel_scope.cancel()
+                            break
+
+            trio.run(main)
+        finally:
+            store.close()
+
+
+# ---------------------------------------------------------------- status
+
+
+@user_errors
+def status(
+    home: HomeOpt,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Show a node's height, peers and model hash (works while the node runs). Exit 1 if it is not running."""
+    from flnode.node.chain.store import ChainStore
+    from flnode.node.config import home_paths, load_config
+    from flnode.protocol.genesis import Genesis
+
+    home = home.expanduser()
+    if not home.is_dir():
+        fail(f"home {home} does not exist")
+    cfg = load_config(home, {}, os.environ).config
+    paths = home_paths(home, cfg)
+    genesis = Genesis.load(paths.genesis)
+    info: dict[str, Any] = {"home": str(home), "chain_id": genesis.chain_id, "running": False, "height": 0}
+    if paths.chain_db.exists():
+        store = ChainStore.open(paths.chain_db, readonly=True)
+        try:
+            info["height"] = store.latest_height()
+            if info["height"] > 0:
+                st = store.get_state(info["height"])
+                info["model_hash"] = st.model_hash.hex()
+                m = store.get_metrics(info["height"]) or {}
+                if "test_accuracy" in m:
+                    info["test_accuracy"] = m["test_accuracy"]
+        finally:
+            store.close()
+    sp = paths.data_dir / "status.json"
+    if sp.exists():
+        try:
+            live = json.loads(sp.read_text())
+        except (OSError, ValueError):
+            live = {}
+        alive = _pid_alive(int(live.get("pid", 0))) and time.time() - float(live.get("time", 0)) < 10
+        info["running"] = alive
+        if alive:
+            for k in ("pid", "peer_id", "addrs", "peers", "consensus_height", "consensus_round"):
+                info[k] = live.get(k)
+    if as_json:
+        typer.echo(json.dumps(info))
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        t = Table(show_header=False, box=None)
+        for k, v in info.items():
+            t.add_row(k, ", ".join(v) if isinstance(v, list) else str(v))
+        Console().print(t)
+    if not info["running"]:
+        raise typer.Exit(1)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(0)
