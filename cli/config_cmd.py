@@ -32,10 +32,18 @@ def show(
     home: Annotated[Path, typer.Option("--home", help="Node home directory.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     # The same overrides `flnode start` accepts, so this shows exactly what start would run with.
-    bootstrap: Annotated[list[str] | None, typer.Option("--bootstrap", help="Peer multiaddr (repeatable).")] = None,
-    listen: Annotated[list[str] | None, typer.Option("--listen", help="Listen multiaddr (repeatable).")] = None,
-    announce: Annotated[list[str] | None, typer.Option("--announce", help="Address to advertise (repeatable).")] = None,
-    metrics_listen: Annotated[str | None, typer.Option("--metrics-listen", help="host:port for Prometheus text.")] = None,
+    bootstrap: Annotated[
+        list[str] | None, typer.Option("--bootstrap", help="Peer multiaddr (repeatable).")
+    ] = None,
+    listen: Annotated[
+        list[str] | None, typer.Option("--listen", help="Listen multiaddr (repeatable).")
+    ] = None,
+    announce: Annotated[
+        list[str] | None, typer.Option("--announce", help="Address to advertise (repeatable).")
+    ] = None,
+    metrics_listen: Annotated[
+        str | None, typer.Option("--metrics-listen", help="host:port for Prometheus text.")
+    ] = None,
     log_level: Annotated[str | None, typer.Option("--log-level")] = None,
     log_format: Annotated[str | None, typer.Option("--log-format", help="text | json")] = None,
     data_path: Annotated[str | None, typer.Option("--data-path", help="Own .npz (x, y) to train on.")] = None,
@@ -71,7 +79,11 @@ def show(
             "config_file": str(paths.config),
             "config_file_exists": eff.config_file is not None,
             "settings": settings,
-            "paths": {"data_dir": str(paths.data_dir), "chain_db": str(paths.chain_db), "lock": str(paths.lock)},
+            "paths": {
+                "data_dir": str(paths.data_dir),
+                "chain_db": str(paths.chain_db),
+                "lock": str(paths.lock),
+            },
         }
         typer.echo(json.dumps(out, indent=2))
         return

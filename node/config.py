@@ -50,7 +50,9 @@ class NodeConfig:
 # ---------------------------------------------------------------- validation of single values
 
 _PORT = r"(?:0|[1-9][0-9]{0,4})"
-_DNS_NAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62})(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62}))*\.?$")
+_DNS_NAME = re.compile(
+    r"^(?=.{1,253}$)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62})(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62}))*\.?$"
+)
 _BASE58 = re.compile(r"^[1-9A-HJ-NP-Za-km-z]{8,128}$")
 
 
@@ -149,14 +151,32 @@ FIELDS: dict[str, FieldSpec] = {
     for s in (
         _spec("moniker", str, "Human-readable node name (the genesis validator name).", _v_moniker),
         _spec("listen", tuple, "libp2p multiaddrs to listen on, e.g. /ip4/0.0.0.0/tcp/26656.", _v_listen),
-        _spec("announce", tuple, "Addresses advertised to peers (NAT, containers); empty = the listen addresses.",
-              _v_listen),
-        _spec("bootstrap", tuple, "Peers to dial at start: /ip4|dns4/<host>/tcp/<port>/p2p/<peer id>.", _v_bootstrap),
-        _spec("data_dir", str, "Chain store and runtime files; relative to the home unless absolute.", _v_nonempty),
+        _spec(
+            "announce",
+            tuple,
+            "Addresses advertised to peers (NAT, containers); empty = the listen addresses.",
+            _v_listen,
+        ),
+        _spec(
+            "bootstrap",
+            tuple,
+            "Peers to dial at start: /ip4|dns4/<host>/tcp/<port>/p2p/<peer id>.",
+            _v_bootstrap,
+        ),
+        _spec(
+            "data_dir",
+            str,
+            "Chain store and runtime files; relative to the home unless absolute.",
+            _v_nonempty,
+        ),
         _spec("metrics_listen", str, "host:port of the Prometheus text endpoint; empty = off.", _v_metrics),
         _spec("log_level", str, "debug | info | warning | error | critical.", _v_choice(LOG_LEVELS)),
         _spec("log_format", str, "text | json (one JSON object per line).", _v_choice(LOG_FORMATS)),
-        _spec("data_path", str, "Own .npz (x, y) to train on instead of the genesis data set shard; empty = shard."),
+        _spec(
+            "data_path",
+            str,
+            "Own .npz (x, y) to train on instead of the genesis data set shard; empty = shard.",
+        ),
         _spec("participate", bool, "Train and publish updates each round (a validator may opt out)."),
     )
 }
@@ -271,7 +291,8 @@ def _toml_value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, str):
-        return json.dumps(v, ensure_ascii=False)  # JSON string escapes are a subset of TOML basic-string escapes
+        # JSON string escapes are a subset of TOML basic-string escapes
+        return json.dumps(v, ensure_ascii=False)
     if isinstance(v, tuple):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     raise TypeError(f"cannot write {type(v).__name__} to TOML")
