@@ -1,0 +1,403 @@
+"""Tendermint ("The latest gossip on BFT consensus", Buchman, Kwon, Milosevic 2018) as a pure state machine.
+
+`Tendermint.step(event) -> list[Action]`. No clock, no I/O, no randomness: the shell feeds events and performs
+actions in order. After every event the machine re-evaluates the paper's `upon` rules until none fires, so the
+order in which messages arrive never matters, only the set that has arrived.
+
+Crash safety: before any own signed message leaves, the machine emits `Persist(record)`; the shell must fsync it
+before performing the following actions. `Tendermint.restore` rebuilds the round, the lock and every message
+already signed at that height from those records, so a restarted node re-sends what it signed and never signs a
+different value for the same (height, round, type).
+
+Lost messages: gossip is best-effort. On every timeout the machine re-emits its own messages of the current round
+(`Broadcast` again); a node that missed the decisive precommits is brought forward by `CommitReceived` (a block
+and its certificate fetched by the shell's block sync); f+1 voting power seen in a higher round pulls a node there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+
+from flnode.protocol.encoding import pack, unpack
+from flnode.protocol.errors import ProtocolError
+from flnode.protocol.messages import (
+    Block,
+    CommitCertificate,
+    DuplicateVoteEvidence,
+    Proposal,
+    Vote,
+    VoteType,
+)
+
+from .actions import (
+    Action,
+    Broadcast,
+    Commit,
+    EmitEvidence,
+    GetValue,
+    Persist,
+    ScheduleTimeout,
+    ValidateValue,
+)
+from .events import (
+    CommitReceived,
+    Event,
+    ProposalReceived,
+    StartHeight,
+    TimeoutFired,
+    ValueReady,
+    ValueValidated,
+    VoteReceived,
+)
+from .types import Step, TimeoutConfig, TimeoutKind
+from .validators import ValidatorSet
+from .votes import RoundVotes
+
+Signer = Callable[[str, bytes], bytes]
+FUTURE_BUFFER = 4096
+MAX_ROUND_AHEAD = 64  # messages for rounds further ahead are dropped (bounded memory under flooding)
+
+
+class Tendermint:
+    def __init__(
+        self,
+        validators: ValidatorSet,
+        me: bytes | None,
+        sign: Signer | None,
+        timeouts: TimeoutConfig,
+    ) -> None:
+        self.validators = validators
+        self.me = me if me is not None and validators.power(me) > 0 else None
+        self.sign = sign
+        self.timeouts = timeouts
+        self.height = 0
+        self.round = 0
+        self.current_step = Step.PROPOSE
+        self.decided: Block | None = None
+        self.restored = False
+        self._reset_height(0)
+        self._future: list[Event] = []
+
+    # ------------------------------------------------------------------ state
+
+    def _reset_height(self, height: int) -> None:
+        self.height = height
+        self.round = 0
+        self.current_step = Step.PROPOSE
+        self.locked_value: Block | None = None
+        self.locked_round = -1
+        self.valid_value: Block | None = None
+        self.valid_round = -1
+        self.decided = None
+        self.proposals: dict[int, Proposal] = {}  # round -> the proposer's (first) proposal
+        self.blocks: dict[bytes, Block] = {}
+        self.validity: dict[bytes, bool] = {}
+        self.validating: set[bytes] = set()
+        self.votes: dict[int, RoundVotes] = {}
+        self.signed: dict[tuple[int, int], Vote] = {}  # (round, type) -> own vote, never re-signed differently
+        self.proposed: dict[int, Proposal] = {}
+        self.asked_value: set[int] = set()
+        self.fired: set[tuple[str, int]] = set()  # "first time" rules: (rule, round)
+        self.started_round = False
+
+    def _round_votes(self, r: int) -> RoundVotes:
+        rv = self.votes.get(r)
+        if rv is None:
+            rv = self.votes[r] = RoundVotes(self.validators)
+        return rv
+
+    # ------------------------------------------------------------------ entry point
+
+    def step_event(self, event: Event) -> list[Action]:
+        return self.step(event)
+
+    def step(self, event: Event) -> list[Action]:  # noqa: C901 - one dispatch table
+        out: list[Action] = []
+        if isinstance(event, StartHeight):
+            if event.height < self.height or (event.height == self.height and self.started_round):
+                return out
+            if event.height == self.height and self.restored:
+                self._start_round(self.round, out)  # resume the restored round; signed votes are re-sent, not re-made
+            else:
+                self._reset_height(event.height)
+                self._start_round(0, out)
+            pending, self._future = self._future, []
+            for ev in pending:
+                if _event_height(ev) == self.height:
+                    out += self.step(ev)
+                elif _event_height(ev) > self.height:
+                    self._future.append(ev)
+            return out
+        h = _event_height(event)
+        if h > self.height or not self.started_round:
+            if h <= self.height + 2 and len(self._future) < FUTURE_BUFFER and not isinstance(event, TimeoutFired):
+                self._future.append(event)
+            return out
+        if h < self.height and not isinstance(event, CommitReceived):
+            return out
+        if isinstance(event, ProposalReceived):
+            self._on_proposal(event.proposal, out)
+        elif isinstance(event, VoteReceived):
+            self._on_vote(event.vote, out)
+        elif isinstance(event, ValueReady):
+            self._on_value_ready(event, out)
+        elif isinstance(event, ValueValidated):
+            self.validating.discard(event.block_hash)
+            self.validity[event.block_hash] = event.valid
+        elif isinstance(event, TimeoutFired):
+            self._on_timeout(event, out)
+        elif isinstance(event, CommitReceived):
+            self._on_commit_received(event, out)
+        self._apply_rules(out)
+        return out
+
+    # ------------------------------------------------------------------ inputs
+
+    def _on_proposal(self, p: Proposal, out: list[Action]) -> None:
+        if p.height != self.height or p.round > self.round + MAX_ROUND_AHEAD:
+            return
+        if p.proposer != self.validators.proposer(p.height, p.round):
+            return
+        if p.round in self.proposals:
+            return  # the first one counts; a second is the proposer's problem
+        if p.pol_round >= p.round or p.pol_round < -1:
+            return
+        self.proposals[p.round] = p
+        bh = p.block_hash
+        self.blocks.setdefault(bh, p.block)
+        self._request_validation(p.block, p.round, out)
+
+    def _request_validation(self, block: Block, r: int, out: list[Action]) -> None:
+        bh = block.hash()
+        if bh not in self.validity and bh not in self.validating:
+            self.validating.add(bh)
+            out.append(ValidateValue(self.height, r, block))
+
+    def _on_vote(self, v: Vote, out: list[Action]) -> None:
+        if v.height != self.height or v.round > self.round + MAX_ROUND_AHEAD:
+            return
+        if self.validators.power(v.validator) <= 0:
+            return
+        conflict = self._round_votes(v.round).add(v)
+        if conflict is not None:
+            out.append(EmitEvidence(DuplicateVoteEvidence.of(conflict, v)))
+
+    def _on_value_ready(self, ev: ValueReady, out: list[Action]) -> None:
+        if ev.round != self.round or self.current_step != Step.PROPOSE or ev.round in self.proposed:
+            return
+        if self.me is None or self.validators.proposer(self.height, ev.round) != self.me:
+            return
+        self.blocks[ev.block.hash()] = ev.block
+        self.validity[ev.block.hash()] = True  # we built it by executing it
+        self._propose(ev.block, -1, out)
+
+    def _on_timeout(self, ev: TimeoutFired, out: list[Action]) -> None:
+        if ev.height != self.height or ev.round != self.round:
+            return
+        if ev.kind == TimeoutKind.PROPOSE and self.current_step == Step.PROPOSE:  # L57
+            self._vote(VoteType.PREVOTE, None, out)
+            self.current_step = Step.PREVOTE
+        elif ev.kind == TimeoutKind.PREVOTE and self.current_step == Step.PREVOTE:  # L61
+            self._vote(VoteType.PRECOMMIT, None, out)
+            self.current_step = Step.PRECOMMIT
+        elif ev.kind == TimeoutKind.PRECOMMIT:  # L65
+            self._rebroadcast(out)
+            self._start_round(self.round + 1, out)
+            return
+        elif ev.kind == TimeoutKind.REBROADCAST:
+            out.append(self._timeout(TimeoutKind.REBROADCAST))  # keep re-sending while this round is stuck
+        self._rebroadcast(out)
+
+    def _on_commit_received(self, ev: CommitReceived, out: list[Action]) -> None:
+        """A block with a certificate the shell has verified (block sync): decide it directly."""
+        if ev.block.height != self.height or self.decided is not None:
+            return
+        if ev.certificate.block_hash != ev.block.hash() or ev.certificate.height != self.height:
+            return
+        self.decided = ev.block
+        out.append(Commit(self.height, ev.block, ev.certificate))
+
+    # ------------------------------------------------------------------ the paper's rules
+
+    def _apply_rules(self, out: list[Action]) -> None:
+        changed = True
+        while changed and self.decided is None:
+            changed = self._rules_once(out)
+
+    def _rules_once(self, out: list[Action]) -> bool:  # noqa: C901 - mirrors the paper
+        h, r = self.height, self.round
+        q = self.validators.quorum()
+
+        # L49: a proposal of any round with 2f+1 precommits for it, and the value is valid -> decide.
+        for pr, p in self.proposals.items():
+            bh = p.block_hash
+            rv = self.votes.get(pr)
+            if rv is not None and rv.power_for(VoteType.PRECOMMIT, bh) >= q:
+                if self.validity.get(bh) is True:
+                    self.decided = p.block
+                    cert = rv.certificate(h, pr, bh)
+                    out.append(Commit(h, p.block, cert))
+                    return False
+                self._request_validation(p.block, pr, out)
+        # L55: f+1 power in a higher round -> skip to it.
+        for rr in sorted(k for k in self.votes if k > r):
+            if self.votes[rr].any_power() > self.validators.total_power // 3:
+                self._start_round(rr, out)
+                return True
+
+        p = self.proposals.get(r)
+        rv = self._round_votes(r)
+        if p is not None and self.current_step == Step.PROPOSE:
+            bh = p.block_hash
+            valid = self.validity.get(bh)
+            if p.pol_round == -1 and valid is not None:  # L22
+                ok = valid and (self.locked_round == -1 or self._locked_hash() == bh)
+                self._vote(VoteType.PREVOTE, bh if ok else None, out)
+                self.current_step = Step.PREVOTE
+                return True
+            if 0 <= p.pol_round < r and valid is not None:  # L28
+                pol = self.votes.get(p.pol_round)
+                if pol is not None and pol.power_for(VoteType.PREVOTE, bh) >= q:
+                    ok = valid and (self.locked_round <= p.pol_round or self._locked_hash() == bh)
+                    self._vote(VoteType.PREVOTE, bh if ok else None, out)
+                    self.current_step = Step.PREVOTE
+                    return True
+        # L34: 2f+1 prevotes of any kind, first time -> timeout prevote.
+        if self.current_step == Step.PREVOTE and rv.power_any(VoteType.PREVOTE) >= q and ("L34", r) not in self.fired:
+            self.fired.add(("L34", r))
+            out.append(self._timeout(TimeoutKind.PREVOTE))
+        # L36: proposal valid with 2f+1 prevotes for it, step >= prevote, first time.
+        if p is not None and self.current_step >= Step.PREVOTE and ("L36", r) not in self.fired:
+            bh = p.block_hash
+            if self.validity.get(bh) is True and rv.power_for(VoteType.PREVOTE, bh) >= q:
+                self.fired.add(("L36", r))
+                if self.current_step == Step.PREVOTE:
+                    self.locked_value, self.locked_round = p.block, r
+                    self._vote(VoteType.PRECOMMIT, bh, out)
+                    self.current_step = Step.PRECOMMIT
+                self.valid_value, self.valid_round = p.block, r
+                return True
+        # L44: 2f+1 prevotes for nil -> precommit nil.
+        if self.current_step == Step.PREVOTE and rv.power_for(VoteType.PREVOTE, None) >= q:
+            self._vote(VoteType.PRECOMMIT, None, out)
+            self.current_step = Step.PRECOMMIT
+            return True
+        # L47: 2f+1 precommits of any kind, first time -> timeout precommit.
+        if rv.power_any(VoteType.PRECOMMIT) >= q and ("L47", r) not in self.fired:
+            self.fired.add(("L47", r))
+            out.append(self._timeout(TimeoutKind.PRECOMMIT))
+        return False
+
+    # ------------------------------------------------------------------ outputs
+
+    def _locked_hash(self) -> bytes | None:
+        return None if self.locked_value is None else self.locked_value.hash()
+
+    def _timeout(self, kind: TimeoutKind) -> ScheduleTimeout:
+        return ScheduleTimeout(kind, self.height, self.round, self.timeouts.duration(kind, self.round))
+
+    def _start_round(self, r: int, out: list[Action]) -> None:  # L11
+        self.round = r
+        self.current_step = Step.PROPOSE
+        self.started_round = True
+        out.append(self._timeout(TimeoutKind.REBROADCAST))
+        if self.me is not None and self.validators.proposer(self.height, r) == self.me:
+            if r in self.proposed:
+                out.append(Broadcast(self.proposed[r]))
+            elif self.valid_value is not None:  # L15-16: re-propose the valid value with its proof of lock round
+                self._propose(self.valid_value, self.valid_round, out)
+            elif r not in self.asked_value:
+                self.asked_value.add(r)
+                out.append(GetValue(self.height, r))
+        out.append(self._timeout(TimeoutKind.PROPOSE))  # L21 (also for the proposer: GetValue may never answer)
+
+    def _propose(self, block: Block, pol_round: int, out: list[Action]) -> None:
+        r = self.round
+        if self.me is None or self.sign is None or r in self.proposed:
+            return
+        p = Proposal(self.height, r, pol_round, block, self.me)
+        p = replace(p, signature=self.sign(Proposal.KIND, p.sign_payload()))
+        self.proposed[r] = p
+        out.append(Persist(_record("proposal", self.height, r, p.encode())))
+        out.append(Broadcast(p))
+        self._on_proposal(p, out)
+
+    def _vote(self, t: VoteType, bh: bytes | None, out: list[Action]) -> None:
+        if self.me is None or self.sign is None:
+            return
+        key = (self.round, int(t))
+        v = self.signed.get(key)
+        if v is None:
+            v = Vote(t, self.height, self.round, bh, self.me)
+            v = replace(v, signature=self.sign(Vote.KIND, v.sign_payload()))
+            self.signed[key] = v
+            lock = self.locked_value.encode() if (t == VoteType.PRECOMMIT and bh is not None and self.locked_value) else None
+            out.append(Persist(_record("vote", self.height, self.round, v.encode(), lock)))
+        out.append(Broadcast(v))
+        self._round_votes(self.round).add(v)
+
+    def _rebroadcast(self, out: list[Action]) -> None:
+        """Best-effort gossip: re-send what we signed in this round so peers that lost it can count it."""
+        p = self.proposed.get(self.round)
+        if p is not None:
+            out.append(Broadcast(p))
+        for t in (VoteType.PREVOTE, VoteType.PRECOMMIT):
+            v = self.signed.get((self.round, int(t)))
+            if v is not None:
+                out.append(Broadcast(v))
+
+    # ------------------------------------------------------------------ restore
+
+    @classmethod
+    def restore(
+        cls,
+        validators: ValidatorSet,
+        me: bytes | None,
+        sign: Signer | None,
+        timeouts: TimeoutConfig,
+        records: Sequence[bytes],
+    ) -> Tendermint:
+        """Rebuild from the Persist records of one height. A torn or unreadable record ends the replay: it was
+        never acted upon, because the shell performs nothing after a Persist until the fsync returned."""
+        m = cls(validators, me, sign, timeouts)
+        for raw in records:
+            try:
+                kind, height, r, body, lock = unpack(raw, max_size=Block.MAX_SIZE * 2 + 4096)
+                if m.height == 0:
+                    m._reset_height(height)
+                if kind == "vote":
+                    v = Vote.decode(body)
+                    m.signed[(v.round, int(v.type))] = v
+                    m._round_votes(v.round).add(v)
+                    if lock is not None:
+                        block = Block.decode(lock)
+                        if v.round >= m.locked_round:
+                            m.locked_value, m.locked_round = block, v.round
+                            m.valid_value, m.valid_round = block, v.round
+                elif kind == "proposal":
+                    p = Proposal.decode(body)
+                    m.proposed[p.round] = p
+                    m.asked_value.add(p.round)
+                m.round = max(m.round, r)
+                m.restored = True
+            except (ProtocolError, ValueError, TypeError):
+                break
+        return m
+
+
+def _record(kind: str, height: int, r: int, body: bytes, lock: bytes | None = None) -> bytes:
+    return pack([kind, height, r, body, lock])
+
+
+def _event_height(ev: Event) -> int:
+    if isinstance(ev, ProposalReceived):
+        return ev.proposal.height
+    if isinstance(ev, VoteReceived):
+        return ev.vote.height
+    if isinstance(ev, CommitReceived):
+        return ev.block.height
+    return getattr(ev, "height", 0)
+
+
+__all__ = ["Tendermint", "CommitCertificate"]

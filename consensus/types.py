@@ -1,0 +1,38 @@
+"""Steps, timeout kinds and the timeout schedule (base + delta x round)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum, StrEnum
+
+
+class Step(IntEnum):
+    PROPOSE = 0
+    PREVOTE = 1
+    PRECOMMIT = 2
+
+
+class TimeoutKind(StrEnum):
+    PROPOSE = "propose"
+    PREVOTE = "prevote"
+    PRECOMMIT = "precommit"
+    REBROADCAST = "rebroadcast"  # best-effort gossip: re-send own messages while a round makes no progress
+
+
+@dataclass(frozen=True)
+class TimeoutConfig:
+    propose_ms: int = 3000
+    propose_delta_ms: int = 500
+    prevote_ms: int = 1000
+    prevote_delta_ms: int = 500
+    precommit_ms: int = 1000
+    precommit_delta_ms: int = 500
+
+    def duration(self, kind: TimeoutKind, round: int) -> int:
+        base, delta = {
+            TimeoutKind.PROPOSE: (self.propose_ms, self.propose_delta_ms),
+            TimeoutKind.PREVOTE: (self.prevote_ms, self.prevote_delta_ms),
+            TimeoutKind.PRECOMMIT: (self.precommit_ms, self.precommit_delta_ms),
+            TimeoutKind.REBROADCAST: (self.prevote_ms, self.prevote_delta_ms),
+        }[kind]
+        return base + delta * round
