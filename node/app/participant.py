@@ -1,0 +1,44 @@
+"""A participant's side of a round: train on the current global model, encode, sign."""
+
+from __future__ import annotations
+
+from flnode.protocol.crypto import NodeKey
+from flnode.protocol.genesis import Genesis
+from flnode.protocol.hashing import digest
+from flnode.protocol.messages import UpdateAnnouncement
+from flnode.protocol.tensors import encode_tensors
+
+from .data import Dataset
+from .state import AppState
+from .tasks import TrainResult, local_seed, task_for
+
+
+def train_update(genesis: Genesis, state: AppState, data: Dataset, participant_index: int) -> TrainResult:
+    spec = genesis.task
+    return task_for(spec).train(
+        state.model, data, lr=spec.learning_rate, epochs=spec.local_epochs, batch_size=spec.batch_size,
+        seed=local_seed(spec, participant_index, state.height + 1),
+    )
+
+
+def sign_update(genesis: Genesis, key: NodeKey, state: AppState, result: TrainResult) -> tuple[UpdateAnnouncement, bytes]:
+    blob = encode_tensors(result.delta)
+    ann = UpdateAnnouncement(
+        height=state.height + 1,
+        base_model_hash=state.model_hash,
+        blob_hash=digest(blob),
+        blob_size=len(blob),
+        num_samples=result.num_samples,
+        loss_ppm=max(0, round(result.loss * 1e6)),
+        accuracy_ppm=min(1_000_000, max(0, round(result.accuracy * 1e6))),
+        author=key.public_key,
+    ).signed(key, genesis.chain_id)
+    return ann, blob
+
+
+def make_update(
+    genesis: Genesis, key: NodeKey, state: AppState, data: Dataset, participant_index: int
+) -> tuple[UpdateAnnouncement, bytes, TrainResult]:
+    result = train_update(genesis, state, data, participant_index)
+    ann, blob = sign_update(genesis, key, state, result)
+    return ann, blob, result

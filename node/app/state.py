@@ -1,0 +1,76 @@
+"""The application state after each height, and its hash (the app hash in every block header)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from flnode.protocol.encoding import expect_bytes, expect_int, expect_list, pack, unpack
+from flnode.protocol.errors import DecodeError, GenesisError
+from flnode.protocol.genesis import Genesis
+from flnode.protocol.hashing import ZERO_HASH, digest
+from flnode.protocol.tensors import tensors_hash
+
+from .tasks import initial_model
+
+Tensors = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class AppState:
+    height: int
+    model: Tensors = field(compare=False, repr=False)
+    model_hash: bytes
+    balances: dict[bytes, int]
+    reputation: dict[bytes, int]
+    last_receipt_hash: bytes = ZERO_HASH
+
+    def _canonical(self) -> list[object]:
+        return [
+            self.height,
+            self.model_hash,
+            [[k, self.balances[k]] for k in sorted(self.balances)],
+            [[k, self.reputation[k]] for k in sorted(self.reputation)],
+            self.last_receipt_hash,
+        ]
+
+    def hash(self) -> bytes:
+        return digest(pack(["flnode/app-state/v1", *self._canonical()]))
+
+    def excluded(self, author: bytes, threshold: int) -> bool:
+        return self.reputation.get(author, 0) < threshold
+
+
+def genesis_state(genesis: Genesis) -> AppState:
+    model = initial_model(genesis.task)
+    mh = tensors_hash(model)
+    if mh.hex() != genesis.initial_model_hash:
+        raise GenesisError(
+            f"genesis: initial_model_hash {genesis.initial_model_hash[:12]}… does not match the task's initial model "
+            f"{mh.hex()[:12]}…"
+        )
+    rep = genesis.rules.rewards.initial_reputation
+    return AppState(0, model, mh, {k: 0 for k in genesis.participant_keys}, {k: rep for k in genesis.participant_keys})
+
+
+def encode_state(state: AppState) -> bytes:
+    return pack(state._canonical())
+
+
+def decode_state(data: bytes, model: Tensors) -> AppState:
+    h, mh, bal, rep, lrh = expect_list(unpack(data, max_size=1 << 22), 5, "app state")
+
+    def pairs(v: object, what: str) -> dict[bytes, int]:
+        if not isinstance(v, list):
+            raise DecodeError(f"app state: bad {what}")
+        out = {}
+        for item in v:
+            k, n = expect_list(item, 2, what)
+            out[expect_bytes(k, what, 32)] = expect_int(n, what, -(1 << 62), 1 << 62)
+        return out
+
+    mh = expect_bytes(mh, "model hash", 32)
+    if tensors_hash(model) != mh:
+        raise DecodeError("app state: model blob does not match the model hash")
+    return AppState(expect_int(h, "height"), model, mh, pairs(bal, "balances"), pairs(rep, "reputation"),
+                    expect_bytes(lrh, "receipt hash", 32))

@@ -1,0 +1,91 @@
+"""What a validator checks of an update before it counts. Every rejection has a reason code."""
+
+from __future__ import annotations
+
+import math
+from enum import StrEnum
+
+import numpy as np
+from flnode.protocol.errors import ProtocolError
+from flnode.protocol.genesis import Genesis
+from flnode.protocol.messages import UpdateAnnouncement
+from flnode.protocol.tensors import decode_tensors
+
+from .state import AppState
+from .tasks import task_for
+
+Tensors = dict[str, np.ndarray]
+
+
+class Reason(StrEnum):
+    NOT_PARTICIPANT = "not_participant"
+    BAD_SIGNATURE = "bad_signature"
+    WRONG_HEIGHT = "wrong_height"
+    WRONG_BASE = "wrong_base"
+    EXCLUDED = "excluded"
+    OVERSIZE = "oversize"
+    SIZE_MISMATCH = "size_mismatch"
+    MALFORMED_BLOB = "malformed_blob"
+    WRONG_SHAPE = "wrong_shape"
+    NON_FINITE = "non_finite"
+    NORM_BOUND = "norm_bound"
+    EQUIVOCATION = "equivocation"
+    OUTLIER = "outlier"
+
+
+# The author's fault, provable from its signature and the blob: these cost reputation.
+PENALISED = frozenset(
+    {Reason.SIZE_MISMATCH, Reason.MALFORMED_BLOB, Reason.WRONG_SHAPE, Reason.NON_FINITE, Reason.NORM_BOUND,
+     Reason.EQUIVOCATION, Reason.OUTLIER}
+)
+
+_spec_cache: dict[object, list[tuple[str, tuple[int, ...]]]] = {}
+
+
+def param_spec(genesis: Genesis) -> list[tuple[str, tuple[int, ...]]]:
+    spec = _spec_cache.get(genesis.task)
+    if spec is None:
+        spec = _spec_cache[genesis.task] = task_for(genesis.task).param_spec()
+    return spec
+
+
+def check_announcement(genesis: Genesis, state: AppState, ann: UpdateAnnouncement) -> Reason | None:
+    """Cheap checks, no blob needed. A block containing an announcement failing these is invalid."""
+    if ann.author not in genesis.powers:
+        return Reason.NOT_PARTICIPANT
+    if ann.height != state.height + 1:
+        return Reason.WRONG_HEIGHT
+    if ann.base_model_hash != state.model_hash:
+        return Reason.WRONG_BASE
+    if state.excluded(ann.author, genesis.rules.rewards.exclude_below):
+        return Reason.EXCLUDED
+    if ann.blob_size > genesis.rules.max_blob_bytes:
+        return Reason.OVERSIZE
+    if not ann.verify(genesis.chain_id):
+        return Reason.BAD_SIGNATURE
+    return None
+
+
+def l2_norm_exact(tensors: Tensors) -> float:
+    """sqrt of the correctly rounded sum of squares: float32 squares are exact in float64 and math.fsum
+    rounds once, so every machine gets the same bits whatever its numpy build or SIMD width."""
+    parts = [np.square(t.astype(np.float64)).ravel() for t in tensors.values()]
+    total = math.fsum(x for p in parts for x in p.tolist())
+    return math.sqrt(total)
+
+
+def check_update(genesis: Genesis, state: AppState, ann: UpdateAnnouncement, blob: bytes) -> tuple[Tensors | None, Reason | None]:
+    if len(blob) != ann.blob_size:
+        return None, Reason.SIZE_MISMATCH
+    try:
+        tensors = decode_tensors(blob, max_size=genesis.rules.max_blob_bytes)
+    except ProtocolError:
+        return None, Reason.MALFORMED_BLOB
+    expected = param_spec(genesis)
+    if [(k, tuple(v.shape)) for k, v in tensors.items()] != expected:
+        return None, Reason.WRONG_SHAPE
+    if not all(np.isfinite(t).all() for t in tensors.values()):
+        return None, Reason.NON_FINITE
+    if l2_norm_exact(tensors) > genesis.rules.norm_bound:
+        return None, Reason.NORM_BOUND
+    return tensors, None
