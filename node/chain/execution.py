@@ -1,0 +1,117 @@
+"""Building a block (the proposer) and checking one (every validator, and the audit). Pure: no I/O."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+from flnode.node.app import AppState, Receipt, check_announcement, execute
+from flnode.protocol.errors import ValidationError
+from flnode.protocol.genesis import Genesis
+from flnode.protocol.hashing import short
+from flnode.protocol.messages import (
+    Block,
+    BlockHeader,
+    CommitCertificate,
+    DuplicateVoteEvidence,
+    UpdateAnnouncement,
+    empty_commit_hash,
+    list_hash,
+)
+
+
+def select_updates(
+    genesis: Genesis, state: AppState, candidates: Sequence[tuple[UpdateAnnouncement, bytes]]
+) -> list[tuple[UpdateAnnouncement, bytes]]:
+    """Candidates that may go into the next block, in canonical (hash) order. An author's second, different
+    announcement is kept too: together they prove equivocation, which execution penalises."""
+    seen: dict[bytes, tuple[UpdateAnnouncement, bytes]] = {}
+    for ann, blob in candidates:
+        if check_announcement(genesis, state, ann) is None:
+            seen.setdefault(ann.hash(), (ann, blob))
+    return [seen[h] for h in sorted(seen)]
+
+
+def build_block(
+    genesis: Genesis,
+    state: AppState,
+    *,
+    prev_block_hash: bytes,
+    last_commit: CommitCertificate | None,
+    proposer: bytes,
+    time_ms: int,
+    candidates: Sequence[tuple[UpdateAnnouncement, bytes]],
+    evidence: Sequence[DuplicateVoteEvidence] = (),
+) -> tuple[Block, AppState, Receipt]:
+    chosen = select_updates(genesis, state, candidates)
+    evs = sorted({e.hash(): e for e in evidence}.items())
+    evidence_list = tuple(e for _, e in evs)
+    new_state, receipt = execute(genesis, state, chosen, evidence_list)
+    updates = tuple(a for a, _ in chosen)
+    header = BlockHeader(
+        chain_id=genesis.chain_id,
+        height=state.height + 1,
+        prev_block_hash=prev_block_hash,
+        proposer=proposer,
+        time_ms=time_ms,
+        updates_hash=list_hash(updates),
+        evidence_hash=list_hash(evidence_list),
+        last_commit_hash=last_commit.hash() if last_commit is not None else empty_commit_hash(),
+        model_hash=new_state.model_hash,
+        app_hash=new_state.hash(),
+    )
+    return Block(header, updates, evidence_list, last_commit), new_state, receipt
+
+
+def missing_blobs(block: Block, have: Callable[[bytes], bool]) -> list[bytes]:
+    return sorted({u.blob_hash for u in block.updates if not have(u.blob_hash)})
+
+
+def check_block(
+    genesis: Genesis,
+    state: AppState,
+    block: Block,
+    blobs: Mapping[bytes, bytes],
+    *,
+    prev_block_hash: bytes,
+    validator_powers: Mapping[bytes, int],
+) -> tuple[AppState, Receipt]:
+    """Re-execute a proposed or stored block; raise ValidationError naming the first thing wrong."""
+    hdr = block.header
+    if hdr.chain_id != genesis.chain_id:
+        raise ValidationError(f"block is for chain {hdr.chain_id!r}")
+    if hdr.height != state.height + 1:
+        raise ValidationError(f"block height {hdr.height}, expected {state.height + 1}")
+    if hdr.prev_block_hash != prev_block_hash:
+        raise ValidationError("block does not link to the previous block")
+    if hdr.proposer not in validator_powers:
+        raise ValidationError("proposer is not a validator")
+    block.check_body()
+    if hdr.height >= 2:
+        lc = block.last_commit
+        if lc is None:
+            raise ValidationError("block lacks the previous block's commit")
+        if lc.height != hdr.height - 1 or lc.block_hash != prev_block_hash:
+            raise ValidationError("last commit is for another block")
+        lc.verify(genesis.chain_id, dict(validator_powers))
+    elif block.last_commit is not None:
+        raise ValidationError("the first block carries no last commit")
+    if [u.hash() for u in block.updates] != sorted(u.hash() for u in block.updates):
+        raise ValidationError("updates are not in canonical order")
+    if [e.hash() for e in block.evidence] != sorted({e.hash() for e in block.evidence}):
+        raise ValidationError("evidence is not in canonical order or repeats")
+    pairs = []
+    for u in block.updates:
+        blob = blobs.get(u.blob_hash)
+        if blob is None:
+            raise ValidationError(f"blob {short(u.blob_hash)} of {genesis.name_of(u.author)}'s update is missing")
+        pairs.append((u, blob))
+    new_state, receipt = execute(genesis, state, pairs, block.evidence)
+    if new_state.model_hash != hdr.model_hash:
+        raise ValidationError(
+            f"model hash differs: block claims {short(hdr.model_hash)}, re-execution gives {short(new_state.model_hash)}"
+        )
+    if new_state.hash() != hdr.app_hash:
+        raise ValidationError(
+            f"app hash differs: block claims {short(hdr.app_hash)}, re-execution gives {short(new_state.hash())}"
+        )
+    return new_state, receipt
