@@ -1,0 +1,320 @@
+"""The one place that touches py-libp2p (0.8.1). Everything else sees `P2PNode`.
+
+Workarounds for the pitfalls measured in LIBP2P_NOTES.md are marked `(pN)`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import multiaddr
+import trio
+
+log = logging.getLogger("flnode.net")
+
+FRAME_HEADER = 4
+CHUNK = 1 << 20
+MAX_REQUEST = 64 << 10
+
+Handler = Callable[[str, bytes], Awaitable[bytes]]
+Validator = Callable[[str, bytes], bool]
+
+
+class NetError(Exception):
+    """A request failed: timeout, reset, refused, oversize, or the peer is unknown."""
+
+
+@dataclass(frozen=True)
+class InboundMessage:
+    topic: str
+    data: bytes
+    from_peer: str | None
+
+
+def peer_id_of(public_key: bytes) -> str:
+    """The libp2p peer ID of an Ed25519 public key: a validator's network identity is its signing key."""
+    from libp2p.crypto.ed25519 import Ed25519PublicKey
+    from libp2p.peer.id import ID
+
+    return ID.from_pubkey(Ed25519PublicKey.from_bytes(public_key)).to_base58()
+
+
+async def _read_exactly(stream: Any, n: int) -> bytes:
+    """Our own read loop (p10: libp2p's read_exactly fails above ~6.6 MB)."""
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = await stream.read(min(n - len(buf), CHUNK))
+        if not chunk:
+            raise NetError(f"stream ended after {len(buf)} of {n} bytes")
+        buf += chunk
+    return bytes(buf)
+
+
+async def read_frame(stream: Any, max_size: int) -> bytes:
+    header = await _read_exactly(stream, FRAME_HEADER)
+    size = int.from_bytes(header, "big")
+    if size > max_size:
+        raise NetError(f"frame of {size} bytes exceeds the cap of {max_size}")
+    return await _read_exactly(stream, size) if size else b""
+
+
+async def write_frame(stream: Any, data: bytes) -> None:
+    await stream.write(len(data).to_bytes(FRAME_HEADER, "big"))
+    view = memoryview(data)
+    for start in range(0, len(data), CHUNK):
+        await stream.write(bytes(view[start : start + CHUNK]))
+
+
+class P2PNode:
+    def __init__(
+        self,
+        seed: bytes,
+        listen: Sequence[str],
+        *,
+        bootstrap: Sequence[str] = (),
+        topics: Sequence[str] = (),
+        validator: Validator | None = None,
+        max_message_size: int = 1 << 20,
+        announce: Sequence[str] | None = None,
+        mesh_degree: int = 16,
+    ) -> None:
+        from libp2p.identity_utils import create_identity_from_seed
+
+        self._seed = seed
+        self._listen = [multiaddr.Multiaddr(a) for a in listen]
+        self._bootstrap = list(bootstrap)
+        self._topics = list(topics)
+        self._validator = validator
+        self._max_message_size = max_message_size
+        self._announce = [multiaddr.Multiaddr(a) for a in announce] if announce else None
+        self._mesh_degree = mesh_degree
+        self._handlers: dict[str, tuple[Handler, int]] = {}
+        self._key_pair = create_identity_from_seed(seed)
+        from libp2p.peer.id import ID
+
+        self.peer_id: str = ID.from_pubkey(self._key_pair.public_key).to_base58()
+        self._inbound_send, self.inbound = trio.open_memory_channel[InboundMessage](10_000)
+        self.counters: dict[str, int] = {}
+        self._host: Any = None
+        self._pubsub: Any = None
+        self._ready = trio.Event()
+
+    def _count(self, name: str, by: int = 1) -> None:
+        self.counters[name] = self.counters.get(name, 0) + by
+
+    # ---------------------------------------------------------------- request/response
+
+    def set_handler(self, protocol_id: str, handler: Handler, *, max_request: int = MAX_REQUEST) -> None:
+        self._handlers[protocol_id] = (handler, max_request)
+        if self._host is not None:
+            self._install_handler(protocol_id)
+
+    def _install_handler(self, protocol_id: str) -> None:
+        from libp2p.custom_types import TProtocol
+
+        handler, max_request = self._handlers[protocol_id]
+
+        async def on_stream(stream: Any) -> None:
+            # (p1) an exception escaping a stream handler kills the host: catch everything, reset the stream.
+            try:
+                peer = stream.muxed_conn.peer_id.to_base58()
+                with trio.fail_after(30):
+                    request = await read_frame(stream, max_request)
+                    response = await handler(peer, request)
+                    await write_frame(stream, response)
+                await stream.close()
+                self._count("requests_served")
+            except Exception as exc:
+                self._count("handler_errors")
+                log.debug("stream handler failed", extra={"protocol": protocol_id, "error": repr(exc)[:200]})
+                try:
+                    await stream.reset()
+                except Exception:
+                    pass
+
+        self._host.set_stream_handler(TProtocol(protocol_id), on_stream)
+
+    async def request(self, peer: str, protocol_id: str, payload: bytes, *, max_response: int, timeout: float) -> bytes:
+        from libp2p.custom_types import TProtocol
+        from libp2p.peer.id import ID
+
+        if self._host is None:
+            raise NetError("not running")
+        stream = None
+        try:
+            with trio.fail_after(timeout):
+                stream = await self._host.new_stream(ID.from_base58(peer), [TProtocol(protocol_id)])
+                await write_frame(stream, payload)
+                response = await read_frame(stream, max_response)
+                await stream.close()
+                return response
+        except NetError:
+            raise
+        except trio.TooSlowError:
+            raise NetError(f"request to {peer[:16]} timed out after {timeout}s") from None
+        except Exception as exc:
+            raise NetError(f"request to {peer[:16]} failed: {exc!r}"[:300]) from None
+        finally:
+            if stream is not None:
+                try:
+                    with trio.move_on_after(1):
+                        await stream.reset()
+                except Exception:
+                    pass
+
+    # ---------------------------------------------------------------- gossip
+
+    async def publish(self, topic: str, data: bytes) -> None:
+        if self._pubsub is None:
+            self._count("publish_failed")
+            return
+        if len(data) > self._max_message_size:
+            self._count("publish_oversize")
+            log.warning("not publishing an oversize message", extra={"topic": topic, "size": len(data)})
+            return
+        try:
+            await self._pubsub.publish(topic, data)
+            self._count("published")
+        except Exception as exc:
+            self._count("publish_failed")
+            log.warning("publish failed", extra={"topic": topic, "error": repr(exc)[:200]})
+
+    def _topic_validator(self, topic: str) -> Callable[[Any, Any], bool]:
+        def validate(peer_id: Any, msg: Any) -> bool:
+            if self._validator is None:
+                return True
+            try:
+                ok = bool(self._validator(topic, bytes(msg.data)))
+            except Exception as exc:  # a validator bug must not take the host down
+                log.warning("gossip validator raised", extra={"error": repr(exc)[:200]})
+                ok = False
+            if not ok:
+                self._count("dropped_invalid")
+            return ok
+
+        return validate
+
+    async def _drain(self, topic: str, sub: Any) -> None:
+        """(p7) a subscription holds 32 messages: move them into our own queue at once."""
+        while True:
+            msg = await sub.get()
+            try:
+                from libp2p.peer.id import ID
+
+                sender = ID(msg.from_id).to_base58()
+            except Exception:
+                sender = None
+            try:
+                self._inbound_send.send_nowait(InboundMessage(topic, bytes(msg.data), sender))
+            except trio.WouldBlock:
+                self._count("inbound_overflow")
+
+    # ---------------------------------------------------------------- peers
+
+    def connected_peers(self) -> list[str]:
+        if self._host is None:
+            return []
+        try:
+            return sorted(p.to_base58() for p in self._host.get_connected_peers())
+        except Exception:
+            return []
+
+    def listen_addrs(self) -> list[str]:
+        if self._host is None:
+            return []
+        try:
+            return [str(a) for a in self._host.get_addrs()]
+        except Exception:
+            return []
+
+    async def connect(self, addr: str, timeout: float = 5.0) -> bool:
+        from libp2p.peer.peerinfo import info_from_p2p_addr
+
+        try:
+            info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
+            if info.peer_id.to_base58() == self.peer_id:
+                return True
+            with trio.fail_after(timeout):
+                await self._host.connect(info)
+            return True
+        except Exception as exc:
+            log.debug("dial failed", extra={"addr": addr, "error": repr(exc)[:200]})
+            return False
+
+    async def _reconnect_loop(self) -> None:
+        """(p12) libp2p's bootstrap gives up after 3 failures; we keep dialling known peers, with back-off."""
+        backoff: dict[str, float] = {}
+        next_try: dict[str, float] = {}
+        while True:
+            connected = set(self.connected_peers())
+            now = trio.current_time()
+            for addr in self._bootstrap:
+                pid = addr.rsplit("/p2p/", 1)[-1]
+                if pid in connected or next_try.get(addr, 0) > now:
+                    continue
+                if await self.connect(addr):
+                    backoff.pop(addr, None)
+                    log.info("connected", extra={"peer": pid[:16]})
+                    self._count("dials_ok")
+                else:
+                    b = min(10.0, backoff.get(addr, 0.25) * 2)
+                    backoff[addr] = b
+                    next_try[addr] = trio.current_time() + b
+                    self._count("dials_failed")
+            await trio.sleep(0.5)
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        from libp2p import new_host
+        from libp2p.network.config import ConnectionConfig
+        from libp2p.pubsub import pubsub as pubsub_mod
+        from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, PROTOCOL_ID_V12, GossipSub
+        from libp2p.pubsub.pubsub import Pubsub
+        from libp2p.pubsub.rpc_queue import RpcQueue
+        from libp2p.tools.anyio_service import background_trio_service
+
+        # (p6) outbound frame cap and queue depth have no public knob.
+        pubsub_mod.RpcQueue = functools.partial(RpcQueue, max_size=1024, max_message_size=self._max_message_size + 4096)
+        kwargs: dict[str, Any] = {"key_pair": self._key_pair}
+        kwargs["connection_config"] = ConnectionConfig(max_connections_per_peer=1)  # (p8) fast dials
+        if self._announce:
+            kwargs["announce_addrs"] = self._announce
+        host = new_host(**kwargs)
+        d = self._mesh_degree
+        router = GossipSub(
+            protocols=[PROTOCOL_ID_V12, PROTOCOL_ID_V11, PROTOCOL_ID],
+            degree=d, degree_low=max(1, d - 2), degree_high=d + 4,  # (p13) mesh covers small networks
+            heartbeat_interval=1,
+            spam_protection_enabled=False,  # (p5) we rate-limit ourselves
+        )
+        ps = Pubsub(host, router, strict_signing=True, max_inbound_rpc_size=self._max_message_size + 4096)
+        for topic in self._topics:
+            ps.set_topic_validator(topic, self._topic_validator(topic), False)
+        self._host = host
+        for protocol_id in self._handlers:
+            self._install_handler(protocol_id)
+        try:
+            # (p2) services before host.run, or an early peer crashes the host.
+            async with background_trio_service(ps), background_trio_service(router):
+                async with host.run(self._listen):
+                    try:
+                        subs = [(t, await ps.subscribe(t)) for t in self._topics]
+                        self._pubsub = ps
+                        async with trio.open_nursery() as nursery:
+                            for topic, sub in subs:
+                                nursery.start_soon(self._drain, topic, sub)
+                            nursery.start_soon(self._reconnect_loop)
+                            self._ready.set()
+                            task_status.started()
+                            await trio.sleep_forever()
+                    finally:
+                        self._pubsub = None
+                        with trio.CancelScope(shield=True), trio.move_on_after(5):
+                            await host.close()  # (p3) frees the listener
+        finally:
+            self._host = None
