@@ -276,7 +276,7 @@ def start(
         _check_ports_free(cfg.listen)
         store = ChainStore.open(paths.chain_db, genesis_hash=genesis.hash())
         try:
-            daemon = Daemon(genesis, key, cfg, store, status_path=paths.data_dir / "status.json")
+            daemon = Daemon(genesis, key, cfg, store, status_path=paths.status, data_file=paths.data_file)
 
             async def main() -> None:
                 async with trio.open_nursery() as nursery:
@@ -326,7 +326,7 @@ def status(
                     info["test_accuracy"] = m["test_accuracy"]
         finally:
             store.close()
-    sp = paths.data_dir / "status.json"
+    sp = paths.status
     if sp.exists():
         try:
             live = json.loads(sp.read_text())

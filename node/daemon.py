@@ -96,6 +96,7 @@ class Daemon:
         store: ChainStore,
         *,
         status_path: Path | None = None,
+        data_file: Path | None = None,
     ) -> None:
         self.genesis = genesis
         self.chain_id = genesis.chain_id
@@ -136,14 +137,14 @@ class Daemon:
         self._changed = trio.Event()  # set whenever the pool, blobs or height change
         self._fetching: set[bytes] = set()
         self._height_started = time.monotonic()
-        self._round_times: list[float] = []
+        self._timing: dict[str, float] = {}  # phase marks of the current height, seconds since it started
         self._nursery: trio.Nursery | None = None
         self.data = None
         self.participant_index = -1
         if config.participate and self.me in genesis.powers:
             self.participant_index = genesis.index_of(self.me)
             self.data = participant_data(
-                genesis.task, len(genesis.validators), self.participant_index, config.data_path or None
+                genesis.task, len(genesis.validators), self.participant_index, str(data_file) if data_file else None
             )
 
     # ---------------------------------------------------------------- lifecycle
@@ -168,6 +169,10 @@ class Daemon:
             if self.data is not None:
                 nursery.start_soon(self._participant_loop)
             task_status.started()
+
+    def _mark(self, name: str, value: float | None = None) -> None:
+        if name not in self._timing:
+            self._timing[name] = time.monotonic() - self._height_started if value is None else value
 
     def _notify(self) -> None:
         self._changed.set()
@@ -240,13 +245,23 @@ class Daemon:
             if isinstance(msg, Vote):
                 await self._events_send.send(VoteReceived(msg))
             elif isinstance(msg, Proposal):
+                if msg.height == self.state.height + 1:
+                    self._mark("proposal_t")
                 await self._events_send.send(ProposalReceived(msg))
             elif isinstance(msg, UpdateAnnouncement):
                 self._on_announcement(msg, item.from_peer)
 
+    def _check_updates_complete(self) -> None:
+        height = self.state.height + 1
+        if "updates_t" not in self._timing and len({a.author for a, _ in self._ready_updates(height)}) >= len(
+            self.genesis.validators
+        ):
+            self._mark("updates_t")
+
     def _on_announcement(self, ann: UpdateAnnouncement, from_peer: str | None) -> None:
         if self.pool.add(ann, self.state.height + 1):
             log.debug("update announced", extra={"height": ann.height, "author": self.genesis.name_of(ann.author)})
+            self._check_updates_complete()
             self._notify()
             if not self.store.has_blob(ann.blob_hash) and self._nursery is not None:
                 self._nursery.start_soon(self._fetch_blob, ann.blob_hash, ann.author, from_peer)
@@ -282,6 +297,7 @@ class Daemon:
                     if data and digest(data) == blob_hash:
                         self.store.put_blob(blob_hash, data)
                         self.metrics.inc("blobs_fetched")
+                        self._check_updates_complete()
                         self._notify()
                         return True
                     if data:
@@ -335,6 +351,7 @@ class Daemon:
             elif isinstance(a, act.Commit):
                 await self._apply_commit(a.block, a.certificate)
                 self._height_started = time.monotonic()
+                self._timing = {}
                 await self._perform(self.machine.step(StartHeight(self.state.height + 1)))
             elif isinstance(a, act.EmitEvidence):
                 log.warning("equivocation evidence", extra={"validator": self.genesis.name_of(a.evidence.validator)})
@@ -378,6 +395,7 @@ class Daemon:
             )
         )
         self._results[block.hash()] = (new_state, receipt)
+        self._mark("proposal_t")
         log.info("proposing", extra={"height": height, "round": round_, "updates": len(block.updates)})
         await self._events_send.send(ValueReady(height, round_, block))
 
@@ -403,6 +421,7 @@ class Daemon:
         state, prev = self.state, self.last_block_hash
         if block.height != state.height + 1:
             return None
+        t0 = time.monotonic()
         try:
             result = await trio.to_thread.run_sync(
                 lambda: check_block(
@@ -414,6 +433,7 @@ class Daemon:
             self.metrics.inc("blocks_refused")
             return None
         self._results[bh] = result
+        self._mark("execute_s", time.monotonic() - t0)
         return result
 
     async def _apply_commit(self, block: Block, cert: CommitCertificate) -> None:
@@ -425,6 +445,8 @@ class Daemon:
         t0 = time.monotonic()
         self.store.commit_height(block, cert, new_state, receipt, encode_tensors(new_state.model))
         round_time = time.monotonic() - self._height_started
+        self._mark("commit_t")
+        timing = dict(self._timing)
         self.state, self.last_block_hash, self.last_cert = new_state, block.hash(), cert
         self.pool.prune(new_state.height + 1)
         self.pool.mark_included(block.evidence)
@@ -442,10 +464,10 @@ class Daemon:
         )
         self._notify()
         assert self._nursery is not None
-        self._nursery.start_soon(self._record_metrics, new_state, receipt, round_time, cert.round)
+        self._nursery.start_soon(self._record_metrics, new_state, timing, round_time, cert.round)
         self._write_status()
 
-    async def _record_metrics(self, state: AppState, receipt: Any, round_time: float, round_: int) -> None:
+    async def _record_metrics(self, state: AppState, timing: dict[str, float], round_time: float, round_: int) -> None:
         """Test accuracy is for people, not for consensus: computed after the fact, stored beside the block."""
         from flnode.node.app import load_dataset, make_task
 
@@ -457,6 +479,7 @@ class Daemon:
 
         info = await trio.to_thread.run_sync(evaluate)
         info.update({"round_time_s": round(round_time, 4), "consensus_round": round_, "time": time.time()})
+        info.update({k: round(v, 4) for k, v in timing.items()})
         self.store.put_metrics(state.height, info)
         self.metrics.set("test_accuracy", info["test_accuracy"])
 
@@ -471,14 +494,17 @@ class Daemon:
                 continue
             state = self.state
             assert self.data is not None
+            t0 = time.monotonic()
             ann, blob, result = await trio.to_thread.run_sync(
                 make_update, self.genesis, self.key, state, self.data, self.participant_index
             )
             trained_for = height
+            self._mark("train_s", time.monotonic() - t0)
             if self.state.height + 1 != height:
                 continue  # the chain moved on while we trained
             self.store.put_blob(ann.blob_hash, blob)
             self.pool.add(ann, height)
+            self._check_updates_complete()
             self._notify()
             log.info(
                 "published update",
