@@ -1,9 +1,170 @@
-"""Placeholder: commands of this group are registered here."""
+"""`flnode chain show` and `flnode chain verify`: read-only, safe while the node runs."""
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
 import typer
+
+from .errors import fail, user_errors
+
+chain_app = typer.Typer(help="Inspect and audit the chain.", no_args_is_help=True)
+HomeOpt = Annotated[Path, typer.Option("--home", help="Node home directory.")]
 
 
 def register(app: typer.Typer) -> None:
-    return None
+    app.add_typer(chain_app, name="chain")
+
+
+def _open(home: Path) -> tuple[Any, Any]:
+    from flnode.node.chain.store import ChainStore
+    from flnode.node.config import home_paths, load_config
+    from flnode.protocol.genesis import Genesis
+
+    home = home.expanduser()
+    if not home.is_dir():
+        fail(f"home {home} does not exist")
+    paths = home_paths(home, load_config(home, {}, os.environ).config)
+    genesis = Genesis.load(paths.genesis)
+    if not paths.chain_db.exists():
+        fail(f"{home} has no chain yet (start the node first)")
+    return genesis, ChainStore.open(paths.chain_db, readonly=True, genesis_hash=genesis.hash())
+
+
+def _height_row(genesis: Any, store: Any, h: int) -> dict[str, Any]:
+    block = store.get_block(h)
+    cert = store.get_certificate(h)
+    receipt = store.get_receipt(h)
+    metrics = store.get_metrics(h) or {}
+    return {
+        "height": h,
+        "round": cert.round if cert else None,
+        "proposer": genesis.name_of(block.header.proposer),
+        "accepted": len(receipt.accepted) if receipt else 0,
+        "rejected": len(receipt.rejected) if receipt else 0,
+        "aggregator": receipt.aggregator if receipt else "",
+        "model_hash": block.header.model_hash.hex(),
+        "block_hash": block.hash().hex(),
+        "test_accuracy": metrics.get("test_accuracy"),
+        "round_time_s": metrics.get("round_time_s"),
+        "rewards": sum(receipt.rewards.values()) if receipt else 0,
+    }
+
+
+@chain_app.command("show")
+@user_errors
+def show(
+    home: HomeOpt,
+    height: Annotated[int | None, typer.Option("--height", help="Show one block in detail.")] = None,
+    last: Annotated[int, typer.Option("--last", help="How many recent heights to list.")] = 30,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """A table of the chain: height, round, proposer, updates accepted/rejected, model hash, accuracy, rewards."""
+    from rich.console import Console
+    from rich.table import Table
+
+    genesis, store = _open(home)
+    try:
+        top = store.latest_height()
+        if height is not None:
+            if not 1 <= height <= top:
+                fail(f"height {height} is not committed (chain height {top})")
+            detail = _detail(genesis, store, height)
+            if as_json:
+                typer.echo(json.dumps(detail))
+                return
+            c = Console()
+            c.print(f"[bold]block {height}[/bold]  {detail['block_hash']}")
+            for k in ("round", "proposer", "prev_block_hash", "model_hash", "app_hash", "aggregator", "test_accuracy"):
+                c.print(f"  {k:16} {detail[k]}")
+            t = Table(title="updates")
+            for col in ("author", "samples", "local loss", "outcome", "reward", "penalty"):
+                t.add_column(col)
+            for u in detail["updates"]:
+                t.add_row(u["author"], str(u["samples"]), f"{u['local_loss']:.4f}", u["outcome"], str(u["reward"]),
+                          str(u["penalty"]))
+            c.print(t)
+            t = Table(title="participants after this block")
+            for col in ("participant", "balance", "reputation", "excluded"):
+                t.add_column(col)
+            for p in detail["participants"]:
+                t.add_row(p["name"], str(p["balance"]), str(p["reputation"]), "yes" if p["excluded"] else "")
+            c.print(t)
+            return
+        rows = [_height_row(genesis, store, h) for h in range(max(1, top - last + 1), top + 1)]
+        if as_json:
+            typer.echo(json.dumps({"chain_id": genesis.chain_id, "height": top, "blocks": rows}))
+            return
+        t = Table(title=f"{genesis.chain_id}: {top} blocks ({genesis.rules.aggregator}, {genesis.task.model} on {genesis.task.dataset})")
+        for col in ("height", "round", "proposer", "accepted", "rejected", "model", "test acc", "round s", "rewards"):
+            t.add_column(col, justify="right" if col not in ("proposer", "model") else "left")
+        for r in rows:
+            t.add_row(
+                str(r["height"]), str(r["round"]), r["proposer"], str(r["accepted"]), str(r["rejected"]),
+                r["model_hash"][:12],
+                f"{r['test_accuracy']:.3f}" if r["test_accuracy"] is not None else "",
+                f"{r['round_time_s']:.3f}" if r["round_time_s"] is not None else "", str(r["rewards"]),
+            )
+        Console().print(t)
+    finally:
+        store.close()
+
+
+def _detail(genesis: Any, store: Any, h: int) -> dict[str, Any]:
+    block = store.get_block(h)
+    receipt = store.get_receipt(h)
+    state = store.get_state(h)
+    row = _height_row(genesis, store, h)
+    outcome = {a: "accepted" for a in receipt.accepted}
+    by_hash = {ah: reason for _, ah, reason in receipt.rejected}
+    updates = []
+    for u in block.updates:
+        updates.append({
+            "author": genesis.name_of(u.author),
+            "samples": u.num_samples,
+            "local_loss": u.loss_ppm / 1e6,
+            "outcome": f"rejected: {by_hash[u.hash()]}" if u.hash() in by_hash else outcome.get(u.author, "?"),
+            "reward": receipt.rewards.get(u.author, 0),
+            "penalty": receipt.penalties.get(u.author, 0),
+        })
+    threshold = genesis.rules.rewards.exclude_below
+    participants = [
+        {"name": genesis.name_of(k), "public_key": k.hex(), "balance": state.balances.get(k, 0),
+         "reputation": state.reputation.get(k, 0), "excluded": state.reputation.get(k, 0) < threshold}
+        for k in genesis.participant_keys
+    ]
+    return {
+        **row,
+        "prev_block_hash": block.header.prev_block_hash.hex(),
+        "app_hash": block.header.app_hash.hex(),
+        "evidence": len(block.evidence),
+        "updates": updates,
+        "participants": participants,
+    }
+
+
+@chain_app.command("verify")
+@user_errors
+def verify(
+    home: HomeOpt,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Replay the chain from genesis: links, certificates, signatures, aggregation, rewards, every hash."""
+    from flnode.node.chain.verify import verify_chain
+
+    genesis, store = _open(home)
+    try:
+        report = verify_chain(store, genesis)
+    finally:
+        store.close()
+    if as_json:
+        typer.echo(json.dumps(report.__dict__))
+    elif report.ok:
+        typer.echo(f"ok: {report.heights} blocks verified from genesis; model {report.model_hash[:16]}")
+    else:
+        typer.echo(f"FAILED at height {report.first_bad_height}: {report.reason}", err=True)
+    if not report.ok:
+        raise typer.Exit(1)
