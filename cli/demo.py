@@ -78,7 +78,10 @@ def read_node(view: NodeView) -> None:
     except StoreError:
         return
     try:
-        top = store.latest_height()
+        try:
+            top = store.latest_height()
+        except StoreError:
+            return  # the node has not created its tables yet
         for h in range(view.height + 1, top + 1):
             block = store.get_block(h)
             if block is not None:

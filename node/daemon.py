@@ -135,7 +135,7 @@ class Daemon:
         self._validated: OrderedDict[bytes, Message] = OrderedDict()
         self._results: dict[bytes, tuple[AppState, Any]] = {}  # block hash -> (state, receipt), current height only
         self._changed = trio.Event()  # set whenever the pool, blobs or height change
-        self._fetching: set[bytes] = set()
+        self._fetching: dict[bytes, trio.Event] = {}
         self._height_started = time.monotonic()
         self._timing: dict[str, float] = {}  # phase marks of the current height, seconds since it started
         self._nursery: trio.Nursery | None = None
@@ -268,18 +268,21 @@ class Daemon:
 
     # ---------------------------------------------------------------- blobs
 
-    async def _fetch_blob(self, blob_hash: bytes, author: bytes | None, hint: str | None) -> bool:
-        if blob_hash in self._fetching:
-            return False
-        self._fetching.add(blob_hash)
+    async def _fetch_blob(self, blob_hash: bytes, author: bytes | None, hint: str | None, attempts: int = 6) -> bool:
+        """Fetch a blob by hash: from its author first, then the hinted peer, then anyone connected."""
+        if self.store.has_blob(blob_hash):
+            return True
+        running = self._fetching.get(blob_hash)
+        if running is not None:
+            await running.wait()
+            return self.store.has_blob(blob_hash)
+        done = self._fetching[blob_hash] = trio.Event()
         try:
-            for attempt in range(6):
-                if self.store.has_blob(blob_hash):
-                    return True
+            for attempt in range(attempts):
                 peers = []
                 if author is not None and author != self.me:
                     peers.append(peer_id_of(author))
-                if hint and hint not in peers:
+                if hint and hint not in peers and hint != self.net.peer_id:
                     peers.append(hint)
                 peers += [p for p in self.net.connected_peers() if p not in peers]
                 for peer in peers:
@@ -302,11 +305,14 @@ class Daemon:
                         return True
                     if data:
                         self._reject("blob_hash_mismatch", peer[:16])
-                await trio.sleep(0.2 * (attempt + 1))
+                    if self.store.has_blob(blob_hash):
+                        return True
+                await trio.sleep(min(2.0, 0.1 * 2**attempt))
             log.warning("blob unavailable", extra={"blob": short(blob_hash)})
             return False
         finally:
-            self._fetching.discard(blob_hash)
+            del self._fetching[blob_hash]
+            done.set()
 
     async def _serve_blob(self, peer: str, request: bytes) -> bytes:
         req = BlobRequest.decode(request)
@@ -406,17 +412,20 @@ class Daemon:
             valid = await self._check_block(block) is not None
         await self._events_send.send(ValueValidated(height, round_, bh, valid))
 
+    async def _fetch_missing(self, block: Block, attempts: int = 6) -> list[bytes]:
+        missing = missing_blobs(block, self.store.has_blob)
+        if missing:
+            async with trio.open_nursery() as n:
+                for blob_hash in missing:
+                    author = next((u.author for u in block.updates if u.blob_hash == blob_hash), None)
+                    n.start_soon(self._fetch_blob, blob_hash, author, peer_id_of(block.header.proposer), attempts)
+        return missing_blobs(block, self.store.has_blob)
+
     async def _check_block(self, block: Block) -> tuple[AppState, Any] | None:
         bh = block.hash()
         if bh in self._results:
             return self._results[bh]
-        missing = missing_blobs(block, self.store.has_blob)
-        if missing:
-            with trio.move_on_after(20):
-                async with trio.open_nursery() as n:
-                    for blob_hash in missing:
-                        author = next((u.author for u in block.updates if u.blob_hash == blob_hash), None)
-                        n.start_soon(self._fetch_blob, blob_hash, author, peer_id_of(block.header.proposer))
+        await self._fetch_missing(block)
         blobs = {u.blob_hash: b for u in block.updates if (b := self.store.get_blob(u.blob_hash)) is not None}
         state, prev = self.state, self.last_block_hash
         if block.height != state.height + 1:
@@ -437,6 +446,12 @@ class Daemon:
         return result
 
     async def _apply_commit(self, block: Block, cert: CommitCertificate) -> None:
+        # 2/3+ of the power committed this block, so its blobs exist: keep asking until we hold them.
+        attempt = 0
+        while missing := await self._fetch_missing(block, attempts=3):
+            attempt += 1
+            log.warning("waiting for blobs of a committed block", extra={"height": block.height, "missing": len(missing)})
+            await trio.sleep(min(5.0, 0.5 * attempt))
         result = await self._check_block(block)
         if result is None:
             # A committed block we cannot execute: 2/3+ of the power signed it, so our state is the odd one out.
