@@ -261,6 +261,8 @@ class P2PNode:
                     log.info("connected", extra={"peer": pid[:16]})
                     self._count("dials_ok")
                 else:
+                    if addr not in backoff:
+                        log.warning("cannot reach bootstrap peer; retrying with back-off", extra={"addr": addr})
                     b = min(10.0, backoff.get(addr, 0.25) * 2)
                     backoff[addr] = b
                     next_try[addr] = trio.current_time() + b
