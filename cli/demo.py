@@ -230,8 +230,8 @@ def demo(
             console.print(f"final test accuracy: [bold]{acc[-1]:.3f}[/bold] after {len(acc)} rounds")
         if times:
             console.print(f"median round time: {times[len(times) // 2]:.3f} s; wall time {wall:.1f} s")
-        for name, h in hashes.items():
-            console.print(f"  {name}: model {h[:16] if h else 'missing'}")
+        for name, mh in hashes.items():
+            console.print(f"  {name}: model {mh[:16] if mh else 'missing'}")
         console.print(
             "[green]every node holds the identical model[/green]" if same else "[red]nodes disagree or did not finish[/red]"
         )

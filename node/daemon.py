@@ -149,7 +149,7 @@ class Daemon:
 
     # ---------------------------------------------------------------- lifecycle
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         self.net.set_handler(BLOB_PROTOCOL, self._serve_blob)
         self.net.set_handler(BLOCKS_PROTOCOL, self._serve_blocks)
         self.net.set_handler(STATUS_PROTOCOL, self._serve_status)

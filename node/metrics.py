@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from typing import Any
 
 import trio
 
@@ -30,7 +31,7 @@ class Metrics:
         return "\n".join(lines) + "\n"
 
 
-async def serve_metrics(metrics: Metrics, listen: str, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+async def serve_metrics(metrics: Metrics, listen: str, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
     host, _, port = listen.rpartition(":")
 
     async def handle(stream: trio.SocketStream) -> None:

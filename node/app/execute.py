@@ -93,9 +93,9 @@ def execute(
         if by_author[ann.author] > 1:
             rejected.append((ann.author, h, str(Reason.EQUIVOCATION)))
             continue
-        tensors, reason = check_update(genesis, state, ann, blob)
-        if reason is not None or tensors is None:
-            rejected.append((ann.author, h, str(reason)))
+        tensors, why = check_update(genesis, state, ann, blob)
+        if why is not None or tensors is None:
+            rejected.append((ann.author, h, str(why)))
             continue
         good.append(WeightedUpdate(h, ann.author, tensors, ann.num_samples))
 
@@ -117,12 +117,12 @@ def execute(
         balances[u.author] = balances.get(u.author, 0) + amount
         reputation[u.author] = min(rw.max_reputation, reputation.get(u.author, 0) + rw.reputation_gain)
     penalised_equivocators = set()
-    for author, _, reason in rejected:
-        if reason == Reason.EQUIVOCATION:
+    for author, _, code in rejected:
+        if code == Reason.EQUIVOCATION:
             if author not in penalised_equivocators:
                 penalised_equivocators.add(author)
                 penalise(author, rw.penalty_equivocation)
-        elif Reason(reason) in PENALISED:
+        elif Reason(code) in PENALISED:
             penalise(author, rw.penalty_rejected)
     for u in good:
         if u.author in result.outliers:

@@ -59,6 +59,12 @@ def _softmax_xent(logits: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray,
 class _SGDTask:
     name = "base"
 
+    def param_spec(self) -> list[tuple[str, tuple[int, ...]]]:
+        raise NotImplementedError
+
+    def init_params(self, seed: int) -> Tensors:
+        raise NotImplementedError
+
     def forward(self, params: Tensors, x: np.ndarray) -> tuple[np.ndarray, object]:
         raise NotImplementedError
 
@@ -142,7 +148,8 @@ class MLP(_SGDTask):
         return hidden @ params["w2"] + params["b2"], (x, pre, hidden)
 
     def backward(self, params: Tensors, cache: object, g: np.ndarray) -> Tensors:
-        x, pre, hidden = cache  # type: ignore[misc]
+        assert isinstance(cache, tuple)
+        x, pre, hidden = cache
         gh = (g @ params["w2"].T) * (pre > 0)
         return {"w1": x.T @ gh, "b1": gh.sum(axis=0), "w2": hidden.T @ g, "b2": g.sum(axis=0)}
 

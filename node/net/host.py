@@ -271,7 +271,7 @@ class P2PNode:
 
     # ---------------------------------------------------------------- lifecycle
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         from libp2p import new_host
         from libp2p.network.config import ConnectionConfig
         from libp2p.pubsub import pubsub as pubsub_mod
@@ -281,7 +281,8 @@ class P2PNode:
         from libp2p.tools.anyio_service import background_trio_service
 
         # (p6) outbound frame cap and queue depth have no public knob.
-        pubsub_mod.RpcQueue = functools.partial(RpcQueue, max_size=1024, max_message_size=self._max_message_size + 4096)
+        pubsub_mod.RpcQueue = functools.partial(  # type: ignore[misc,assignment]
+            RpcQueue, max_size=1024, max_message_size=self._max_message_size + 4096)
         kwargs: dict[str, Any] = {"key_pair": self._key_pair}
         kwargs["connection_config"] = ConnectionConfig(max_connections_per_peer=1)  # (p8) fast dials
         if self._announce:
