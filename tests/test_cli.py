@@ -12,10 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
-
 from flnode.cli.main import app
 from flnode.protocol.genesis import Genesis
+from typer.testing import CliRunner
 
 runner = CliRunner()
 

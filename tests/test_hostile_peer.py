@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import trio
-
 from flnode.cli.demo import NodeView, free_ports, read_node, start_node, stop_nodes
 from flnode.cli.node_cmd import _task_and_rules, create_testnet
 from flnode.node.daemon import BLOB_PROTOCOL, BLOCKS_PROTOCOL, STATUS_PROTOCOL, Topics

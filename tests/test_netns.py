@@ -17,7 +17,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from flnode.cli.demo import NodeView, read_node, stop_nodes
 from flnode.cli.node_cmd import _task_and_rules, create_testnet
 

@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import trio
-
 from flnode.node.net import NetError, P2PNode, peer_id_of
 from flnode.protocol.crypto import NodeKey
 
