@@ -111,8 +111,12 @@ def test_single_node_chain_commits_alone(tmp_path: Path) -> None:
     """`flnode init` + `flnode start` is a working one-validator network."""
     home = tmp_path / "solo"
     assert runner.invoke(app, ["init", "--home", str(home), "--port", "0"]).exit_code == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        mport = s.getsockname()[1]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "flnode.cli.main", "start", "--home", str(home), "--listen", "/ip4/127.0.0.1/tcp/0"],
+        [sys.executable, "-m", "flnode.cli.main", "start", "--home", str(home), "--listen", "/ip4/127.0.0.1/tcp/0",
+         "--metrics-listen", f"127.0.0.1:{mport}"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ},
     )
     try:
@@ -124,6 +128,10 @@ def test_single_node_chain_commits_alone(tmp_path: Path) -> None:
                 height = json.loads(res.stdout)["height"]
             time.sleep(0.3)
         assert height >= 3
+        import urllib.request
+
+        body = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5).read().decode()
+        assert "flnode_blocks_committed" in body and "flnode_height" in body
     finally:
         proc.send_signal(2)
         proc.wait(20)
