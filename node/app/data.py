@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,7 +53,9 @@ def _synthetic(spec: TaskSpec) -> Dataset:
     return Dataset(x.astype(np.float32), y, spec.synthetic_classes)
 
 
+@functools.lru_cache(maxsize=4)
 def load_full(spec: TaskSpec) -> Dataset:
+    """The whole data set of a task (cached: callers must not modify the arrays)."""
     if spec.dataset == "digits":
         return _digits()
     if spec.dataset == "synthetic":
@@ -60,6 +63,7 @@ def load_full(spec: TaskSpec) -> Dataset:
     return load_npz(spec.dataset)
 
 
+@functools.lru_cache(maxsize=4)
 def load_dataset(spec: TaskSpec) -> tuple[Dataset, Dataset]:
     """(train, test): a seeded split with spec.test_fraction held out."""
     full = load_full(spec)
