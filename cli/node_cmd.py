@@ -230,8 +230,12 @@ def _check_ports_free(listen: tuple[str, ...]) -> None:
         if len(parts) >= 4 and parts[0] in ("ip4", "ip6") and parts[2] == "tcp" and parts[3] != "0":
             fam = socket.AF_INET if parts[0] == "ip4" else socket.AF_INET6
             with socket.socket(fam, socket.SOCK_STREAM) as s:
+                # SO_REUSEADDR: connections of a killed predecessor in TIME_WAIT must not block a restart;
+                # a live listener still makes bind + listen fail.
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 try:
                     s.bind((parts[1], int(parts[3])))
+                    s.listen()
                 except OSError as exc:
                     fail(f"cannot listen on {addr}: {exc.strerror} (port in use?)")
 
