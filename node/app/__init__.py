@@ -9,7 +9,7 @@ from .aggregation import (
     make_aggregator,
 )
 from .data import Dataset, load_dataset, load_npz, participant_data, partition
-from .execute import Receipt, execute
+from .execute import Receipt, evidence_key, execute
 from .participant import make_update, sign_update, train_update
 from .state import AppState, decode_state, encode_state, genesis_state
 from .tasks import (
@@ -28,7 +28,7 @@ from .validation import PENALISED, Reason, check_announcement, check_update, l2_
 __all__ = [
     "AGGREGATORS", "AggregationResult", "Aggregator", "AppState", "Dataset", "LogisticRegression", "MLP", "Metrics",
     "PENALISED", "Reason", "Receipt", "Task", "TrainResult", "WeightedUpdate", "aggregate", "check_announcement",
-    "check_update", "decode_state", "encode_state", "execute", "genesis_state", "initial_model", "l2_norm_exact",
+    "check_update", "decode_state", "encode_state", "evidence_key", "execute", "genesis_state", "initial_model", "l2_norm_exact",
     "load_dataset", "load_npz", "local_seed", "make_aggregator", "make_task", "make_update", "participant_data",
     "partition", "sign_update", "task_for", "train_update",
 ]

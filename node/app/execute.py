@@ -66,6 +66,11 @@ class Receipt:
         return digest(self.encode())
 
 
+def evidence_key(ev: DuplicateVoteEvidence) -> tuple[bytes, int, int, int]:
+    a = ev.vote_a
+    return (a.validator, a.height, a.round, int(a.type))
+
+
 def execute(
     genesis: Genesis,
     state: AppState,
@@ -128,10 +133,15 @@ def execute(
         if u.author in result.outliers:
             rejected.append((u.author, u.key, str(Reason.OUTLIER)))
             penalise(u.author, rw.penalty_outlier)
+    punished = set(state.punished)
     for ev in sorted(evidence, key=lambda e: e.hash()):
         ev.check(genesis.chain_id)
         if ev.validator not in genesis.powers:
             raise ValidationError("evidence against a non-validator")
+        key = evidence_key(ev)
+        if key in punished:
+            raise ValidationError("evidence already punished")
+        punished.add(key)
         penalise(ev.validator, rw.penalty_equivocation)
 
     excluded = tuple(sorted(k for k, r in reputation.items() if r < rw.exclude_below))
@@ -152,5 +162,6 @@ def execute(
         balances=balances,
         reputation=reputation,
         last_receipt_hash=receipt.hash(),
+        punished=frozenset(punished),
     )
     return new_state, receipt

@@ -24,6 +24,8 @@ class AppState:
     balances: dict[bytes, int]
     reputation: dict[bytes, int]
     last_receipt_hash: bytes = ZERO_HASH
+    # (validator, height, round, vote type) of equivocations already punished: evidence counts once.
+    punished: frozenset[tuple[bytes, int, int, int]] = frozenset()
 
     def _canonical(self) -> list[object]:
         return [
@@ -32,6 +34,7 @@ class AppState:
             [[k, self.balances[k]] for k in sorted(self.balances)],
             [[k, self.reputation[k]] for k in sorted(self.reputation)],
             self.last_receipt_hash,
+            [list(p) for p in sorted(self.punished)],
         ]
 
     def hash(self) -> bytes:
@@ -58,7 +61,7 @@ def encode_state(state: AppState) -> bytes:
 
 
 def decode_state(data: bytes, model: Tensors) -> AppState:
-    h, mh, bal, rep, lrh = expect_list(unpack(data, max_size=1 << 22), 5, "app state")
+    h, mh, bal, rep, lrh, pun = expect_list(unpack(data, max_size=1 << 22), 6, "app state")
 
     def pairs(v: object, what: str) -> dict[bytes, int]:
         if not isinstance(v, list):
@@ -69,8 +72,15 @@ def decode_state(data: bytes, model: Tensors) -> AppState:
             out[expect_bytes(k, what, 32)] = expect_int(n, what, -(1 << 62), 1 << 62)
         return out
 
+    if not isinstance(pun, list):
+        raise DecodeError("app state: bad punished list")
+    punished = set()
+    for item in pun:
+        v, ph, pr, pt = expect_list(item, 4, "punished")
+        punished.add((expect_bytes(v, "validator", 32), expect_int(ph, "height"), expect_int(pr, "round"),
+                      expect_int(pt, "type", 1, 2)))
     mh = expect_bytes(mh, "model hash", 32)
     if tensors_hash(model) != mh:
         raise DecodeError("app state: model blob does not match the model hash")
     return AppState(expect_int(h, "height"), model, mh, pairs(bal, "balances"), pairs(rep, "reputation"),
-                    expect_bytes(lrh, "receipt hash", 32))
+                    expect_bytes(lrh, "receipt hash", 32), frozenset(punished))

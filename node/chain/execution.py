@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 
-from flnode.node.app import AppState, Receipt, check_announcement, execute
+from flnode.node.app import AppState, Receipt, check_announcement, evidence_key, execute
 from flnode.protocol.errors import ValidationError
 from flnode.protocol.genesis import Genesis
 from flnode.protocol.hashing import short
@@ -43,7 +43,12 @@ def build_block(
     evidence: Sequence[DuplicateVoteEvidence] = (),
 ) -> tuple[Block, AppState, Receipt]:
     chosen = select_updates(genesis, state, candidates)
-    evs = sorted({e.hash(): e for e in evidence}.items())
+    fresh: dict[tuple[bytes, int, int, int], DuplicateVoteEvidence] = {}
+    for e in sorted(evidence, key=lambda e: e.hash()):
+        k = evidence_key(e)
+        if k not in state.punished and e.validator in genesis.powers:
+            fresh.setdefault(k, e)  # one piece of evidence per equivocation
+    evs = sorted({e.hash(): e for e in fresh.values()}.items())
     evidence_list = tuple(e for _, e in evs)
     new_state, receipt = execute(genesis, state, chosen, evidence_list)
     updates = tuple(a for a, _ in chosen)
