@@ -51,6 +51,7 @@ from flnode.protocol.messages import (
     Proposal,
     Status,
     UpdateAnnouncement,
+    UpdateBundle,
     Vote,
     decode_gossip,
     encode_gossip,
@@ -138,6 +139,9 @@ class Daemon:
         self._fetching: dict[bytes, trio.Event] = {}
         self._height_started = time.monotonic()
         self._timing: dict[str, float] = {}  # phase marks of the current height, seconds since it started
+        self._behind = trio.Event()  # set when a message shows peers at a higher height
+        self._ahead_seen = False
+        self._last_commit = time.monotonic()
         self._nursery: trio.Nursery | None = None
         self.data = None
         self.participant_index = -1
@@ -217,6 +221,8 @@ class Daemon:
             if msg.height < current or msg.height > current + 2:
                 return "stale_height"
             return None if msg.verify(self.chain_id) else "bad_signature"
+        if isinstance(msg, UpdateBundle):
+            msg = msg.announcement
         if isinstance(msg, UpdateAnnouncement):
             if topic != self.topics.updates:
                 return "wrong_topic"
@@ -242,12 +248,19 @@ class Daemon:
                     continue
                 msg = self._validated[h]
             self.metrics.inc("gossip_received")
+            if getattr(msg, "height", 0) > self.state.height + 1 and not self._ahead_seen:
+                self._ahead_seen = True  # someone is past our height: ask for blocks now
+                self._behind.set()
             if isinstance(msg, Vote):
                 await self._events_send.send(VoteReceived(msg))
             elif isinstance(msg, Proposal):
                 if msg.height == self.state.height + 1:
                     self._mark("proposal_t")
                 await self._events_send.send(ProposalReceived(msg))
+            elif isinstance(msg, UpdateBundle):
+                if not self.store.has_blob(msg.announcement.blob_hash):
+                    self.store.put_blob(msg.announcement.blob_hash, msg.blob)
+                self._on_announcement(msg.announcement, item.from_peer)
             elif isinstance(msg, UpdateAnnouncement):
                 self._on_announcement(msg, item.from_peer)
 
@@ -460,6 +473,7 @@ class Daemon:
         t0 = time.monotonic()
         self.store.commit_height(block, cert, new_state, receipt, encode_tensors(new_state.model))
         round_time = time.monotonic() - self._height_started
+        self._last_commit = time.monotonic()
         self._mark("commit_t")
         timing = dict(self._timing)
         self.state, self.last_block_hash, self.last_cert = new_state, block.hash(), cert
@@ -525,14 +539,24 @@ class Daemon:
                 "published update",
                 extra={"height": height, "samples": ann.num_samples, "loss": round(result.loss, 4), "blob": short(ann.blob_hash)},
             )
-            await self.net.publish(self.topics.updates, encode_gossip(ann))
+            # Small updates travel inline (one gossip message instead of n - 1 blob requests).
+            out = UpdateBundle(ann, blob) if len(blob) <= UpdateBundle.INLINE_MAX else ann
+            await self.net.publish(self.topics.updates, encode_gossip(out))
 
     # ---------------------------------------------------------------- sync
 
     async def _sync_loop(self) -> None:
-        """Catch up with peers that are ahead (after a restart, or when joining late)."""
+        """Catch up with peers that are ahead (after a restart, or when joining late).
+
+        Asks for peers' tips when a message shows the network is ahead of us, and otherwise only when no height
+        has committed for a while: status polling is not on the path of a normal round."""
         while True:
-            await trio.sleep(1.0)
+            with trio.move_on_after(2.0):
+                await self._behind.wait()
+            self._behind = trio.Event()
+            if time.monotonic() - self._last_commit < 1.5 and not self._ahead_seen:
+                continue
+            self._ahead_seen = False
             for peer in self.net.connected_peers():
                 try:
                     raw = await self.net.request(peer, STATUS_PROTOCOL, b"", max_response=256, timeout=5.0)

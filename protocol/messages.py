@@ -449,9 +449,36 @@ class Status(Message):
         return cls(expect_int(h, "height", 0, MAX_HEIGHT), _hash(bh, "block hash"), _hash(mh, "model hash"))
 
 
+@dataclass(frozen=True)
+class UpdateBundle(Message):
+    """A small update travelling inline with its announcement, saving every peer a blob request.
+
+    The blob is content addressed by the signed announcement (blob_hash), so it needs no signature of its own.
+    Only updates up to INLINE_MAX bytes travel this way; bigger ones are fetched over streams.
+    """
+
+    INLINE_MAX: ClassVar[int] = 64 << 10
+    MAX_SIZE: ClassVar[int] = UpdateAnnouncement.MAX_SIZE + INLINE_MAX + 64
+    KIND: ClassVar[str] = "update_bundle"
+    announcement: UpdateAnnouncement
+    blob: bytes
+
+    def to_list(self) -> list[Any]:
+        return [self.announcement.to_list(), self.blob]
+
+    @classmethod
+    def from_list(cls, value: Any) -> UpdateBundle:
+        ann, blob = expect_list(value, 2, "update bundle")
+        a = UpdateAnnouncement.from_list(ann)
+        b = expect_bytes(blob, "inline blob", max_len=cls.INLINE_MAX)
+        if len(b) != a.blob_size or digest(b) != a.blob_hash:
+            raise ValidationError("update bundle: blob does not match its announcement")
+        return cls(a, b)
+
+
 # ---- gossip envelope ----
 
-GOSSIP_TYPES: dict[int, type[Message]] = {1: Proposal, 2: Vote, 3: UpdateAnnouncement, 4: Status}
+GOSSIP_TYPES: dict[int, type[Message]] = {1: Proposal, 2: Vote, 3: UpdateAnnouncement, 4: Status, 5: UpdateBundle}
 _GOSSIP_TAGS = {cls: tag for tag, cls in GOSSIP_TYPES.items()}
 GOSSIP_MAX_SIZE = Proposal.MAX_SIZE + 16
 
