@@ -338,7 +338,10 @@ class Tendermint:
         self._round_votes(self.round).add(v)
 
     def _rebroadcast(self, out: list[Action]) -> None:
-        """Best-effort gossip: re-send what we signed in this round so peers that lost it can count it."""
+        """Best-effort gossip: re-send what we signed in this round so peers that lost it can count it, and relay
+        the polka (2f+1 prevotes) behind our valid value: a peer that missed it cannot accept a re-proposal of
+        that value (L28) and, locked elsewhere or not, would otherwise keep prevoting nil (CometBFT gossips the
+        POL round's prevotes for the same reason)."""
         p = self.proposed.get(self.round)
         if p is not None:
             out.append(Broadcast(p))
@@ -346,6 +349,16 @@ class Tendermint:
             v = self.signed.get((self.round, int(t)))
             if v is not None:
                 out.append(Broadcast(v))
+        if self.valid_value is not None and self.valid_round >= 0:
+            vh = self.valid_value.hash()
+            rv = self.votes.get(self.valid_round)
+            if rv is not None:
+                for vote in rv.votes_for(VoteType.PREVOTE, vh):
+                    if vote.validator != self.me:
+                        out.append(Broadcast(vote))
+                own = self.signed.get((self.valid_round, int(VoteType.PREVOTE)))
+                if own is not None and self.valid_round != self.round:
+                    out.append(Broadcast(own))
 
     # ------------------------------------------------------------------ restore
 

@@ -1,0 +1,455 @@
+"""A deterministic simulated network of Tendermint machines on a virtual clock.
+
+Everything random comes from one `random.Random(seed)`, so a seed replays exactly. The simulator plays the shell's
+part: it signs with a cheap keyed hash (and drops messages whose signature does not check, as the real shell does),
+answers GetValue/ValidateValue, keeps each node's Persist records (restart = Tendermint.restore from them, sometimes
+with a torn last record), delivers blocks with certificates to nodes that fell behind (block sync), and runs the
+faults: drop, delay, duplicate, reorder, partition/heal, crash/restart, Byzantine validators and Twins.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import random
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from flnode.consensus import (
+    Broadcast,
+    Commit,
+    CommitReceived,
+    EmitEvidence,
+    GetValue,
+    Persist,
+    ProposalReceived,
+    ScheduleTimeout,
+    StartHeight,
+    Tendermint,
+    TimeoutConfig,
+    TimeoutFired,
+    TimeoutKind,
+    ValidateValue,
+    ValidatorSet,
+    ValueReady,
+    ValueValidated,
+    VoteReceived,
+)
+from flnode.protocol.messages import Block, BlockHeader, CommitCertificate, Proposal, Vote, VoteType
+
+Z = hashlib.sha256(b"z").digest()
+FAULTS = ("drop", "delay", "dup", "partition", "crash")
+BYZANTINE_MODES = ("split", "equivocate", "double_vote", "silent", "bad_signature", "unknown_block")
+
+
+def fake_sign(key: bytes, kind: str, payload: bytes) -> bytes:
+    return hashlib.sha256(key + kind.encode() + payload).digest() * 2
+
+
+def fake_verify(key: bytes, kind: str, payload: bytes, sig: bytes) -> bool:
+    return sig == fake_sign(key, kind, payload)
+
+
+def make_block(height: int, proposer: bytes, salt: int) -> Block:
+    return Block(BlockHeader("sim", height, Z, proposer, salt, Z, Z, Z, Z, Z))
+
+
+@dataclass
+class SimConfig:
+    nodes: int = 4
+    byzantine: int = 0
+    heights: int = 10
+    seed: int = 0
+    faults: tuple[str, ...] = ()
+    byzantine_modes: tuple[str, ...] = BYZANTINE_MODES
+    twins: bool = False
+    drop_p: float = 0.1
+    dup_p: float = 0.05
+    max_delay_ms: int = 40
+    gst_ms: int = 20_000  # faults stop here (global stabilisation time)
+    liveness_ms_per_height: int = 30_000
+    timeouts: TimeoutConfig = field(default_factory=lambda: TimeoutConfig(300, 100, 200, 100, 200, 100))
+    max_events: int = 2_000_000
+
+
+@dataclass
+class SimResult:
+    seed: int
+    heights_committed: int  # min over honest nodes
+    node_heights: int  # sum over honest nodes
+    max_round: int
+    messages: int
+    safety_violations: list[str]
+    liveness_failures: list[str]
+    certificate_failures: list[str]
+    virtual_ms: int
+    events: int
+
+    @property
+    def ok(self) -> bool:
+        return not (self.safety_violations or self.liveness_failures or self.certificate_failures)
+
+
+@dataclass
+class _Node:
+    idx: int
+    key: bytes
+    honest: bool
+    machine: Tendermint | None
+    records: list[bytes] = field(default_factory=list)
+    up: bool = True
+    commits: dict[int, bytes] = field(default_factory=dict)
+    blocks: dict[int, tuple[Block, CommitCertificate]] = field(default_factory=dict)
+    mode: str = ""
+
+
+class Simulation:
+    def __init__(self, cfg: SimConfig) -> None:
+        self.cfg = cfg
+        self.rng = random.Random(cfg.seed)
+        n = cfg.nodes
+        keys = [hashlib.sha256(b"validator-%d" % i).digest() for i in range(n)]
+        self.validators = ValidatorSet({k: 1 for k in keys})
+        self.nodes: list[_Node] = []
+        byz = set(range(n - cfg.byzantine, n))
+        for i, k in enumerate(keys):
+            honest = i not in byz
+            mode = "" if honest else cfg.byzantine_modes[(i - (n - cfg.byzantine)) % len(cfg.byzantine_modes)]
+            self.nodes.append(_Node(i, k, honest, self._machine(k), mode=mode))
+        if cfg.twins and n >= 2:
+            # A twin: a second honest copy of validator 0's key. Together they behave like one Byzantine validator.
+            self.nodes.append(_Node(n, keys[0], False, self._machine(keys[0]), mode="twin"))
+            self.nodes[0].honest = False
+            self.nodes[0].mode = "twin"
+        self.queue: list[tuple[int, int, int, object]] = []
+        self.seq = 0
+        self.now = 0
+        self.messages = 0
+        self.partition: list[set[int]] | None = None
+        # colluding "split" attackers: per (height, round), the two values shown to the two halves of the network
+        self.split_values: dict[tuple[int, int], tuple[Block, Block]] = {}
+        self.crash_plan: list[tuple[int, int, int]] = []  # (down at, up at, node)
+        self._plan_faults()
+
+    def _machine(self, key: bytes) -> Tendermint:
+        return Tendermint(self.validators, key, lambda kind, payload, k=key: fake_sign(k, kind, payload), self.cfg.timeouts)
+
+    # ---------------------------------------------------------------- scheduling
+
+    def _push(self, at: int, node: int, item: object) -> None:
+        self.seq += 1
+        heapq.heappush(self.queue, (at, self.seq, node, item))
+
+    def _plan_faults(self) -> None:
+        cfg, rng = self.cfg, self.rng
+        total = len(self.nodes)
+        if "partition" in cfg.faults or cfg.twins:
+            for _ in range(rng.randint(1, 3)):
+                start = rng.randint(0, cfg.gst_ms // 2)
+                end = min(cfg.gst_ms, start + rng.randint(1_000, cfg.gst_ms // 2))
+                members = list(range(total))
+                rng.shuffle(members)
+                cut = rng.randint(1, total - 1)
+                self._push(start, -1, ("partition", [set(members[:cut]), set(members[cut:])]))
+                self._push(end, -1, ("heal", None))
+            if cfg.twins:
+                # keep the twins apart for a while: the classic Twins scenario
+                a, b = 0, total - 1
+                others = [i for i in range(total) if i not in (a, b)]
+                rng.shuffle(others)
+                half = len(others) // 2
+                self._push(0, -1, ("partition", [{a, *others[:half]}, {b, *others[half:]}]))
+                self._push(cfg.gst_ms // 2, -1, ("heal", None))
+        if "crash" in cfg.faults:
+            for _ in range(rng.randint(1, 3)):
+                victim = rng.randrange(total)
+                down = rng.randint(0, cfg.gst_ms - 2_000)
+                up = min(cfg.gst_ms, down + rng.randint(100, 3_000))
+                self._push(down, -1, ("crash", victim))
+                self._push(up, -1, ("restart", victim))
+
+    def _reachable(self, a: int, b: int) -> bool:
+        if self.partition is None:
+            return True
+        return any(a in g and b in g for g in self.partition)
+
+    def _send(self, src: int, dst: int, msg: Proposal | Vote) -> None:
+        cfg, rng = self.cfg, self.rng
+        self.messages += 1
+        before_gst = self.now < cfg.gst_ms
+        if before_gst and "drop" in cfg.faults and rng.random() < cfg.drop_p:
+            return
+        delay = rng.randint(1, cfg.max_delay_ms) if ("delay" in cfg.faults and before_gst) else rng.randint(1, 5)
+        copies = 2 if (before_gst and "dup" in cfg.faults and rng.random() < cfg.dup_p) else 1
+        for c in range(copies):
+            self._push(self.now + delay + c * rng.randint(0, 20), dst, ("msg", src, msg))
+
+    def _broadcast(self, src: int, msg: Proposal | Vote) -> None:
+        node = self.nodes[src]
+        targets = [i for i in range(len(self.nodes)) if i != src]
+        if node.honest or node.mode == "twin":
+            for t in targets:
+                self._send(src, t, msg)
+            return
+        mode = node.mode
+        if mode == "silent":
+            return
+        if mode == "split":
+            self._split(node, msg, targets)
+            return
+        if mode == "bad_signature":
+            for t in targets:
+                self._send(src, t, replace(msg, signature=b"\x00" * 64))
+            return
+        if mode == "unknown_block" and isinstance(msg, Vote):
+            bogus = hashlib.sha256(msg.signature).digest()
+            v = replace(msg, block_hash=bogus)
+            v = replace(v, signature=fake_sign(node.key, Vote.KIND, v.sign_payload()))
+            for t in targets:
+                self._send(src, t, v)
+            return
+        if mode in ("equivocate", "double_vote"):
+            # half the network sees one message, the other half a conflicting one
+            half = set(self.rng.sample(targets, len(targets) // 2))
+            other = self._conflicting(node, msg, mode)
+            for t in targets:
+                self._send(src, t, other if (t in half and other is not None) else msg)
+            return
+        for t in targets:
+            self._send(src, t, msg)
+
+    def _split(self, node: _Node, msg: Proposal | Vote, targets: list[int]) -> None:
+        """Show one value to the even-numbered nodes and another to the odd ones, as proposer and as voter."""
+        key = (msg.height, msg.round)
+        if isinstance(msg, Proposal):
+            other = make_block(msg.height, node.key, 77_000 + msg.round)
+            self.split_values[key] = (msg.block, other)
+            q = replace(msg, block=other, pol_round=-1)
+            q = replace(q, signature=fake_sign(node.key, Proposal.KIND, q.sign_payload()))
+            for t in targets:
+                self._send(node.idx, t, msg if t % 2 == 0 else q)
+            return
+        pair = self.split_values.get(key)
+        if pair is None:
+            for t in targets:
+                self._send(node.idx, t, msg)
+            return
+        for t in targets:
+            v = replace(msg, block_hash=pair[t % 2].hash())
+            self._send(node.idx, t, replace(v, signature=fake_sign(node.key, Vote.KIND, v.sign_payload())))
+
+    def _conflicting(self, node: _Node, msg: Proposal | Vote, mode: str) -> Proposal | Vote | None:
+        if isinstance(msg, Proposal) and mode == "equivocate":
+            block = make_block(msg.height, node.key, 10_000 + msg.round + self.rng.randint(0, 1 << 20))
+            p = replace(msg, block=block, pol_round=-1)
+            return replace(p, signature=fake_sign(node.key, Proposal.KIND, p.sign_payload()))
+        if isinstance(msg, Vote):
+            alt = None if msg.block_hash is not None else hashlib.sha256(b"alt%d" % msg.round).digest()
+            # prefer a real competing value: the last proposal this node saw for the round
+            m = node.machine
+            if m is not None:
+                for p in m.proposals.values():
+                    if p.round == msg.round and p.block_hash != msg.block_hash:
+                        alt = p.block_hash
+            v = replace(msg, block_hash=alt)
+            return replace(v, signature=fake_sign(node.key, Vote.KIND, v.sign_payload()))
+        return None
+
+    # ---------------------------------------------------------------- running
+
+    def _perform(self, idx: int, actions: list[object]) -> None:
+        node = self.nodes[idx]
+        for a in actions:
+            if not node.up:
+                return
+            if isinstance(a, Persist):
+                node.records.append(a.record)
+            elif isinstance(a, Broadcast):
+                self._broadcast(idx, a.message)
+            elif isinstance(a, ScheduleTimeout):
+                self._push(self.now + a.duration_ms, idx, TimeoutFired(a.kind, a.height, a.round))
+            elif isinstance(a, GetValue):
+                self._push(self.now + 1, idx, ValueReady(a.height, a.round, make_block(a.height, node.key, a.round)))
+            elif isinstance(a, ValidateValue):
+                self._push(self.now + 1, idx, ValueValidated(a.height, a.round, a.block.hash(), True))
+            elif isinstance(a, Commit):
+                if a.height in node.commits:
+                    continue
+                node.commits[a.height] = a.block.hash()
+                node.blocks[a.height] = (a.block, a.certificate)
+                node.records.clear()  # records are per height; the store prunes older ones
+                if a.height < self.cfg.heights:
+                    self._push(self.now, idx, StartHeight(a.height + 1))
+            elif isinstance(a, EmitEvidence):
+                pass
+
+    def _deliver(self, idx: int, item: object) -> None:
+        node = self.nodes[idx]
+        m = node.machine
+        if not node.up or m is None:
+            return
+        if isinstance(item, tuple) and item[0] == "msg":
+            _, src, msg = item
+            if not self._reachable(src, idx):
+                return
+            kind = Proposal.KIND if isinstance(msg, Proposal) else Vote.KIND
+            signer = msg.proposer if isinstance(msg, Proposal) else msg.validator
+            if not fake_verify(signer, kind, msg.sign_payload(), msg.signature):
+                return  # the shell drops a message whose signature does not verify
+            ev: object = ProposalReceived(msg) if isinstance(msg, Proposal) else VoteReceived(msg)
+            if msg.height > m.height:
+                self._sync(idx)
+            self._perform(idx, m.step(ev))  # type: ignore[arg-type]
+            return
+        if isinstance(item, TimeoutFired) and item.kind == TimeoutKind.REBROADCAST:
+            self._sync(idx)
+        self._perform(idx, m.step(item))  # type: ignore[arg-type]
+
+    def _sync(self, idx: int) -> None:
+        """Block sync: a reachable peer that committed our current height hands over block + certificate."""
+        node = self.nodes[idx]
+        m = node.machine
+        if m is None:
+            return
+        h = m.height
+        for other in self.nodes:
+            if other.idx != idx and (other.honest or other.mode == "twin") and h in other.blocks and self._reachable(other.idx, idx):
+                block, cert = other.blocks[h]
+                self._push(self.now + self.rng.randint(1, 10), idx, CommitReceived(block, cert))
+                return
+
+    def _control(self, item: tuple[str, Any]) -> None:
+        what, arg = item
+        if what == "partition":
+            self.partition = arg
+        elif what == "heal":
+            self.partition = None
+        elif what == "crash":
+            node = self.nodes[int(arg)]
+            node.up = False
+        elif what == "restart":
+            node = self.nodes[int(arg)]
+            if node.up:
+                return
+            records = list(node.records)
+            if records and self.rng.random() < 0.3:
+                records[-1] = records[-1][: self.rng.randrange(len(records[-1]))]  # torn last write
+                node.records = records[:-1]
+            committed = max(node.commits, default=0)
+            node.machine = Tendermint.restore(
+                self.validators, node.key, lambda kind, payload, k=node.key: fake_sign(k, kind, payload),
+                self.cfg.timeouts, records,
+            )
+            node.up = True
+            if committed < self.cfg.heights:
+                self._perform(node.idx, node.machine.step(StartHeight(committed + 1)))
+
+    def run(self) -> SimResult:
+        cfg = self.cfg
+        for node in self.nodes:
+            assert node.machine is not None
+            self._perform(node.idx, node.machine.step(StartHeight(1)))
+        deadline = cfg.gst_ms + cfg.heights * cfg.liveness_ms_per_height
+        events = 0
+        honest = [n for n in self.nodes if n.honest]
+        while self.queue and events < cfg.max_events:
+            at, _, idx, item = heapq.heappop(self.queue)
+            if at > deadline:
+                break
+            self.now = at
+            events += 1
+            if idx < 0:
+                self._control(item)  # type: ignore[arg-type]
+            else:
+                self._deliver(idx, item)
+            if self.now >= cfg.gst_ms and all(len(n.commits) >= cfg.heights for n in honest):
+                if all(n.up for n in self.nodes):
+                    break
+        return self._check(events)
+
+    def _check(self, events: int) -> SimResult:
+        cfg = self.cfg
+        safety, liveness, certs = [], [], []
+        honest = [n for n in self.nodes if n.honest]
+        decided: dict[int, tuple[bytes, int]] = {}
+        for n in honest:
+            for h, bh in n.commits.items():
+                if h in decided and decided[h][0] != bh:
+                    safety.append(f"height {h}: node {decided[h][1]} and node {n.idx} committed different blocks")
+                decided.setdefault(h, (bh, n.idx))
+            for h, (block, cert) in n.blocks.items():
+                if not self._cert_ok(block, cert):
+                    certs.append(f"node {n.idx} height {h}: certificate does not verify")
+            if len(n.commits) < cfg.heights:
+                liveness.append(f"node {n.idx} committed {len(n.commits)} of {cfg.heights} heights")
+        max_round = max((c.round for n in honest for _, c in n.blocks.values()), default=0)
+        return SimResult(
+            seed=cfg.seed,
+            heights_committed=min((len(n.commits) for n in honest), default=0),
+            node_heights=sum(len(n.commits) for n in honest),
+            max_round=max_round,
+            messages=self.messages,
+            safety_violations=safety,
+            liveness_failures=liveness,
+            certificate_failures=certs,
+            virtual_ms=self.now,
+            events=events,
+        )
+
+    def _cert_ok(self, block: Block, cert: CommitCertificate) -> bool:
+        if cert.block_hash != block.hash() or cert.height != block.height:
+            return False
+        power = 0
+        seen = set()
+        for v, sig in cert.signatures:
+            if v in seen or self.validators.power(v) == 0:
+                return False
+            seen.add(v)
+            vote = Vote(VoteType.PRECOMMIT, cert.height, cert.round, cert.block_hash, v, sig)
+            if not fake_verify(v, Vote.KIND, vote.sign_payload(), sig):
+                return False
+            power += self.validators.power(v)
+        return power >= self.validators.quorum()
+
+
+def run_simulation(cfg: SimConfig) -> SimResult:
+    return Simulation(cfg).run()
+
+
+@dataclass
+class Summary:
+    runs: int = 0
+    heights_committed: int = 0
+    node_heights: int = 0
+    max_round: int = 0
+    messages: int = 0
+    safety_violations: int = 0
+    liveness_failures: int = 0
+    certificate_failures: int = 0
+    failing_seeds: list[int] = field(default_factory=list)
+    first_problem: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not (self.safety_violations or self.liveness_failures or self.certificate_failures)
+
+
+def run_many(cfg: SimConfig, seeds: range | list[int]) -> Summary:
+    s = Summary()
+    for seed in seeds:
+        r = run_simulation(replace(cfg, seed=seed))
+        s.runs += 1
+        s.heights_committed += r.heights_committed
+        s.node_heights += r.node_heights
+        s.max_round = max(s.max_round, r.max_round)
+        s.messages += r.messages
+        s.safety_violations += len(r.safety_violations)
+        s.liveness_failures += len(r.liveness_failures)
+        s.certificate_failures += len(r.certificate_failures)
+        if not r.ok:
+            s.failing_seeds.append(seed)
+            if not s.first_problem:
+                s.first_problem = f"seed {seed}: " + "; ".join(
+                    (r.safety_violations + r.liveness_failures + r.certificate_failures)[:2]
+                )
+    return s
