@@ -1,9 +1,88 @@
-"""Placeholder: commands of this group are registered here."""
+"""`flnode sim`: run the consensus machine in the deterministic simulator over many seeds."""
 
 from __future__ import annotations
 
+import json
+import time
+from dataclasses import replace
+from typing import Annotated
+
 import typer
+
+from .errors import fail, user_errors
 
 
 def register(app: typer.Typer) -> None:
-    return None
+    app.command("sim")(sim)
+
+
+@user_errors
+def sim(
+    nodes: Annotated[int, typer.Option("--nodes", min=1, max=200, help="Validators (equal power).")] = 4,
+    byzantine: Annotated[int, typer.Option("--byzantine", min=0, help="How many of them are Byzantine.")] = 0,
+    heights: Annotated[int, typer.Option("--heights", min=1, help="Heights every honest node must commit.")] = 20,
+    seeds: Annotated[int, typer.Option("--seeds", min=1, help="Runs, one per seed.")] = 50,
+    first_seed: Annotated[int, typer.Option("--first-seed", help="Seed of the first run.")] = 0,
+    faults: Annotated[str, typer.Option("--faults", help="Comma-separated: drop,delay,dup,partition,crash.")] = "",
+    modes: Annotated[
+        str, typer.Option("--modes", help="Byzantine behaviours: split,equivocate,double_vote,silent,bad_signature,unknown_block.")
+    ] = "",
+    twins: Annotated[bool, typer.Option("--twins", help="Add a twin: a second honest copy of validator 0's key.")] = False,
+    allow_unsafe: Annotated[
+        bool, typer.Option("--allow-unsafe", help="Allow byzantine >= n/3 (the checker should then find violations).")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON summary.")] = False,
+) -> None:
+    """Check safety, liveness and certificates of Tendermint under faults and Byzantine validators.
+
+    Exits 1 on any violation (with --allow-unsafe, finding one is the expected outcome and still exits 1)."""
+    from flnode.consensus.sim import BYZANTINE_MODES, FAULTS, SimConfig, run_many
+
+    fault_set = tuple(f for f in (x.strip() for x in faults.split(",")) if f)
+    unknown = [f for f in fault_set if f not in FAULTS]
+    if unknown:
+        fail(f"unknown fault(s) {unknown}; choose from {','.join(FAULTS)}")
+    mode_set = tuple(m for m in (x.strip() for x in modes.split(",")) if m) or BYZANTINE_MODES
+    bad_modes = [m for m in mode_set if m not in BYZANTINE_MODES]
+    if bad_modes:
+        fail(f"unknown Byzantine mode(s) {bad_modes}; choose from {','.join(BYZANTINE_MODES)}")
+    if byzantine >= nodes:
+        fail("at least one validator must be honest")
+    if 3 * byzantine >= nodes and not allow_unsafe:
+        fail(f"{byzantine} Byzantine of {nodes} is at or above n/3: BFT promises nothing there; add --allow-unsafe")
+    cfg = SimConfig(nodes=nodes, byzantine=byzantine, heights=heights, faults=fault_set, byzantine_modes=mode_set,
+                    twins=twins)
+    t0 = time.process_time()
+    summary = run_many(replace(cfg), range(first_seed, first_seed + seeds))
+    cpu = time.process_time() - t0
+    out = {
+        "runs": summary.runs,
+        "nodes": nodes,
+        "byzantine": byzantine,
+        "faults": list(fault_set),
+        "heights_committed": summary.heights_committed,
+        "node_heights": summary.node_heights,
+        "max_round": summary.max_round,
+        "messages_sent": summary.messages,
+        "safety_violations": summary.safety_violations,
+        "liveness_failures": summary.liveness_failures,
+        "certificate_failures": summary.certificate_failures,
+        "failing_seeds": summary.failing_seeds[:20],
+        "first_problem": summary.first_problem,
+        "cpu_s": round(cpu, 3),
+        "node_heights_per_cpu_s": round(summary.node_heights / cpu) if cpu > 0 else None,
+    }
+    if as_json:
+        typer.echo(json.dumps(out))
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        t = Table(title=f"flnode sim: {nodes} validators, {byzantine} Byzantine, faults: {','.join(fault_set) or 'none'}")
+        t.add_column("measure")
+        t.add_column("value", justify="right")
+        for k, v in out.items():
+            t.add_row(k, ", ".join(map(str, v)) if isinstance(v, list) else str(v))
+        Console().print(t)
+    if not summary.ok:
+        raise typer.Exit(1)

@@ -19,7 +19,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
-from flnode.protocol.encoding import pack, unpack
+from flnode.protocol.encoding import pack_trusted as pack
+from flnode.protocol.encoding import unpack
 from flnode.protocol.errors import ProtocolError
 from flnode.protocol.messages import (
     Block,
@@ -136,6 +137,8 @@ class Tendermint:
             return out
         if h < self.height and not isinstance(event, CommitReceived):
             return out
+        if self.decided is not None:
+            return out  # decided: the shell moves us to the next height
         if isinstance(event, ProposalReceived):
             self._on_proposal(event.proposal, out)
         elif isinstance(event, VoteReceived):

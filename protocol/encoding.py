@@ -36,6 +36,12 @@ def pack(value: Any) -> bytes:
     return msgpack.packb(value, use_bin_type=True)
 
 
+def pack_trusted(value: Any) -> bytes:
+    """Encode a value built by our own typed constructors (no float/map can appear): the hot path of signing and
+    hashing messages skips the recursive type walk. Decoding stays strict either way."""
+    return msgpack.packb(value, use_bin_type=True)  # a fresh Packer per call: safe across threads
+
+
 def unpack(data: bytes, max_size: int = DEFAULT_MAX_SIZE) -> Any:
     """Decode canonical bytes; anything else (oversize, trailing bytes, non-minimal forms) is refused."""
     if not isinstance(data, (bytes, bytearray, memoryview)):

@@ -12,9 +12,11 @@ from functools import cached_property
 from typing import Any, ClassVar, TypeVar
 
 from . import crypto
-from .encoding import expect_bytes, expect_int, expect_list, expect_str, pack, unpack
+from .encoding import expect_bytes, expect_int, expect_list, expect_str, pack_trusted, unpack
 from .errors import DecodeError, ValidationError
 from .hashing import HASH_LEN, digest
+
+pack = pack_trusted  # messages are built by typed constructors; decoding re-checks strictly
 
 PK = crypto.PUBKEY_LEN
 SIG = crypto.SIGNATURE_LEN

@@ -128,8 +128,8 @@ class Simulation:
         self.partition: list[set[int]] | None = None
         # colluding "split" attackers: per (height, round), the two values shown to the two halves of the network
         self.split_values: dict[tuple[int, int], tuple[Block, Block]] = {}
-        self.crash_plan: list[tuple[int, int, int]] = []  # (down at, up at, node)
         self._plan_faults()
+        self.last_fault_ms = max((at for at, _, idx, _ in self.queue if idx < 0), default=0)
 
     def _machine(self, key: bytes) -> Tendermint:
         return Tendermint(self.validators, key, lambda kind, payload, k=key: fake_sign(k, kind, payload), self.cfg.timeouts)
@@ -362,7 +362,7 @@ class Simulation:
                 self._control(item)  # type: ignore[arg-type]
             else:
                 self._deliver(idx, item)
-            if self.now >= cfg.gst_ms and all(len(n.commits) >= cfg.heights for n in honest):
+            if self.now >= self.last_fault_ms and all(len(n.commits) >= cfg.heights for n in honest):
                 if all(n.up for n in self.nodes):
                     break
         return self._check(events)
