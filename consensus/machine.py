@@ -198,13 +198,17 @@ class Tendermint:
     def _on_timeout(self, ev: TimeoutFired, out: list[Action]) -> None:
         if ev.height != self.height or ev.round != self.round:
             return
-        if ev.kind == TimeoutKind.PROPOSE and self.current_step == Step.PROPOSE:  # L57
-            self._vote(VoteType.PREVOTE, None, out)
-            self.current_step = Step.PREVOTE
-        elif ev.kind == TimeoutKind.PREVOTE and self.current_step == Step.PREVOTE:  # L61
-            self._vote(VoteType.PRECOMMIT, None, out)
-            self.current_step = Step.PRECOMMIT
-        elif ev.kind == TimeoutKind.PRECOMMIT:  # L65
+        if ev.kind == TimeoutKind.PROPOSE:
+            if self.current_step == Step.PROPOSE:  # L57
+                self._vote(VoteType.PREVOTE, None, out)
+                self.current_step = Step.PREVOTE
+            return
+        if ev.kind == TimeoutKind.PREVOTE:
+            if self.current_step == Step.PREVOTE:  # L61
+                self._vote(VoteType.PRECOMMIT, None, out)
+                self.current_step = Step.PRECOMMIT
+            return
+        if ev.kind == TimeoutKind.PRECOMMIT:  # L65
             self._rebroadcast(out)
             self._start_round(self.round + 1, out)
             return
