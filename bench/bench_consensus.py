@@ -1,0 +1,94 @@
+"""Consensus alone: simulated node-heights per CPU second, and proposal-to-commit latency of real node processes
+on loopback with (almost) empty blocks.
+
+    python -m bench.bench_consensus [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from bench.common import print_table, write_json
+from flnode.cli.demo import NodeView, free_ports, read_node, start_node, stop_nodes
+from flnode.cli.node_cmd import _task_and_rules, create_testnet
+from flnode.consensus.sim import FAULTS, SimConfig, run_many
+
+
+def simulator(n: int, heights: int, seeds: int, faults: tuple[str, ...]) -> dict[str, object]:
+    t0 = time.process_time()
+    s = run_many(SimConfig(nodes=n, heights=heights, faults=faults), range(seeds))
+    cpu = time.process_time() - t0
+    return {
+        "n": n, "faults": ",".join(faults) or "none", "seeds": seeds, "node_heights": s.node_heights,
+        "cpu_s": round(cpu, 2), "node_heights_per_cpu_s": round(s.node_heights / cpu), "max_round": s.max_round,
+        "violations": s.safety_violations + s.liveness_failures + s.certificate_failures,
+    }
+
+
+def loopback(n: int, heights: int) -> dict[str, object]:
+    """n validators that do not train: the proposer proposes at once; latency = commit - proposal arrival."""
+    with tempfile.TemporaryDirectory() as d:
+        home = Path(d)
+        task, rules = _task_and_rules("logreg", "digits", "iid", 0.5, "fedavg", 0, 100.0, 1, 0.1, 0)
+        create_testnet(home, n, chain_id="bench-consensus", listen_host="127.0.0.1", ports=free_ports(n),
+                       task_rules=(task, rules), force=True)
+        os.environ["FLNODE_PARTICIPATE"] = "false"
+        try:
+            views = [NodeView(f"node{i}", home / f"node{i}") for i in range(n)]
+            procs = [start_node(v.home) for v in views]
+        finally:
+            del os.environ["FLNODE_PARTICIPATE"]
+        try:
+            deadline = time.monotonic() + 60 + heights * 2
+            while time.monotonic() < deadline:
+                for v in views:
+                    read_node(v)
+                if min(v.height for v in views) >= heights + 2:
+                    break
+                time.sleep(0.2)
+        finally:
+            stop_nodes(procs)
+        lat = []
+        rounds = []
+        for v in views:
+            for h in range(3, min(v.height, heights + 2) + 1):  # skip start-up heights
+                m = v.metrics.get(h) or {}
+                if "proposal_t" in m and "commit_t" in m:
+                    lat.append((m["commit_t"] - m["proposal_t"]) * 1000)
+                    rounds.append(m.get("consensus_round", 0))
+        lat.sort()
+        return {
+            "validators": n,
+            "heights": min(v.height for v in views),
+            "p50_ms": round(statistics.median(lat), 1) if lat else None,
+            "p99_ms": round(lat[min(len(lat) - 1, int(0.99 * len(lat)))], 1) if lat else None,
+            "max_round": max(rounds, default=None),
+            "target_p50_ms (4 validators)": 20 if n == 4 else "",
+        }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    sim_rows = [
+        simulator(4, 100 if args.quick else 200, 20 if args.quick else 100, ()),
+        simulator(4, 30, 20 if args.quick else 100, FAULTS),
+        simulator(7, 30, 10 if args.quick else 50, FAULTS),
+    ]
+    if not args.quick:
+        sim_rows.append(simulator(100, 5, 2, ()))
+    print_table("simulator (target: >= 10,000 node-heights per CPU second at n = 4)", sim_rows)
+    sizes = [4, 8] if args.quick else [4, 8, 16]
+    lb_rows = [loopback(n, 10 if args.quick else 30) for n in sizes]
+    print_table("proposal-to-commit on loopback, real processes", lb_rows)
+    write_json("consensus", {"simulator": sim_rows, "loopback": lb_rows})
+
+
+if __name__ == "__main__":
+    main()
