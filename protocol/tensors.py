@@ -25,7 +25,7 @@ Tensors = dict[str, np.ndarray]
 def encode_tensors(tensors: Mapping[str, np.ndarray]) -> bytes:
     items = []
     for name, arr in tensors.items():
-        a = np.ascontiguousarray(arr, dtype=np.dtype(DTYPE))
+        a = np.asarray(arr, dtype=np.dtype(DTYPE))  # not ascontiguousarray: it turns 0-d into 1-d
         items.append([name, DTYPE, [int(d) for d in a.shape], a.tobytes()])
     return pack([TENSOR_MAGIC, items])
 
