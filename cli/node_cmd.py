@@ -41,11 +41,14 @@ def make_genesis(
     chain_id: str, validators: list[tuple[str, bytes]], task_overrides: dict[str, Any], rule_overrides: dict[str, Any]
 ) -> Any:
     from flnode.node.app import initial_model
-    from flnode.protocol.genesis import Genesis, Rules, TaskSpec, ValidatorInfo
+    from flnode.protocol.genesis import Genesis, RewardRules, Rules, TaskSpec, ValidatorInfo
     from flnode.protocol.tensors import tensors_hash
 
     task = replace(TaskSpec(), **task_overrides)
-    rules = replace(Rules(), **rule_overrides)
+    overrides = dict(rule_overrides)
+    if isinstance(overrides.get("rewards"), dict):
+        overrides["rewards"] = replace(RewardRules(), **overrides["rewards"])
+    rules = replace(Rules(), **overrides)
     g = Genesis(
         chain_id=chain_id,
         genesis_time=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
