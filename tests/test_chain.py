@@ -1,0 +1,246 @@
+"""node/chain: a real in-process chain (real keys, execution, certificates), stored, audited and tampered with;
+block checks; crash safety of the store under kill -9; the chain CLI."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from flnode.cli.main import app
+from flnode.cli.node_cmd import _task_and_rules, make_genesis
+from flnode.node.app import genesis_state, make_update, participant_data
+from flnode.node.chain.execution import build_block, check_block, missing_blobs
+from flnode.node.chain.store import ChainStore, StoreError
+from flnode.node.chain.verify import genesis_block_hash, verify_chain
+from flnode.node.config import NodeConfig, write_config
+from flnode.protocol.crypto import NodeKey
+from flnode.protocol.errors import ValidationError
+from flnode.protocol.genesis import Genesis
+from flnode.protocol.hashing import digest
+from flnode.protocol.messages import Block, CommitCertificate, Vote, VoteType
+from flnode.protocol.tensors import encode_tensors
+from typer.testing import CliRunner
+
+KEYS = [NodeKey(bytes([i + 40]) * 32) for i in range(4)]
+
+
+def make_chain(heights: int) -> tuple[Genesis, list[tuple[Block, CommitCertificate, object, object]], dict[bytes, bytes]]:
+    task, rules = _task_and_rules("logreg", "digits", "iid", 0.5, "fedavg", 0, 100.0, 1, 0.1, 2000)
+    g = make_genesis("chain-test", [(f"n{i}", k.public_key) for i, k in enumerate(KEYS)], task, rules)
+    state = genesis_state(g)
+    prev, last_cert = genesis_block_hash(g), None
+    data = {k.public_key: participant_data(g.task, 4, g.index_of(k.public_key)) for k in KEYS}
+    blobs: dict[bytes, bytes] = {}
+    out = []
+    for h in range(1, heights + 1):
+        cands = []
+        for k in KEYS:
+            ann, blob, _ = make_update(g, k, state, data[k.public_key], g.index_of(k.public_key))
+            blobs[ann.blob_hash] = blob
+            cands.append((ann, blob))
+        proposer = KEYS[h % 4]
+        block, state, receipt = build_block(g, state, prev_block_hash=prev, last_commit=last_cert,
+                                            proposer=proposer.public_key, time_ms=h, candidates=cands)
+        sigs = sorted(
+            (k.public_key, Vote(VoteType.PRECOMMIT, h, 0, block.hash(), k.public_key).signed(k, g.chain_id).signature)
+            for k in KEYS[:3]
+        )
+        cert = CommitCertificate(h, 0, block.hash(), tuple(sigs))
+        out.append((block, cert, state, receipt))
+        prev, last_cert = block.hash(), cert
+    return g, out, blobs
+
+
+def store_chain(path: Path, g: Genesis, chain: list, blobs: dict[bytes, bytes]) -> None:  # type: ignore[type-arg]
+    s = ChainStore.open(path, genesis_hash=g.hash())
+    for h, b in blobs.items():
+        s.put_blob(h, b)
+    for block, cert, state, receipt in chain:
+        s.commit_height(block, cert, state, receipt, encode_tensors(state.model))
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def chain() -> tuple[Genesis, list, dict[bytes, bytes]]:  # type: ignore[type-arg]
+    return make_chain(4)
+
+
+def test_store_round_trip_and_verify(tmp_path: Path, chain: tuple) -> None:  # type: ignore[type-arg]
+    g, blocks, blobs = chain
+    db = tmp_path / "c.sqlite"
+    store_chain(db, g, blocks, blobs)
+    reader = ChainStore.open(db, readonly=True, genesis_hash=g.hash())
+    assert reader.latest_height() == 4
+    for block, cert, state, receipt in blocks:
+        h = block.height
+        assert reader.get_block(h) == block and reader.get_certificate(h) == cert
+        assert reader.get_state(h).hash() == state.hash() and reader.get_receipt(h) == receipt
+    report = verify_chain(reader, g)
+    assert report.ok and report.heights == 4, report.reason
+    reader.close()
+    with pytest.raises(StoreError, match="another genesis"):
+        ChainStore.open(db, genesis_hash=digest(b"other"))
+
+
+def test_reader_works_beside_a_writer(tmp_path: Path, chain: tuple) -> None:  # type: ignore[type-arg]
+    g, blocks, blobs = chain
+    db = tmp_path / "c.sqlite"
+    writer = ChainStore.open(db, genesis_hash=g.hash())
+    block, cert, state, receipt = blocks[0]
+    writer.commit_height(block, cert, state, receipt, encode_tensors(state.model))
+    reader = ChainStore.open(db, readonly=True)
+    assert reader.latest_height() == 1
+    block2, cert2, state2, receipt2 = blocks[1]
+    writer.commit_height(block2, cert2, state2, receipt2, encode_tensors(state2.model))
+    assert reader.latest_height() == 2
+    reader.close()
+    writer.close()
+
+
+@pytest.mark.parametrize("what", ["update blob", "certificate", "state row", "receipt", "model blob"])
+def test_verify_names_the_first_tampered_height(tmp_path: Path, chain: tuple, what: str) -> None:  # type: ignore[type-arg]
+    g, blocks, blobs = chain
+    db = tmp_path / "c.sqlite"
+    store_chain(db, g, blocks, blobs)
+    conn = sqlite3.connect(db)
+    h = 3
+    block, cert, state, receipt = blocks[h - 1]
+    if what == "update blob":
+        conn.execute("UPDATE blobs SET data = ? WHERE hash = ?", (b"junk", block.updates[0].blob_hash))
+    elif what == "certificate":
+        bad = replace(cert, signatures=((cert.signatures[0][0], b"\x00" * 64), *cert.signatures[1:]))
+        conn.execute("UPDATE certificates SET data = ? WHERE height = ?", (bad.encode(), h))
+    elif what == "state row":
+        other = replace(state, balances={**state.balances, KEYS[0].public_key: 10**6})
+        from flnode.node.app import encode_state
+
+        conn.execute("UPDATE states SET data = ? WHERE height = ?", (encode_state(other), h))
+    elif what == "receipt":
+        conn.execute("UPDATE receipts SET data = ? WHERE height = ?", (replace(receipt, rewards={}).encode(), h))
+    else:
+        conn.execute("UPDATE blobs SET data = ? WHERE hash = ?", (b"junk", state.model_hash))
+    conn.commit()
+    conn.close()
+    report = verify_chain(ChainStore.open(db, readonly=True), g)
+    assert not report.ok and report.first_bad_height == h, report
+
+
+def test_check_block_refusals(chain: tuple) -> None:  # type: ignore[type-arg]
+    g, blocks, blobs = chain
+    state0 = genesis_state(g)
+    powers = g.powers
+    prev0 = genesis_block_hash(g)
+    b1 = blocks[0][0]
+    check_block(g, state0, b1, blobs, prev_block_hash=prev0, validator_powers=powers)
+
+    def refused(block: Block, match: str, prev: bytes = prev0, state: object = state0, bl: dict = blobs) -> None:  # type: ignore[type-arg]
+        with pytest.raises(ValidationError, match=match):
+            check_block(g, state, block, bl, prev_block_hash=prev, validator_powers=powers)  # type: ignore[arg-type]
+
+    refused(replace(b1, header=replace(b1.header, chain_id="x")), "chain")
+    refused(replace(b1, header=replace(b1.header, height=2)), "height")
+    refused(b1, "link", prev=digest(b"elsewhere"))
+    refused(replace(b1, header=replace(b1.header, model_hash=digest(b"m"))), "model hash")
+    refused(replace(b1, header=replace(b1.header, app_hash=digest(b"a"))), "app hash")
+    refused(replace(b1, header=replace(b1.header, proposer=b"\x01" * 32)), "proposer")
+    missing = {k: v for k, v in blobs.items() if k != b1.updates[0].blob_hash}
+    refused(b1, "missing", bl=missing)
+    assert missing_blobs(b1, lambda h: h in missing) == [b1.updates[0].blob_hash]
+    b2 = blocks[1][0]
+    s1 = blocks[0][2]
+    refused(replace(b2, last_commit=None), "last commit|match", prev=b1.hash(), state=s1)
+
+
+KILL_SCRIPT = """
+import sys, pickle
+from pathlib import Path
+from flnode.node.chain.store import ChainStore
+from flnode.protocol.tensors import encode_tensors
+g, blocks, blobs = pickle.loads(Path(sys.argv[1]).read_bytes())
+s = ChainStore.open(Path(sys.argv[2]), genesis_hash=g.hash())
+for h, b in blobs.items():
+    s.put_blob(h, b)
+start = s.latest_height()
+print("ready", start, flush=True)
+for block, cert, state, receipt in blocks[start:]:
+    s.commit_height(block, cert, state, receipt, encode_tensors(state.model))
+    for i in range(200):
+        s.append_record(block.height + 1, b"r" * 100)
+print("done", flush=True)
+"""
+
+
+def test_store_survives_kill9_at_any_moment(tmp_path: Path) -> None:
+    import pickle
+
+    g, blocks, blobs = make_chain(8)
+    payload = tmp_path / "chain.pickle"
+    payload.write_bytes(pickle.dumps((g, blocks, blobs)))
+    db = tmp_path / "c.sqlite"
+    script = tmp_path / "writer.py"
+    script.write_text(KILL_SCRIPT)
+    last = 0
+    for attempt in range(6):
+        p = subprocess.Popen([sys.executable, str(script), str(payload), str(db)], stdout=subprocess.PIPE, text=True)
+        assert p.stdout is not None
+        line = p.stdout.readline()
+        time.sleep(0.02 * attempt)
+        p.send_signal(signal.SIGKILL)
+        p.wait(10)
+        s = ChainStore.open(db, readonly=True)
+        h = s.latest_height()
+        assert h >= last  # nothing committed is ever lost
+        for k in range(1, h + 1):  # every committed height is whole
+            assert s.get_block(k) == blocks[k - 1][0]
+            assert s.get_state(k).hash() == blocks[k - 1][2].hash()
+        s.close()
+        last = h
+        assert line.startswith("ready")
+    report = verify_chain(ChainStore.open(db, readonly=True), g)
+    assert report.ok, report.reason
+
+
+def test_corrupt_store_is_a_typed_error(tmp_path: Path) -> None:
+    bad = tmp_path / "c.sqlite"
+    bad.write_bytes(b"not a database at all" * 200)
+    with pytest.raises(StoreError):
+        ChainStore.open(bad)
+    with pytest.raises(StoreError):
+        ChainStore.open(tmp_path / "absent.sqlite", readonly=True)
+
+
+def test_chain_cli(tmp_path: Path, chain: tuple) -> None:  # type: ignore[type-arg]
+    g, blocks, blobs = chain
+    home = tmp_path / "home"
+    home.mkdir()
+    g.save(home / "genesis.json")
+    write_config(home, NodeConfig())
+    store_chain(home / "data" / "chain.sqlite", g, blocks, blobs)
+    runner = CliRunner()
+    res = runner.invoke(app, ["chain", "verify", "--home", str(home)])
+    assert res.exit_code == 0 and "4 blocks verified" in res.output
+    res = runner.invoke(app, ["chain", "show", "--home", str(home), "--json"])
+    assert res.exit_code == 0
+    shown = json.loads(res.output)
+    assert [b["height"] for b in shown["blocks"]] == [1, 2, 3, 4]
+    assert all(b["accepted"] == 4 for b in shown["blocks"])
+    res = runner.invoke(app, ["chain", "show", "--home", str(home), "--height", "2", "--json"])
+    detail = json.loads(res.output)
+    assert {p["name"] for p in detail["participants"]} == {"n0", "n1", "n2", "n3"}
+    assert all(p["balance"] > 0 for p in detail["participants"])
+    assert runner.invoke(app, ["chain", "show", "--home", str(home)]).exit_code == 0
+    missing = runner.invoke(app, ["chain", "verify", "--home", str(tmp_path / "nope")])
+    assert missing.exit_code == 2 and "does not exist" in missing.output
+    conn = sqlite3.connect(home / "data" / "chain.sqlite")
+    conn.execute("UPDATE receipts SET data = ? WHERE height = 2", (replace(blocks[1][3], rewards={}).encode(),))
+    conn.commit()
+    conn.close()
+    res = runner.invoke(app, ["chain", "verify", "--home", str(home)])
+    assert res.exit_code == 1 and "height 2" in res.output
