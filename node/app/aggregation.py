@@ -105,9 +105,10 @@ class TrimmedMean:
 
 
 def _sq_distance(a: Tensors, b: Tensors) -> float:
-    return math.fsum(
-        x for name in a for x in np.square(a[name].astype(np.float64) - b[name].astype(np.float64)).ravel().tolist()
-    )
+    """Squared distance: per-element differences (correctly rounded) summed in a fixed order."""
+    from .validation import fixed_order_sum_squares
+
+    return math.fsum(fixed_order_sum_squares(a[n].astype(np.float64) - b[n].astype(np.float64)) for n in a)
 
 
 class MultiKrum:

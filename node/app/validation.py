@@ -66,12 +66,31 @@ def check_announcement(genesis: Genesis, state: AppState, ann: UpdateAnnouncemen
     return None
 
 
+_BLOCK = 4096
+
+
+def fixed_order_sum_squares(values: np.ndarray) -> float:
+    """Sum of squares whose bits do not depend on the numpy build, SIMD width or thread count.
+
+    float32 squares are exact in float64 (other inputs: each square is correctly rounded). They are laid out as
+    rows of 4096 and the rows are added in order with elementwise adds (each correctly rounded; no reduction whose
+    order numpy may choose), then the 4096 column sums once more with math.fsum (exactly rounded)."""
+    sq = np.square(np.asarray(values).ravel().astype(np.float64))
+    pad = (-sq.size) % _BLOCK
+    if pad:
+        sq = np.concatenate([sq, np.zeros(pad, dtype=np.float64)])
+    if sq.size == 0:
+        return 0.0
+    m = sq.reshape(-1, _BLOCK)
+    acc = m[0].copy()
+    for row in m[1:]:  # contiguous rows, added in order
+        acc += row
+    return math.fsum(acc.tolist())
+
+
 def l2_norm_exact(tensors: Tensors) -> float:
-    """sqrt of the correctly rounded sum of squares: float32 squares are exact in float64 and math.fsum
-    rounds once, so every machine gets the same bits whatever its numpy build or SIMD width."""
-    parts = [np.square(t.astype(np.float64)).ravel() for t in tensors.values()]
-    total = math.fsum(x for p in parts for x in p.tolist())
-    return math.sqrt(total)
+    """The update's L2 norm, computed the same way on every machine (it decides acceptance)."""
+    return math.sqrt(math.fsum(fixed_order_sum_squares(t) for t in tensors.values()))
 
 
 def check_update(genesis: Genesis, state: AppState, ann: UpdateAnnouncement, blob: bytes) -> tuple[Tensors | None, Reason | None]:
