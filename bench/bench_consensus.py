@@ -13,10 +13,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import print_table, write_json
 from flnode.cli.demo import NodeView, free_ports, read_node, start_node, stop_nodes
 from flnode.cli.node_cmd import _task_and_rules, create_testnet
 from flnode.consensus.sim import FAULTS, SimConfig, run_many
+
+from bench.common import print_table, write_json
 
 
 def simulator(n: int, heights: int, seeds: int, faults: tuple[str, ...]) -> dict[str, object]:
