@@ -299,6 +299,7 @@ class Daemon:
                     peers.append(hint)
                 peers += [p for p in self.net.connected_peers() if p not in peers]
                 for peer in peers:
+                    t0 = time.monotonic()
                     try:
                         data = await self.net.request(
                             peer,
@@ -310,8 +311,12 @@ class Daemon:
                     except NetError as exc:
                         log.debug("blob fetch failed", extra={"peer": peer[:16], "error": str(exc)})
                         continue
+                    t1 = time.monotonic()
                     if data and digest(data) == blob_hash:
                         self.store.put_blob(blob_hash, data)
+                        log.debug("blob fetched", extra={"peer": peer[:16], "bytes": len(data),
+                                                         "fetch_ms": round((t1 - t0) * 1000, 1),
+                                                         "store_ms": round((time.monotonic() - t1) * 1000, 1)})
                         self.metrics.inc("blobs_fetched")
                         self._check_updates_complete()
                         self._notify()
