@@ -11,9 +11,9 @@ BENCHES = [
     "bench.bench_parity",
     "bench.bench_round_cost",
     "bench.bench_consensus",
+    "bench.bench_net",  # before model_size, which reads its measured stream throughput
     "bench.bench_model_size",
     "bench.bench_robustness",
-    "bench.bench_net",
 ]
 
 
