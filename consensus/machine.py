@@ -58,6 +58,7 @@ from .votes import RoundVotes
 Signer = Callable[[str, bytes], bytes]
 FUTURE_BUFFER = 4096
 MAX_ROUND_AHEAD = 64  # messages for rounds further ahead are dropped (bounded memory under flooding)
+MAX_REBROADCAST_MS = 30_000
 
 
 class Tendermint:
@@ -100,6 +101,7 @@ class Tendermint:
         self.proposed: dict[int, Proposal] = {}
         self.asked_value: set[int] = set()
         self.fired: set[tuple[str, int]] = set()  # "first time" rules: (rule, round)
+        self.rebroadcasts = 0
         self.started_round = False
 
     def _round_votes(self, r: int) -> RoundVotes:
@@ -213,7 +215,12 @@ class Tendermint:
             self._start_round(self.round + 1, out)
             return
         elif ev.kind == TimeoutKind.REBROADCAST:
-            out.append(self._timeout(TimeoutKind.REBROADCAST))  # keep re-sending while this round is stuck
+            # Keep re-sending while this round is stuck, backing off exponentially: the re-sends themselves must not
+            # become the load that keeps a large network from finishing the round.
+            self.rebroadcasts += 1
+            base = self.timeouts.duration(TimeoutKind.REBROADCAST, self.round)
+            delay = min(base << min(self.rebroadcasts, 5), MAX_REBROADCAST_MS)
+            out.append(ScheduleTimeout(TimeoutKind.REBROADCAST, self.height, self.round, max(delay, base)))
         self._rebroadcast(out)
 
     def _on_commit_received(self, ev: CommitReceived, out: list[Action]) -> None:
@@ -308,6 +315,7 @@ class Tendermint:
         self.round = r
         self.current_step = Step.PROPOSE
         self.started_round = True
+        self.rebroadcasts = 0
         out.append(self._timeout(TimeoutKind.REBROADCAST))
         if self.me is not None and self.validators.proposer(self.height, r) == self.me:
             if r in self.proposed:

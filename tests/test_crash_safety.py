@@ -14,21 +14,19 @@ from pathlib import Path
 
 import pytest
 import trio
-from flnode.cli.demo import NodeView, free_ports, read_node, start_node, stop_nodes
+from flnode.cli.demo import NodeView, free_ports, start_node, stop_nodes
 from flnode.cli.node_cmd import _task_and_rules, create_testnet
 from flnode.node.daemon import Topics
 from flnode.node.net import P2PNode, peer_id_of
 from flnode.protocol.crypto import NodeKey
 from flnode.protocol.genesis import Genesis
 from flnode.protocol.messages import Vote, decode_gossip
+from netutil import heights, model_hashes_at
 
 pytestmark = pytest.mark.slow
 
 
-def _heights(views: list[NodeView]) -> list[int]:
-    for v in views:
-        read_node(v)
-    return [v.height for v in views]
+_heights = heights
 
 
 async def test_kill9_restarts_never_double_sign(tmp_path: Path) -> None:
@@ -87,17 +85,7 @@ async def test_kill9_restarts_never_double_sign(tmp_path: Path) -> None:
     assert not double, f"double-signed votes: {double}"
     for i, h in committed_before_kill.items():
         assert _heights(views)[i] >= h  # nothing committed was lost
-    h = min(_heights(views))
-    from flnode.node.chain.store import ChainStore
-
-    hashes = set()
-    for v in views:
-        store = ChainStore.open(v.home / "data" / "chain.sqlite", readonly=True)
-        try:
-            hashes.add(store.get_state(h).model_hash)
-        finally:
-            store.close()
-    assert len(hashes) == 1
+    assert len(model_hashes_at(views, min(_heights(views)))) == 1
 
 
 def _addr(home: Path) -> str:

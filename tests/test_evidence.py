@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from flnode.cli.node_cmd import _task_and_rules, make_genesis
 from flnode.node.app import execute, genesis_state
 from flnode.node.chain.execution import build_block

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from flnode.cli.demo import NodeView, free_ports, read_node, start_node, stop_nodes
+from flnode.cli.demo import NodeView, free_ports, start_node, stop_nodes
 from flnode.cli.node_cmd import _task_and_rules, create_testnet
 from flnode.node.daemon import BLOB_PROTOCOL, BLOCKS_PROTOCOL, STATUS_PROTOCOL, Topics
 from flnode.node.net import NetError, P2PNode
@@ -29,14 +29,12 @@ from flnode.protocol.messages import (
     decode_gossip,
     encode_gossip,
 )
+from netutil import heights, model_hashes_at
 
 pytestmark = pytest.mark.slow
 
 
-def _heights(views: list[NodeView]) -> list[int]:
-    for v in views:
-        read_node(v)
-    return [v.height for v in views]
+_heights = heights
 
 
 async def _wait_heights(views: list[NodeView], target: int, timeout: float, procs: list[subprocess.Popen[bytes]]) -> None:
@@ -148,14 +146,4 @@ async def test_hostile_peer_does_not_crash_or_stall_anyone(tmp_path: Path) -> No
         assert rejected.get("rejected_not_member", 0) > 0, rejected
     finally:
         stop_nodes(procs)
-    h = min(_heights(views))
-    from flnode.node.chain.store import ChainStore
-
-    hashes = set()
-    for v in views:
-        store = ChainStore.open(v.home / "data" / "chain.sqlite", readonly=True)
-        try:
-            hashes.add(store.get_state(h).model_hash)
-        finally:
-            store.close()
-    assert len(hashes) == 1
+    assert len(model_hashes_at(views, min(_heights(views)))) == 1

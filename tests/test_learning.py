@@ -142,7 +142,7 @@ def test_rewards_penalties_and_exclusion() -> None:
     bad_key = KEYS[1]
     spec = task_for(g.task).param_spec()
     nan = {name: np.full(shape, np.nan, np.float32) for name, shape in spec}
-    for rnd in range(2):
+    for _ in range(2):
         pairs = []
         for k in KEYS[:4]:
             ann, blob = _one_update(g, s, k)

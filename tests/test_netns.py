@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from flnode.cli.demo import NodeView, read_node, stop_nodes
 from flnode.cli.node_cmd import _task_and_rules, create_testnet
+from netutil import model_hashes_at
 
 pytestmark = [pytest.mark.slow, pytest.mark.netns]
 
@@ -124,14 +125,4 @@ def test_four_hosts_commit_and_a_cut_host_catches_up(
         _wait(views, target + 1, timeout=120)
     finally:
         stop_nodes(procs)
-    h = min(v.height for v in views)
-    from flnode.node.chain.store import ChainStore
-
-    hashes = set()
-    for v in views:
-        store = ChainStore.open(v.home / "data" / "chain.sqlite", readonly=True)
-        try:
-            hashes.add(store.get_state(h).model_hash)
-        finally:
-            store.close()
-    assert len(hashes) == 1
+    assert len(model_hashes_at(views, min(v.height for v in views))) == 1

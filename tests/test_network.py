@@ -13,16 +13,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from flnode.cli.demo import NodeView, free_ports, read_node, start_node, stop_nodes
+from flnode.cli.demo import NodeView, free_ports, start_node, stop_nodes
 from flnode.cli.node_cmd import _task_and_rules, create_testnet
+from netutil import heights, model_hash_at
 
 pytestmark = pytest.mark.slow
 
 
-def _heights(views: list[NodeView]) -> list[int]:
-    for v in views:
-        read_node(v)
-    return [v.height for v in views]
+_heights = heights
 
 
 def wait_for(views: list[NodeView], height: int, timeout: float, procs: list[subprocess.Popen[bytes]] | None = None) -> None:
@@ -43,16 +41,6 @@ def _tail(home: Path, n: int = 2500) -> str:
         return (home / "node.log").read_text()[-n:]
     except OSError:
         return "(no log)"
-
-
-def model_hash_at(home: Path, height: int) -> str:
-    from flnode.node.chain.store import ChainStore
-
-    store = ChainStore.open(home / "data" / "chain.sqlite", readonly=True)
-    try:
-        return store.get_state(height).model_hash.hex()
-    finally:
-        store.close()
 
 
 def chain_verify(home: Path) -> subprocess.CompletedProcess[str]:

@@ -79,10 +79,12 @@ class NetworkMachine(RuleBasedStateMachine):
             self.sim._perform(node.idx, node.machine.step(StartHeight(1)))
 
     def _pop(self, want_message: bool) -> tuple[int, int, int, object] | None:
+        """Take the first queued network message, or the first queued timeout (never a shell answer)."""
         q = self.sim.queue
         for i, item in enumerate(q):
             is_msg = isinstance(item[3], tuple)
-            if is_msg == want_message and item[2] >= 0:
+            kind_ok = is_msg if want_message else isinstance(item[3], TimeoutFired)
+            if kind_ok and item[2] >= 0:
                 q.pop(i)
                 heapq.heapify(q)
                 return item
@@ -113,7 +115,7 @@ class NetworkMachine(RuleBasedStateMachine):
     @rule()
     def fire_timeout(self) -> None:
         item = self._pop(False)
-        if item is not None and isinstance(item[3], TimeoutFired):
+        if item is not None:
             self.sim.now = max(self.sim.now, item[0])
             self.sim._deliver(item[2], item[3])
 
@@ -167,7 +169,10 @@ class NetworkMachine(RuleBasedStateMachine):
             if idx >= 0:
                 s._deliver(idx, item)
             events += 1
-        assert min(len(n.commits) for n in honest) >= start + 2, "no progress after the network healed"
+        states = [(n.idx, len(n.commits), n.machine.height if n.machine else None, n.machine.round if n.machine else None,
+                   n.up) for n in s.nodes]
+        assert min(len(n.commits) for n in honest) >= start + 2, f"no progress after the network healed: {states} " \
+            f"events={events} queue={len(s.queue)}"
 
 
 NetworkMachine.TestCase.settings = settings(

@@ -1,0 +1,27 @@
+"""Helpers shared by the tests that run real node processes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flnode.cli.demo import NodeView, read_node
+from flnode.node.chain.store import ChainStore
+
+
+def heights(views: list[NodeView]) -> list[int]:
+    """Each node's committed height, read from its store (read-only, while it runs)."""
+    for v in views:
+        read_node(v)
+    return [v.height for v in views]
+
+
+def model_hash_at(home: Path, height: int) -> str:
+    store = ChainStore.open(home / "data" / "chain.sqlite", readonly=True)
+    try:
+        return store.get_state(height).model_hash.hex()
+    finally:
+        store.close()
+
+
+def model_hashes_at(views: list[NodeView], height: int) -> set[str]:
+    return {model_hash_at(v.home, height) for v in views}
