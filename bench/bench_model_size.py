@@ -13,9 +13,10 @@ import statistics
 import tempfile
 from pathlib import Path
 
+from flnode.cli.node_cmd import _task_and_rules
+
 from bench.common import RESULTS, print_table, write_json
 from bench.harness import run_testnet
-from flnode.cli.node_cmd import _task_and_rules
 
 SIZES = {"10k": 133, "1m": 13_333, "10m": 133_333}  # MLP hidden width: params = 64h + h + 10h + 10
 
