@@ -10,6 +10,16 @@ from typing import Annotated, Any
 import typer
 
 from .errors import fail, user_errors
+from .options import (
+    AnnounceOpt,
+    BootstrapOpt,
+    DataPathOpt,
+    ListenOpt,
+    LogFormatOpt,
+    LogLevelOpt,
+    MetricsOpt,
+    config_flags,
+)
 
 config_app = typer.Typer(help="Inspect the node configuration.", no_args_is_help=True)
 
@@ -32,21 +42,13 @@ def show(
     home: Annotated[Path, typer.Option("--home", help="Node home directory.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     # The same overrides `flnode start` accepts, so this shows exactly what start would run with.
-    bootstrap: Annotated[
-        list[str] | None, typer.Option("--bootstrap", help="Peer multiaddr (repeatable).")
-    ] = None,
-    listen: Annotated[
-        list[str] | None, typer.Option("--listen", help="Listen multiaddr (repeatable).")
-    ] = None,
-    announce: Annotated[
-        list[str] | None, typer.Option("--announce", help="Address to advertise (repeatable).")
-    ] = None,
-    metrics_listen: Annotated[
-        str | None, typer.Option("--metrics-listen", help="host:port for Prometheus text.")
-    ] = None,
-    log_level: Annotated[str | None, typer.Option("--log-level")] = None,
-    log_format: Annotated[str | None, typer.Option("--log-format", help="text | json")] = None,
-    data_path: Annotated[str | None, typer.Option("--data-path", help="Own .npz (x, y) to train on.")] = None,
+    bootstrap: BootstrapOpt = None,
+    listen: ListenOpt = None,
+    announce: AnnounceOpt = None,
+    metrics_listen: MetricsOpt = None,
+    log_level: LogLevelOpt = None,
+    log_format: LogFormatOpt = None,
+    data_path: DataPathOpt = None,
 ) -> None:
     """Print each setting's effective value and its source: flag > env (FLNODE_*) > config.toml > default."""
     from flnode.node.config import FIELDS, home_paths, load_config
@@ -54,15 +56,8 @@ def show(
     home = home.expanduser()
     if not home.is_dir():
         fail(f"home {home} does not exist")
-    flags: dict[str, Any] = {
-        "bootstrap": tuple(bootstrap) if bootstrap else None,
-        "listen": tuple(listen) if listen else None,
-        "announce": tuple(announce) if announce else None,
-        "metrics_listen": metrics_listen,
-        "log_level": log_level,
-        "log_format": log_format,
-        "data_path": data_path,
-    }
+    flags = config_flags(bootstrap=bootstrap, listen=listen, announce=announce, metrics_listen=metrics_listen,
+                         log_level=log_level, log_format=log_format, data_path=data_path)
     eff = load_config(home, flags, os.environ)
     paths = home_paths(home, eff.config)
     settings = {

@@ -18,6 +18,16 @@ from typing import Annotated, Any
 import typer
 
 from .errors import fail, user_errors
+from .options import (
+    AnnounceOpt,
+    BootstrapOpt,
+    DataPathOpt,
+    ListenOpt,
+    LogFormatOpt,
+    LogLevelOpt,
+    MetricsOpt,
+    config_flags,
+)
 
 HomeOpt = Annotated[Path, typer.Option("--home", help="Node home directory.")]
 
@@ -246,13 +256,13 @@ def _check_ports_free(listen: tuple[str, ...]) -> None:
 @user_errors
 def start(
     home: HomeOpt,
-    bootstrap: Annotated[list[str] | None, typer.Option("--bootstrap", help="Peer multiaddr (repeatable).")] = None,
-    listen: Annotated[list[str] | None, typer.Option("--listen", help="Listen multiaddr (repeatable).")] = None,
-    announce: Annotated[list[str] | None, typer.Option("--announce", help="Address to advertise (repeatable).")] = None,
-    metrics_listen: Annotated[str | None, typer.Option("--metrics-listen", help="host:port for Prometheus text.")] = None,
-    log_level: Annotated[str | None, typer.Option("--log-level")] = None,
-    log_format: Annotated[str | None, typer.Option("--log-format", help="text | json")] = None,
-    data_path: Annotated[str | None, typer.Option("--data-path", help="Own .npz (x, y) to train on.")] = None,
+    bootstrap: BootstrapOpt = None,
+    listen: ListenOpt = None,
+    announce: AnnounceOpt = None,
+    metrics_listen: MetricsOpt = None,
+    log_level: LogLevelOpt = None,
+    log_format: LogFormatOpt = None,
+    data_path: DataPathOpt = None,
 ) -> None:
     """Run a node: join the network through its bootstrap peers and take part in every round."""
     import trio
@@ -266,13 +276,8 @@ def start(
     home = home.expanduser()
     if not home.is_dir():
         fail(f"home {home} does not exist (run `flnode init --home {home}` first)")
-    flags: dict[str, Any] = {}
-    for name, value in (
-        ("bootstrap", bootstrap), ("listen", listen), ("announce", announce), ("metrics_listen", metrics_listen),
-        ("log_level", log_level), ("log_format", log_format), ("data_path", data_path),
-    ):
-        if value:
-            flags[name] = tuple(value) if isinstance(value, list) else value
+    flags = config_flags(bootstrap=bootstrap, listen=listen, announce=announce, metrics_listen=metrics_listen,
+                         log_level=log_level, log_format=log_format, data_path=data_path)
     eff = load_config(home, flags, os.environ)
     cfg = eff.config
     paths = home_paths(home, cfg)
