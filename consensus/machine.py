@@ -78,6 +78,8 @@ class Tendermint:
         self.current_step = Step.PROPOSE
         self.decided: Block | None = None
         self.restored = False
+        self._quorum = validators.quorum()  # 2f+1: more than 2/3 of the power
+        self._one_third = validators.total_power // 3  # f+1 is any power above this
         self._reset_height(0)
         self._future: list[Event] = []
 
@@ -92,7 +94,12 @@ class Tendermint:
         self.valid_value: Block | None = None
         self.valid_round = -1
         self.decided = None
-        self.proposals: dict[int, Proposal] = {}  # round -> the proposer's (first) proposal
+        self.proposals: dict[int, Proposal] = {}  # round -> the proposer's first proposal (L22/L28 prevote on it)
+        # (round, block hash) -> proposal: the first one and at most one conflicting one per round. L36 and L49 accept
+        # any proposal from the proposer, so a node that saw an equivocating proposer's other block first can still
+        # lock on / decide the block that gathered the quorum.
+        self.proposal_values: dict[tuple[int, bytes], Proposal] = {}
+        self.second_proposal: set[int] = set()
         self.blocks: dict[bytes, Block] = {}
         self.validity: dict[bytes, bool] = {}
         self.validating: set[bytes] = set()
@@ -117,61 +124,88 @@ class Tendermint:
 
     def step(self, event: Event) -> list[Action]:  # noqa: C901 - one dispatch table
         out: list[Action] = []
-        if isinstance(event, StartHeight):
-            if event.height < self.height or (event.height == self.height and self.started_round):
-                return out
-            if event.height == self.height and self.restored:
-                self._start_round(self.round, out)  # resume the restored round; signed votes are re-sent, not re-made
-            else:
-                self._reset_height(event.height)
-                self._start_round(0, out)
-            pending, self._future = self._future, []
-            for ev in pending:
-                if _event_height(ev) == self.height:
-                    out += self.step(ev)
-                elif _event_height(ev) > self.height:
-                    self._future.append(ev)
-            return out
+        cls = type(event)
+        if cls is StartHeight:
+            assert isinstance(event, StartHeight)
+            return self._on_start_height(event.height, out)
         h = _event_height(event)
         if h > self.height or not self.started_round:
-            if h <= self.height + 2 and len(self._future) < FUTURE_BUFFER and not isinstance(event, TimeoutFired):
+            if h <= self.height + 2 and len(self._future) < FUTURE_BUFFER and cls is not TimeoutFired:
                 self._future.append(event)
-            return out
-        if h < self.height and not isinstance(event, CommitReceived):
             return out
         if self.decided is not None:
             return out  # decided: the shell moves us to the next height
-        if isinstance(event, ProposalReceived):
-            self._on_proposal(event.proposal, out)
-        elif isinstance(event, VoteReceived):
-            self._on_vote(event.vote, out)
-        elif isinstance(event, ValueReady):
-            self._on_value_ready(event, out)
-        elif isinstance(event, ValueValidated):
+        if h < self.height:
+            return out  # an old height (a CommitReceived for it is ignored too: that height is decided)
+        # Only an event that changed something can make a rule fire: a duplicate vote or an ignored proposal skips
+        # the rule evaluation (the hot path of a busy network).
+        if cls is VoteReceived:
+            assert isinstance(event, VoteReceived)
+            changed = self._on_vote(event.vote, out)
+        elif cls is ProposalReceived:
+            assert isinstance(event, ProposalReceived)
+            changed = self._on_proposal(event.proposal, out)
+        elif cls is TimeoutFired:
+            assert isinstance(event, TimeoutFired)
+            changed = self._on_timeout(event, out)
+        elif cls is ValueValidated:
+            assert isinstance(event, ValueValidated)
             self.validating.discard(event.block_hash)
             self.validity[event.block_hash] = event.valid
-        elif isinstance(event, TimeoutFired):
-            self._on_timeout(event, out)
-        elif isinstance(event, CommitReceived):
+            changed = True
+        elif cls is ValueReady:
+            assert isinstance(event, ValueReady)
+            self._on_value_ready(event, out)
+            changed = True
+        elif cls is CommitReceived:
+            assert isinstance(event, CommitReceived)
             self._on_commit_received(event, out)
-        self._apply_rules(out)
+            changed = True
+        else:
+            return out
+        if changed:
+            self._apply_rules(out)
+        return out
+
+    def _on_start_height(self, height: int, out: list[Action]) -> list[Action]:
+        if height < self.height or (height == self.height and self.started_round):
+            return out
+        if height == self.height and self.restored:
+            self._start_round(self.round, out)  # resume the restored round; signed votes are re-sent, not re-made
+        else:
+            self._reset_height(height)
+            self._start_round(0, out)
+        pending, self._future = self._future, []
+        for ev in pending:
+            eh = _event_height(ev)
+            if eh == self.height:
+                out += self.step(ev)
+            elif eh > self.height:
+                self._future.append(ev)
+        self._apply_rules(out)  # a restored round may already satisfy a rule
         return out
 
     # ------------------------------------------------------------------ inputs
 
-    def _on_proposal(self, p: Proposal, out: list[Action]) -> None:
-        if p.height != self.height or p.round > self.round + MAX_ROUND_AHEAD:
-            return
-        if p.proposer != self.validators.proposer(p.height, p.round):
-            return
-        if p.round in self.proposals:
-            return  # the first one counts; a second is the proposer's problem
+    def _on_proposal(self, p: Proposal, out: list[Action]) -> bool:
+        if p.height != self.height or p.round > self.round + MAX_ROUND_AHEAD or p.round < 0:
+            return False
+        first = self.proposals.get(p.round)
+        if first is not None and (p.round in self.second_proposal or first.block_hash == p.block_hash):
+            return False  # a duplicate, or a third value of an equivocating proposer
         if p.pol_round >= p.round or p.pol_round < -1:
-            return
-        self.proposals[p.round] = p
+            return False
+        if p.proposer != self.validators.proposer(p.height, p.round):
+            return False
+        if first is None:
+            self.proposals[p.round] = p
+        else:
+            self.second_proposal.add(p.round)
+        self.proposal_values[(p.round, p.block_hash)] = p
         bh = p.block_hash
         self.blocks.setdefault(bh, p.block)
         self._request_validation(p.block, p.round, out)
+        return True
 
     def _request_validation(self, block: Block, r: int, out: list[Action]) -> None:
         bh = block.hash()
@@ -179,14 +213,18 @@ class Tendermint:
             self.validating.add(bh)
             out.append(ValidateValue(self.height, r, block))
 
-    def _on_vote(self, v: Vote, out: list[Action]) -> None:
-        if v.height != self.height or v.round > self.round + MAX_ROUND_AHEAD:
-            return
-        if self.validators.power(v.validator) <= 0:
-            return
-        conflict = self._round_votes(v.round).add(v)
+    def _on_vote(self, v: Vote, out: list[Action]) -> bool:
+        if v.height != self.height or v.round > self.round + MAX_ROUND_AHEAD or v.round < 0:
+            return False
+        if v.validator not in self.validators.powers:
+            return False
+        rv = self.votes.get(v.round)
+        if rv is None:
+            rv = self.votes[v.round] = RoundVotes(self.validators)
+        conflict = rv.add(v)
         if conflict is not None:
             out.append(EmitEvidence(DuplicateVoteEvidence.of(conflict, v)))
+        return rv.changed
 
     def _on_value_ready(self, ev: ValueReady, out: list[Action]) -> None:
         if ev.round != self.round or self.current_step != Step.PROPOSE or ev.round in self.proposed:
@@ -197,24 +235,26 @@ class Tendermint:
         self.validity[ev.block.hash()] = True  # we built it by executing it
         self._propose(ev.block, -1, out)
 
-    def _on_timeout(self, ev: TimeoutFired, out: list[Action]) -> None:
+    def _on_timeout(self, ev: TimeoutFired, out: list[Action]) -> bool:
         if ev.height != self.height or ev.round != self.round:
-            return
+            return False
         if ev.kind == TimeoutKind.PROPOSE:
             if self.current_step == Step.PROPOSE:  # L57
                 self._vote(VoteType.PREVOTE, None, out)
                 self.current_step = Step.PREVOTE
-            return
+                return True
+            return False
         if ev.kind == TimeoutKind.PREVOTE:
             if self.current_step == Step.PREVOTE:  # L61
                 self._vote(VoteType.PRECOMMIT, None, out)
                 self.current_step = Step.PRECOMMIT
-            return
+                return True
+            return False
         if ev.kind == TimeoutKind.PRECOMMIT:  # L65
             self._rebroadcast(out)
             self._start_round(self.round + 1, out)
-            return
-        elif ev.kind == TimeoutKind.REBROADCAST:
+            return True
+        if ev.kind == TimeoutKind.REBROADCAST:
             # Keep re-sending while this round is stuck, backing off exponentially: the re-sends themselves must not
             # become the load that keeps a large network from finishing the round.
             self.rebroadcasts += 1
@@ -222,6 +262,7 @@ class Tendermint:
             delay = min(base << min(self.rebroadcasts, 5), MAX_REBROADCAST_MS)
             out.append(ScheduleTimeout(TimeoutKind.REBROADCAST, self.height, self.round, max(delay, base)))
         self._rebroadcast(out)
+        return False  # re-sending changes nothing the rules read
 
     def _on_commit_received(self, ev: CommitReceived, out: list[Action]) -> None:
         """A block with a certificate the shell has verified (block sync): decide it directly."""
@@ -241,11 +282,10 @@ class Tendermint:
 
     def _rules_once(self, out: list[Action]) -> bool:  # noqa: C901 - mirrors the paper
         h, r = self.height, self.round
-        q = self.validators.quorum()
+        q = self._quorum
 
         # L49: a proposal of any round with 2f+1 precommits for it, and the value is valid -> decide.
-        for pr, p in self.proposals.items():
-            bh = p.block_hash
+        for (pr, bh), p in self.proposal_values.items():
             rv = self.votes.get(pr)
             if rv is not None and rv.power_for(VoteType.PRECOMMIT, bh) >= q:
                 if self.validity.get(bh) is True:
@@ -255,10 +295,12 @@ class Tendermint:
                     return False
                 self._request_validation(p.block, pr, out)
         # L55: f+1 power in a higher round -> skip to it.
-        for rr in sorted(k for k in self.votes if k > r):
-            if self.votes[rr].any_power() > self.validators.total_power // 3:
-                self._start_round(rr, out)
-                return True
+        higher = [k for k in self.votes if k > r]
+        if higher:
+            for rr in sorted(higher):
+                if self.votes[rr].voters_power > self._one_third:
+                    self._start_round(rr, out)
+                    return True
 
         p = self.proposals.get(r)
         rv = self._round_votes(r)
@@ -283,15 +325,16 @@ class Tendermint:
             out.append(self._timeout(TimeoutKind.PREVOTE))
         # L36: proposal valid with 2f+1 prevotes for it, step >= prevote, first time.
         if p is not None and self.current_step >= Step.PREVOTE and ("L36", r) not in self.fired:
-            bh = p.block_hash
-            if self.validity.get(bh) is True and rv.power_for(VoteType.PREVOTE, bh) >= q:
-                self.fired.add(("L36", r))
-                if self.current_step == Step.PREVOTE:
-                    self.locked_value, self.locked_round = p.block, r
-                    self._vote(VoteType.PRECOMMIT, bh, out)
-                    self.current_step = Step.PRECOMMIT
-                self.valid_value, self.valid_round = p.block, r
-                return True
+            for cand in (p, self._second(r)) if r in self.second_proposal else (p,):
+                bh = cand.block_hash
+                if self.validity.get(bh) is True and rv.power_for(VoteType.PREVOTE, bh) >= q:
+                    self.fired.add(("L36", r))
+                    if self.current_step == Step.PREVOTE:
+                        self.locked_value, self.locked_round = cand.block, r
+                        self._vote(VoteType.PRECOMMIT, bh, out)
+                        self.current_step = Step.PRECOMMIT
+                    self.valid_value, self.valid_round = cand.block, r
+                    return True
         # L44: 2f+1 prevotes for nil -> precommit nil.
         if self.current_step == Step.PREVOTE and rv.power_for(VoteType.PREVOTE, None) >= q:
             self._vote(VoteType.PRECOMMIT, None, out)
@@ -304,6 +347,10 @@ class Tendermint:
         return False
 
     # ------------------------------------------------------------------ outputs
+
+    def _second(self, r: int) -> Proposal:
+        first = self.proposals[r].block_hash
+        return next(p for (pr, bh), p in self.proposal_values.items() if pr == r and bh != first)
 
     def _locked_hash(self) -> bytes | None:
         return None if self.locked_value is None else self.locked_value.hash()
@@ -318,8 +365,9 @@ class Tendermint:
         self.rebroadcasts = 0
         out.append(self._timeout(TimeoutKind.REBROADCAST))
         if self.me is not None and self.validators.proposer(self.height, r) == self.me:
-            if r in self.proposed:
+            if r in self.proposed:  # restored: re-send (and count) what we proposed before the crash
                 out.append(Broadcast(self.proposed[r]))
+                self._on_proposal(self.proposed[r], out)
             elif self.valid_value is not None:  # L15-16: re-propose the valid value with its proof of lock round
                 self._propose(self.valid_value, self.valid_round, out)
             elif r not in self.asked_value:
@@ -344,8 +392,8 @@ class Tendermint:
         key = (self.round, int(t))
         v = self.signed.get(key)
         if v is None:
-            v = Vote(t, self.height, self.round, bh, self.me)
-            v = replace(v, signature=self.sign(Vote.KIND, v.sign_payload()))
+            unsigned = Vote(t, self.height, self.round, bh, self.me)
+            v = Vote(t, self.height, self.round, bh, self.me, self.sign(Vote.KIND, unsigned.sign_payload()))
             self.signed[key] = v
             lock = self.locked_value.encode() if (t == VoteType.PRECOMMIT and bh is not None and self.locked_value) else None
             out.append(Persist(_record("vote", self.height, self.round, v.encode(), lock)))

@@ -79,11 +79,14 @@ class SimResult:
     node_heights: int  # sum over honest nodes
     max_round: int
     messages: int
-    safety_violations: list[str]
+    safety_violations: list[str]  # forks between honest nodes, and honest double-signs
     liveness_failures: list[str]
     certificate_failures: list[str]
     virtual_ms: int
     events: int
+    rounds: int = 0  # rounds used, summed over heights (1 per height when every height decides in round 0)
+    crashes: int = 0
+    torn_records: int = 0
 
     @property
     def ok(self) -> bool:
@@ -101,6 +104,8 @@ class _Node:
     commits: dict[int, bytes] = field(default_factory=dict)
     blocks: dict[int, tuple[Block, CommitCertificate]] = field(default_factory=dict)
     mode: str = ""
+    tear_next: bool = False  # crash while writing the next Persist record (a torn last record)
+    torn: bool = False  # the last record in `records` is torn
 
 
 class Simulation:
@@ -128,6 +133,16 @@ class Simulation:
         self.partition: list[set[int]] | None = None
         # colluding "split" attackers: per (height, round), the two values shown to the two halves of the network
         self.split_values: dict[tuple[int, int], tuple[Block, Block]] = {}
+        # every message an honest node signed: (key, height, round, kind) -> value; a second value is a double-sign
+        self.signatures: dict[tuple[bytes, int, int, int], bytes | None] = {}
+        self.double_signs: list[str] = []
+        self.done = 0  # honest nodes that committed every height
+        self.honest_count = sum(1 for nd in self.nodes if nd.honest)
+        self.crashes = 0
+        self.torn_records = 0
+        self.max_delay = cfg.max_delay_ms if "delay" in cfg.faults else 5
+        self.drop_p = cfg.drop_p if "drop" in cfg.faults else 0.0
+        self.dup_p = cfg.dup_p if "dup" in cfg.faults else 0.0
         self._plan_faults()
         self.last_fault_ms = max((at for at, _, idx, _ in self.queue if idx < 0), default=0)
 
@@ -165,7 +180,7 @@ class Simulation:
                 victim = rng.randrange(total)
                 down = rng.randint(0, cfg.gst_ms - 2_000)
                 up = min(cfg.gst_ms, down + rng.randint(100, 3_000))
-                self._push(down, -1, ("crash", victim))
+                self._push(down, -1, ("crash_torn" if rng.random() < 0.3 else "crash", victim))
                 self._push(up, -1, ("restart", victim))
 
     def _reachable(self, a: int, b: int) -> bool:
@@ -173,23 +188,33 @@ class Simulation:
             return True
         return any(a in g and b in g for g in self.partition)
 
-    def _send(self, src: int, dst: int, msg: Proposal | Vote) -> None:
-        cfg, rng = self.cfg, self.rng
+    def _send(self, src: int, dst: int, msg: Proposal | Vote, sig_ok: bool | None = None) -> None:
+        """Queue one copy of msg for dst. The delivery layer checks the signature the way the shell does; the check
+        is a pure function of the message, so it is computed once per message and carried along (`sig_ok`)."""
+        rand = self.rng.random
         self.messages += 1
-        before_gst = self.now < cfg.gst_ms
-        if before_gst and "drop" in cfg.faults and rng.random() < cfg.drop_p:
-            return
-        delay = rng.randint(1, cfg.max_delay_ms) if ("delay" in cfg.faults and before_gst) else rng.randint(1, 5)
-        copies = 2 if (before_gst and "dup" in cfg.faults and rng.random() < cfg.dup_p) else 1
-        for c in range(copies):
-            self._push(self.now + delay + c * rng.randint(0, 20), dst, ("msg", src, msg))
+        if sig_ok is None:
+            sig_ok = _verify_message(msg)
+        if self.now < self.cfg.gst_ms:
+            if self.drop_p and rand() < self.drop_p:
+                return
+            delay = 1 + int(rand() * self.max_delay)  # reorder: independent delays
+            if self.dup_p and rand() < self.dup_p:
+                self._push(self.now + delay + int(rand() * 21), dst, ("msg", src, msg, sig_ok))
+        else:
+            delay = 1 + int(rand() * 5)
+        self.seq += 1
+        heapq.heappush(self.queue, (self.now + delay, self.seq, dst, ("msg", src, msg, sig_ok)))
 
     def _broadcast(self, src: int, msg: Proposal | Vote) -> None:
         node = self.nodes[src]
         targets = [i for i in range(len(self.nodes)) if i != src]
         if node.honest or node.mode == "twin":
+            if node.honest:
+                self._note_signature(node, msg)
+            ok = _verify_message(msg)
             for t in targets:
-                self._send(src, t, msg)
+                self._send(src, t, msg, ok)
             return
         mode = node.mode
         if mode == "silent":
@@ -238,6 +263,18 @@ class Simulation:
             v = replace(msg, block_hash=pair[t % 2].hash())
             self._send(node.idx, t, replace(v, signature=fake_sign(node.key, Vote.KIND, v.sign_payload())))
 
+    def _note_signature(self, node: _Node, msg: Proposal | Vote) -> None:
+        """Honest nodes never sign two different messages for one (height, round, type), across restarts too."""
+        if isinstance(msg, Vote):
+            if msg.validator != node.key:
+                return  # a relayed vote of another validator (the polka behind the valid value)
+            key, value = (node.key, msg.height, msg.round, int(msg.type)), msg.block_hash
+        else:
+            key, value = (node.key, msg.height, msg.round, 0), msg.block_hash
+        old = self.signatures.setdefault(key, value)
+        if old != value:
+            self.double_signs.append(f"node {node.idx} signed two values at (height, round, type) {key[1:]}")
+
     def _conflicting(self, node: _Node, msg: Proposal | Vote, mode: str) -> Proposal | Vote | None:
         if isinstance(msg, Proposal) and mode == "equivocate":
             block = make_block(msg.height, node.key, 10_000 + msg.round + self.rng.randint(0, 1 << 20))
@@ -263,6 +300,13 @@ class Simulation:
             if not node.up:
                 return
             if isinstance(a, Persist):
+                if node.tear_next:  # the crash hits while this record is written: nothing after it happens
+                    node.records.append(a.record[: self.rng.randrange(len(a.record))])
+                    node.torn = True
+                    node.tear_next = False
+                    node.up = False
+                    self.torn_records += 1
+                    return
                 node.records.append(a.record)
             elif isinstance(a, Broadcast):
                 self._broadcast(idx, a.message)
@@ -277,6 +321,8 @@ class Simulation:
                     continue
                 node.commits[a.height] = a.block.hash()
                 node.blocks[a.height] = (a.block, a.certificate)
+                if node.honest and len(node.commits) == self.cfg.heights:
+                    self.done += 1
                 node.records.clear()  # records are per height; the store prunes older ones
                 if a.height < self.cfg.heights:
                     self._push(self.now, idx, StartHeight(a.height + 1))
@@ -288,21 +334,22 @@ class Simulation:
         m = node.machine
         if not node.up or m is None:
             return
-        if isinstance(item, tuple) and item[0] == "msg":
-            _, src, msg = item
-            if not self._reachable(src, idx):
+        if type(item) is tuple:
+            _, src, msg, sig_ok = item
+            if self.partition is not None and not self._reachable(src, idx):
                 return
-            kind = Proposal.KIND if isinstance(msg, Proposal) else Vote.KIND
-            signer = msg.proposer if isinstance(msg, Proposal) else msg.validator
-            if not fake_verify(signer, kind, msg.sign_payload(), msg.signature):
+            if not sig_ok:
                 return  # the shell drops a message whose signature does not verify
-            ev: object = ProposalReceived(msg) if isinstance(msg, Proposal) else VoteReceived(msg)
+            ev: object = VoteReceived(msg) if type(msg) is Vote else ProposalReceived(msg)
             if msg.height > m.height:
                 self._sync(idx)
             self._perform(idx, m.step(ev))  # type: ignore[arg-type]
             return
-        if isinstance(item, TimeoutFired) and item.kind == TimeoutKind.REBROADCAST:
-            self._sync(idx)
+        if isinstance(item, TimeoutFired):
+            if item.height != m.height or item.round != m.round or m.decided is not None:
+                return  # a stale timer: the machine ignores it (fast path; same behaviour)
+            if item.kind == TimeoutKind.REBROADCAST:
+                self._sync(idx)
         self._perform(idx, m.step(item))  # type: ignore[arg-type]
 
     def _sync(self, idx: int) -> None:
@@ -324,17 +371,24 @@ class Simulation:
             self.partition = arg
         elif what == "heal":
             self.partition = None
-        elif what == "crash":
+        elif what in ("crash", "crash_torn"):
             node = self.nodes[int(arg)]
-            node.up = False
+            if not node.up:
+                return
+            self.crashes += 1
+            if what == "crash_torn":
+                node.tear_next = True  # the crash lands in the middle of the node's next Persist
+            else:
+                node.up = False
         elif what == "restart":
             node = self.nodes[int(arg)]
+            node.tear_next = False
             if node.up:
                 return
             records = list(node.records)
-            if records and self.rng.random() < 0.3:
-                records[-1] = records[-1][: self.rng.randrange(len(records[-1]))]  # torn last write
-                node.records = records[:-1]
+            if node.torn:  # the store drops the torn tail at open, after the machine has been shown it
+                node.records.pop()
+                node.torn = False
             committed = max(node.commits, default=0)
             node.machine = Tendermint.restore(
                 self.validators, node.key, lambda kind, payload, k=node.key: fake_sign(k, kind, payload),
@@ -351,7 +405,6 @@ class Simulation:
             self._perform(node.idx, node.machine.step(StartHeight(1)))
         deadline = cfg.gst_ms + cfg.heights * cfg.liveness_ms_per_height
         events = 0
-        honest = [n for n in self.nodes if n.honest]
         while self.queue and events < cfg.max_events:
             at, _, idx, item = heapq.heappop(self.queue)
             if at > deadline:
@@ -362,14 +415,14 @@ class Simulation:
                 self._control(item)  # type: ignore[arg-type]
             else:
                 self._deliver(idx, item)
-            if self.now >= self.last_fault_ms and all(len(n.commits) >= cfg.heights for n in honest):
+            if self.done == self.honest_count and self.now >= self.last_fault_ms:
                 if all(n.up for n in self.nodes):
                     break
         return self._check(events)
 
     def _check(self, events: int) -> SimResult:
         cfg = self.cfg
-        safety, liveness, certs = [], [], []
+        safety, liveness, certs = list(self.double_signs), [], []
         honest = [n for n in self.nodes if n.honest]
         decided: dict[int, tuple[bytes, int]] = {}
         for n in honest:
@@ -383,6 +436,10 @@ class Simulation:
             if len(n.commits) < cfg.heights:
                 liveness.append(f"node {n.idx} committed {len(n.commits)} of {cfg.heights} heights")
         max_round = max((c.round for n in honest for _, c in n.blocks.values()), default=0)
+        decision_round: dict[int, int] = {}
+        for n in honest:
+            for h, (_, c) in n.blocks.items():
+                decision_round[h] = min(decision_round.get(h, c.round), c.round)
         return SimResult(
             seed=cfg.seed,
             heights_committed=min((len(n.commits) for n in honest), default=0),
@@ -394,6 +451,9 @@ class Simulation:
             certificate_failures=certs,
             virtual_ms=self.now,
             events=events,
+            rounds=sum(r + 1 for r in decision_round.values()),
+            crashes=self.crashes,
+            torn_records=self.torn_records,
         )
 
     def _cert_ok(self, block: Block, cert: CommitCertificate) -> bool:
@@ -412,6 +472,13 @@ class Simulation:
         return power >= self.validators.quorum()
 
 
+def _verify_message(msg: Proposal | Vote) -> bool:
+    if type(msg) is Vote:
+        return fake_verify(msg.validator, Vote.KIND, msg.sign_payload(), msg.signature)
+    assert isinstance(msg, Proposal)
+    return fake_verify(msg.proposer, Proposal.KIND, msg.sign_payload(), msg.signature)
+
+
 def run_simulation(cfg: SimConfig) -> SimResult:
     return Simulation(cfg).run()
 
@@ -422,7 +489,10 @@ class Summary:
     heights_committed: int = 0
     node_heights: int = 0
     max_round: int = 0
+    rounds: int = 0
     messages: int = 0
+    crashes: int = 0
+    torn_records: int = 0
     safety_violations: int = 0
     liveness_failures: int = 0
     certificate_failures: int = 0
@@ -443,6 +513,9 @@ def run_many(cfg: SimConfig, seeds: range | list[int]) -> Summary:
         s.node_heights += r.node_heights
         s.max_round = max(s.max_round, r.max_round)
         s.messages += r.messages
+        s.rounds += r.rounds
+        s.crashes += r.crashes
+        s.torn_records += r.torn_records
         s.safety_violations += len(r.safety_violations)
         s.liveness_failures += len(r.liveness_failures)
         s.certificate_failures += len(r.certificate_failures)
