@@ -1,0 +1,483 @@
+"""Each rule of the paper ("The latest gossip on BFT consensus", Algorithm 1) as a step table:
+(events so far, input event, expected actions, expected state). Actions are summarised as short tuples:
+
+    ("persist",)                         Persist (must precede the Broadcast of the node's own message)
+    ("prevote", r, value) / ("precommit", r, value)   Broadcast of a vote; value "A", "B" or None (nil)
+    ("proposal", r, value, pol_round)    Broadcast of a proposal
+    ("timeout", kind, r, ms)             ScheduleTimeout
+    ("get_value", r) / ("validate", value) / ("commit", value, round) / ("evidence", validator index)
+
+Plus lock/unlock cases, evidence, crash-restore without double-signing (torn last record included) and the
+bounded future-height buffer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+from flnode.consensus import (
+    Broadcast,
+    Commit,
+    CommitReceived,
+    EmitEvidence,
+    Event,
+    GetValue,
+    Persist,
+    ProposalReceived,
+    ScheduleTimeout,
+    StartHeight,
+    Step,
+    Tendermint,
+    TimeoutConfig,
+    TimeoutFired,
+    TimeoutKind,
+    ValidateValue,
+    ValidatorSet,
+    ValueReady,
+    ValueValidated,
+    VoteReceived,
+)
+from flnode.consensus.machine import FUTURE_BUFFER
+from flnode.consensus.sim import fake_sign, fake_verify, make_block
+from flnode.protocol.messages import Block, Proposal, Vote, VoteType
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+KEYS = [hashlib.sha256(b"validator-%d" % i).digest() for i in range(4)]
+VS = ValidatorSet({k: 1 for k in KEYS})
+TC = TimeoutConfig()  # propose 3000+500r, prevote/precommit/rebroadcast 1000+500r
+P = [VS.proposer(1, r) for r in range(6)]  # proposers of rounds 0..5 at height 1
+ME = next(k for k in KEYS if k not in P[:3])  # a validator that proposes none of rounds 0-2
+OTHERS = [k for k in KEYS if k != ME]
+A = make_block(1, P[0], 1)
+B = make_block(1, P[0], 2)
+NAMES = {A.hash(): "A", B.hash(): "B"}
+PV, PC = VoteType.PREVOTE, VoteType.PRECOMMIT
+PROPOSE, PREVOTE, PRECOMMIT = TimeoutKind.PROPOSE, TimeoutKind.PREVOTE, TimeoutKind.PRECOMMIT
+REB = TimeoutKind.REBROADCAST
+
+
+def sign(key: bytes) -> Any:
+    return lambda kind, payload: fake_sign(key, kind, payload)
+
+
+def vote(t: VoteType, r: int, block: Block | None, who: bytes, h: int = 1) -> VoteReceived:
+    v = Vote(t, h, r, None if block is None else block.hash(), who)
+    return VoteReceived(Vote(t, h, r, v.block_hash, who, fake_sign(who, Vote.KIND, v.sign_payload())))
+
+
+def votes(t: VoteType, r: int, block: Block | None, who: Sequence[bytes]) -> list[Event]:
+    return [vote(t, r, block, k) for k in who]
+
+
+def proposal(r: int, block: Block, pol: int = -1, h: int = 1) -> ProposalReceived:
+    p = Proposal(h, r, pol, block, VS.proposer(h, r))
+    return ProposalReceived(Proposal(h, r, pol, block, p.proposer, fake_sign(p.proposer, Proposal.KIND, p.sign_payload())))
+
+
+def valid(block: Block, ok: bool = True, r: int = 0) -> ValueValidated:
+    return ValueValidated(1, r, block.hash(), ok)
+
+
+def name(h: bytes | None) -> str | None:
+    return None if h is None else NAMES.get(h, h.hex()[:8])
+
+
+def summary(actions: Sequence[object], me: bytes = ME) -> list[tuple[Any, ...]]:
+    out: list[tuple[Any, ...]] = []
+    for a in actions:
+        if isinstance(a, Persist):
+            out.append(("persist",))
+        elif isinstance(a, Broadcast):
+            m = a.message
+            if isinstance(m, Proposal):
+                out.append(("proposal", m.round, name(m.block_hash), m.pol_round))
+            else:
+                tag = "prevote" if m.type == PV else "precommit"
+                out.append((tag, m.round, name(m.block_hash)) + (() if m.validator == me else ("relay",)))
+        elif isinstance(a, ScheduleTimeout):
+            out.append(("timeout", a.kind.value, a.round, a.duration_ms))
+        elif isinstance(a, GetValue):
+            out.append(("get_value", a.round))
+        elif isinstance(a, ValidateValue):
+            out.append(("validate", name(a.block.hash())))
+        elif isinstance(a, Commit):
+            out.append(("commit", name(a.block.hash()), a.certificate.round))
+        elif isinstance(a, EmitEvidence):
+            out.append(("evidence", KEYS.index(a.evidence.validator)))
+    return out
+
+
+def machine(events: Sequence[Event] = (), me: bytes = ME) -> Tendermint:
+    m = Tendermint(VS, me, sign(me), TC)
+    m.step(StartHeight(1))
+    for ev in events:
+        m.step(ev)
+    return m
+
+
+def state(m: Tendermint) -> tuple[int, int, str, str | None, int, str | None, int]:
+    return (m.height, m.round, m.current_step.name, name(m.locked_value.hash() if m.locked_value else None),
+            m.locked_round, name(m.valid_value.hash() if m.valid_value else None), m.valid_round)
+
+
+# Recipes for the states the tables start from.
+SAW_A = [proposal(0, A), valid(A)]  # round 0: proposal A received and valid -> prevoted A (L22)
+LOCKED_A0 = SAW_A + votes(PV, 0, A, OTHERS[:2])  # + polka for A -> locked on A in round 0, precommitted A (L36)
+TO_ROUND_1 = [TimeoutFired(PRECOMMIT, 1, 0)]  # L65
+LOCKED_A0_R1 = LOCKED_A0 + TO_ROUND_1
+LOCKED_A0_R2 = LOCKED_A0_R1 + [TimeoutFired(PROPOSE, 1, 1), TimeoutFired(PREVOTE, 1, 1), TimeoutFired(PRECOMMIT, 1, 1)]
+POLKA_B1 = votes(PV, 1, B, OTHERS)  # 3 others prevote B in round 1 (a polka ME did not take part in)
+
+
+def T(kind: TimeoutKind, r: int) -> tuple[Any, ...]:
+    return ("timeout", kind.value, r, TC.duration(kind, r))
+
+
+# (paper line, events before, input, expected actions, expected state (h, r, step, locked, lr, valid, vr))
+TABLE: list[tuple[str, list[Event], Event, list[tuple[Any, ...]], tuple[Any, ...]]] = [
+    ("L11 start round 0, not proposer: propose timeout", [], TimeoutFired(PROPOSE, 1, 5), [],
+     (1, 0, "PROPOSE", None, -1, None, -1)),
+    ("L22 proposal asks the application once", [], proposal(0, A), [("validate", "A")],
+     (1, 0, "PROPOSE", None, -1, None, -1)),
+    ("L22 duplicate proposal is ignored", [proposal(0, A)], proposal(0, A), [], (1, 0, "PROPOSE", None, -1, None, -1)),
+    ("L22 valid, not locked -> prevote v", [proposal(0, A)], valid(A), [("persist",), ("prevote", 0, "A")],
+     (1, 0, "PREVOTE", None, -1, None, -1)),
+    ("L22 invalid -> prevote nil", [proposal(0, A)], valid(A, False), [("persist",), ("prevote", 0, None)],
+     (1, 0, "PREVOTE", None, -1, None, -1)),
+    ("L22 locked on A, proposal B -> prevote nil", LOCKED_A0_R1 + [valid(B)], proposal(1, B),
+     [("persist",), ("prevote", 1, None)], (1, 1, "PREVOTE", "A", 0, "A", 0)),
+    ("L22 locked on A, proposal A -> prevote A", LOCKED_A0_R1, proposal(1, A),
+     [("persist",), ("prevote", 1, "A")], (1, 1, "PREVOTE", "A", 0, "A", 0)),
+    ("L22 a proposal from a non-proposer is ignored", [],
+     ProposalReceived(Proposal(1, 0, -1, A, P[1], fake_sign(P[1], Proposal.KIND, Proposal(1, 0, -1, A, P[1]).sign_payload()))),
+     [], (1, 0, "PROPOSE", None, -1, None, -1)),
+    ("L28 proof of lock seen, not locked -> prevote v", TO_ROUND_1 + [valid(A)] + votes(PV, 0, A, OTHERS),
+     proposal(1, A, pol=0), [("persist",), ("prevote", 1, "A")], (1, 1, "PREVOTE", None, -1, None, -1)),
+    ("L28 proof of lock not seen yet -> wait", TO_ROUND_1 + [valid(A)], proposal(1, A, pol=0), [],
+     (1, 1, "PROPOSE", None, -1, None, -1)),
+    ("L28 the polka arrives later -> prevote v", TO_ROUND_1 + [valid(A), proposal(1, A, pol=0)] + votes(PV, 0, A, OTHERS[:2]),
+     vote(PV, 0, A, OTHERS[2]), [("persist",), ("prevote", 1, "A")], (1, 1, "PREVOTE", None, -1, None, -1)),
+    ("L28 accept: locked on A in round 0, B has a polka in round 1 (unlock)", LOCKED_A0_R2 + POLKA_B1 + [valid(B)],
+     proposal(2, B, pol=1), [("persist",), ("prevote", 2, "B")], (1, 2, "PREVOTE", "A", 0, "A", 0)),
+    ("L28 reject: locked on A in round 1, B's polka is older (round 0)",
+     TO_ROUND_1 + [proposal(1, A), valid(A)] + votes(PV, 1, A, OTHERS[:2]) + votes(PV, 0, B, OTHERS) + [valid(B),
+     TimeoutFired(PRECOMMIT, 1, 1)],
+     proposal(2, B, pol=0), [("persist",), ("prevote", 2, None)], (1, 2, "PREVOTE", "A", 1, "A", 1)),
+    ("L28 invalid value with a polka -> prevote nil", TO_ROUND_1 + [valid(A, False)] + votes(PV, 0, A, OTHERS),
+     proposal(1, A, pol=0), [("persist",), ("prevote", 1, None)], (1, 1, "PREVOTE", None, -1, None, -1)),
+    ("L34 2f+1 prevotes of mixed values -> prevote timeout (once)", SAW_A + [vote(PV, 0, None, OTHERS[0])],
+     vote(PV, 0, B, OTHERS[1]), [T(PREVOTE, 0)], (1, 0, "PREVOTE", None, -1, None, -1)),
+    ("L34 fires only the first time", SAW_A + [vote(PV, 0, None, OTHERS[0]), vote(PV, 0, B, OTHERS[1])],
+     vote(PV, 0, None, OTHERS[2]), [], (1, 0, "PREVOTE", None, -1, None, -1)),
+    ("L36 polka for the valid proposal in step prevote -> lock, precommit", SAW_A + [vote(PV, 0, A, OTHERS[0])],
+     vote(PV, 0, A, OTHERS[1]), [T(PREVOTE, 0), ("persist",), ("precommit", 0, "A")],
+     (1, 0, "PRECOMMIT", "A", 0, "A", 0)),
+    ("L36 polka in step precommit -> valid value only, no new precommit",
+     SAW_A + [vote(PV, 0, None, OTHERS[0]), vote(PV, 0, A, OTHERS[1]), TimeoutFired(PREVOTE, 1, 0)],
+     vote(PV, 0, A, OTHERS[2]), [], (1, 0, "PRECOMMIT", None, -1, "A", 0)),
+    ("L36 polka for an invalid value -> nothing", [proposal(0, A), valid(A, False)] + votes(PV, 0, A, OTHERS[:2]),
+     vote(PV, 0, A, OTHERS[2]), [], (1, 0, "PREVOTE", None, -1, None, -1)),
+    ("L44 2f+1 prevotes nil -> precommit nil", SAW_A + votes(PV, 0, None, OTHERS[:2]), vote(PV, 0, None, OTHERS[2]),
+     [("persist",), ("precommit", 0, None)], (1, 0, "PRECOMMIT", None, -1, None, -1)),
+    ("L47 2f+1 precommits of any kind -> precommit timeout (once)", LOCKED_A0 + [vote(PC, 0, None, OTHERS[0])],
+     vote(PC, 0, B, OTHERS[1]), [T(PRECOMMIT, 0)], (1, 0, "PRECOMMIT", "A", 0, "A", 0)),
+    ("L49 proposal + 2f+1 precommits for it -> decide with a certificate",
+     SAW_A + votes(PC, 0, A, OTHERS[:2]), vote(PC, 0, A, OTHERS[2]), [("commit", "A", 0)],
+     (1, 0, "PREVOTE", None, -1, None, -1)),
+    ("L49 precommits without the proposal -> no decision", votes(PC, 0, A, OTHERS[:2]), vote(PC, 0, A, OTHERS[2]),
+     [T(PRECOMMIT, 0)], (1, 0, "PROPOSE", None, -1, None, -1)),
+    ("L49 the proposal arrives last -> validate, then decide", votes(PC, 0, A, OTHERS) + [proposal(0, A)], valid(A),
+     [("commit", "A", 0)], (1, 0, "PROPOSE", None, -1, None, -1)),
+    ("L49 decides a value of an earlier round", LOCKED_A0_R1 + votes(PC, 0, A, OTHERS[:1]), vote(PC, 0, A, OTHERS[1]),
+     [("commit", "A", 0)], (1, 1, "PROPOSE", "A", 0, "A", 0)),
+    ("L55 f+1 messages of a higher round -> start that round", [vote(PV, 3, None, OTHERS[0])],
+     vote(PC, 3, None, OTHERS[1]), [T(REB, 3), ("get_value", 3), T(PROPOSE, 3)], (1, 3, "PROPOSE", None, -1, None, -1)),
+    ("L55 f messages of a higher round are not enough", [], vote(PV, 3, None, OTHERS[0]), [],
+     (1, 0, "PROPOSE", None, -1, None, -1)),
+    ("L57 propose timeout in step propose -> prevote nil", [], TimeoutFired(PROPOSE, 1, 0),
+     [("persist",), ("prevote", 0, None)], (1, 0, "PREVOTE", None, -1, None, -1)),
+    ("L57 propose timeout after prevoting -> nothing", SAW_A, TimeoutFired(PROPOSE, 1, 0), [],
+     (1, 0, "PREVOTE", None, -1, None, -1)),
+    ("L57 a stale propose timeout (older round) -> nothing", TO_ROUND_1, TimeoutFired(PROPOSE, 1, 0), [],
+     (1, 1, "PROPOSE", None, -1, None, -1)),
+    ("L61 prevote timeout in step prevote -> precommit nil", SAW_A, TimeoutFired(PREVOTE, 1, 0),
+     [("persist",), ("precommit", 0, None)], (1, 0, "PRECOMMIT", None, -1, None, -1)),
+    ("L61 prevote timeout in step propose -> nothing", [], TimeoutFired(PREVOTE, 1, 0), [],
+     (1, 0, "PROPOSE", None, -1, None, -1)),
+    ("L65 precommit timeout -> re-send own votes, next round", LOCKED_A0, TimeoutFired(PRECOMMIT, 1, 0),
+     [("prevote", 0, "A"), ("precommit", 0, "A"), ("prevote", 0, "A", "relay"), ("prevote", 0, "A", "relay"),
+      T(REB, 1), T(PROPOSE, 1)],
+     (1, 1, "PROPOSE", "A", 0, "A", 0)),
+    ("rebroadcast timer re-sends own votes of the round and backs off", SAW_A, TimeoutFired(REB, 1, 0),
+     [("timeout", "rebroadcast", 0, 2000), ("prevote", 0, "A")], (1, 0, "PREVOTE", None, -1, None, -1)),
+    ("a decided machine ignores further input", SAW_A + votes(PC, 0, A, OTHERS), TimeoutFired(PRECOMMIT, 1, 0), [],
+     (1, 0, "PREVOTE", None, -1, None, -1)),
+]
+
+
+@pytest.mark.parametrize("line, before, event, expected, expected_state", TABLE, ids=[t[0] for t in TABLE])
+def test_rule(line: str, before: list[Event], event: Event, expected: list[tuple[Any, ...]],
+              expected_state: tuple[Any, ...]) -> None:
+    m = machine(before)
+    assert summary(m.step(event)) == expected
+    assert state(m) == expected_state
+
+
+def test_l11_start_height_not_proposer() -> None:
+    m = Tendermint(VS, ME, sign(ME), TC)
+    assert summary(m.step(StartHeight(1))) == [T(REB, 0), T(PROPOSE, 0)]
+    assert (m.height, m.round, m.current_step) == (1, 0, Step.PROPOSE)
+    assert m.step(StartHeight(1)) == []  # idempotent
+
+
+def test_l11_l18_proposer_gets_a_value_and_proposes_it() -> None:
+    m = Tendermint(VS, P[0], sign(P[0]), TC)
+    assert summary(m.step(StartHeight(1)), P[0]) == [T(REB, 0), ("get_value", 0), T(PROPOSE, 0)]
+    out = m.step(ValueReady(1, 0, A))
+    # the proposal and the prevote each are persisted before they are broadcast; the proposer prevotes its own block
+    assert summary(out, P[0]) == [("persist",), ("proposal", 0, "A", -1), ("persist",), ("prevote", 0, "A")]
+    assert m.step(ValueReady(1, 0, B)) == []  # one value per round
+
+
+def test_l15_proposer_re_proposes_its_valid_value_with_its_round() -> None:
+    assert P[3] == ME  # (the L55 row above relies on it too)
+    m = machine(SAW_A + votes(PV, 0, A, [k for k in KEYS if k != P[1]][:2]), me=P[1])
+    assert m.valid_value == A
+    out = m.step(TimeoutFired(PRECOMMIT, 1, 0))
+    s = summary(out, P[1])
+    assert ("proposal", 1, "A", 0) in s and ("get_value", 1) not in s
+    assert s.index(("persist",)) < s.index(("proposal", 1, "A", 0))
+    assert ("prevote", 1, "A") in s  # it accepts its own proof-of-lock proposal (L28)
+
+
+def test_l49_certificate_verifies_by_power() -> None:
+    m = machine(SAW_A + votes(PC, 0, A, OTHERS))
+    assert m.decided == A
+    m2 = machine(SAW_A + votes(PC, 0, A, OTHERS[:2]))
+    (commit,) = [a for a in m2.step(vote(PC, 0, A, OTHERS[2])) if isinstance(a, Commit)]
+    cert = commit.certificate
+    assert (cert.height, cert.round, cert.block_hash) == (1, 0, A.hash())
+    signers = [v for v, _ in cert.signatures]
+    assert len(signers) == len(set(signers)) and sum(VS.power(v) for v in signers) >= VS.quorum()
+    for v, sig in cert.signatures:
+        assert fake_verify(v, Vote.KIND, Vote(PC, 1, 0, A.hash(), v).sign_payload(), sig)
+
+
+def test_commit_received_decides_and_old_heights_are_ignored() -> None:
+    src = machine(SAW_A + votes(PC, 0, A, OTHERS[:2]))
+    (commit,) = [a for a in src.step(vote(PC, 0, A, OTHERS[2])) if isinstance(a, Commit)]
+    m = machine()
+    assert summary(m.step(CommitReceived(A, commit.certificate))) == [("commit", "A", 0)]
+    assert m.step(CommitReceived(A, commit.certificate)) == []
+    m.step(StartHeight(2))
+    assert m.step(CommitReceived(A, commit.certificate)) == [] and m.height == 2
+
+
+def test_equivocating_proposer_second_block_can_still_be_decided() -> None:
+    """L49 accepts any proposal of the round's proposer: a node that saw block B first decides A on its quorum."""
+    m = machine([proposal(0, B), valid(B), proposal(0, A), valid(A)] + votes(PC, 0, A, OTHERS[:2]))
+    assert summary(m.step(vote(PC, 0, A, OTHERS[2]))) == [("commit", "A", 0)]
+
+
+def test_lock_then_unlock_then_relock() -> None:
+    """Locked on A in round 0; a polka for B in round 1 (ME missed round 1) unlocks it in round 2 (L28 with
+    vr >= lockedRound), and with a polka for B in round 2 it locks on B."""
+    m = machine(LOCKED_A0_R2 + POLKA_B1 + [valid(B), proposal(2, B, pol=1)])
+    assert (m.locked_round, m.current_step) == (0, Step.PREVOTE)
+    out = m.step(vote(PV, 2, B, OTHERS[0]))
+    out += m.step(vote(PV, 2, B, OTHERS[1]))
+    assert ("precommit", 2, "B") in summary(out)
+    assert state(m) == (1, 2, "PRECOMMIT", "B", 2, "B", 2)
+
+
+def test_locked_node_never_precommits_another_value_without_a_newer_polka() -> None:
+    m = machine(LOCKED_A0_R1 + [valid(B), proposal(1, B)])
+    out = m.step(vote(PV, 1, B, OTHERS[0]))
+    assert ("precommit", 1, "B") not in summary(out)
+    assert m.locked_value == A
+
+
+# ---------------------------------------------------------------- evidence
+
+
+def test_double_vote_is_evidence_once_and_both_values_count() -> None:
+    m = machine()
+    bad = OTHERS[0]
+    assert m.step(vote(PV, 0, A, bad)) == []
+    out = m.step(vote(PV, 0, B, bad))
+    assert summary(out) == [("evidence", KEYS.index(bad))]
+    ev = out[0].evidence  # type: ignore[union-attr]
+    assert {ev.vote_a.block_hash, ev.vote_b.block_hash} == {A.hash(), B.hash()}
+    assert m.votes[0].power_for(PV, A.hash()) == 1 and m.votes[0].power_for(PV, B.hash()) == 1
+    # a flood of further values from the same validator: no more evidence, nothing counted or stored
+    for salt in range(50):
+        assert m.step(vote(PV, 0, make_block(1, bad, 100 + salt), bad)) == []
+    assert len(m.votes[0].by_value) == 2
+    assert m.step(vote(PV, 0, A, bad)) == []  # a duplicate is nothing
+
+
+def test_votes_from_unknown_validators_and_far_rounds_are_ignored() -> None:
+    m = machine()
+    stranger = hashlib.sha256(b"stranger").digest()
+    assert m.step(vote(PV, 0, A, stranger)) == []
+    assert 0 not in m.votes or m.votes[0].power_any(PV) == 0
+    assert m.step(vote(PV, 10_000, A, OTHERS[0])) == [] and 10_000 not in m.votes
+
+
+# ---------------------------------------------------------------- crash safety
+
+
+def perform(actions: Sequence[object], records: list[bytes], sent: list[Any], tear_at: int | None = None) -> bool:
+    """Play the shell: Persist is durable before anything after it. tear_at: crash while writing the Persist with
+    that index in this list (its record is torn; nothing after it happens). Returns whether it crashed."""
+    persists = 0
+    for a in actions:
+        if isinstance(a, Persist):
+            if tear_at is not None and persists == tear_at:
+                records.append(a.record[: len(a.record) // 2])
+                return True
+            persists += 1
+            records.append(a.record)
+        elif isinstance(a, Broadcast):
+            sent.append(a.message)
+    return False
+
+
+def own_signatures(sent: Sequence[Any], me: bytes) -> dict[tuple[int, int, int], set[bytes | None]]:
+    seen: dict[tuple[int, int, int], set[bytes | None]] = {}
+    for m in sent:
+        if isinstance(m, Vote) and m.validator == me:
+            seen.setdefault((m.height, m.round, int(m.type)), set()).add(m.block_hash)
+        elif isinstance(m, Proposal) and m.proposer == me:
+            seen.setdefault((m.height, m.round, 0), set()).add(m.block_hash)
+    return seen
+
+
+def test_restore_resends_the_signed_vote_instead_of_signing_another() -> None:
+    records: list[bytes] = []
+    sent: list[Any] = []
+    m = Tendermint(VS, ME, sign(ME), TC)
+    for ev in [StartHeight(1), *SAW_A]:
+        perform(m.step(ev), records, sent)
+    r = Tendermint.restore(VS, ME, sign(ME), TC, records)
+    out = r.step(StartHeight(1))
+    out += r.step(TimeoutFired(PROPOSE, 1, 0))  # would prevote nil in a fresh machine
+    out += r.step(proposal(0, B))
+    out += r.step(valid(B))
+    assert [s for s in summary(out) if s[0] == "prevote"] == [("prevote", 0, "A")] * len(
+        [s for s in summary(out) if s[0] == "prevote"])
+    assert not [a for a in out if isinstance(a, Persist)]  # nothing new was signed
+
+
+def test_restore_keeps_the_lock() -> None:
+    records: list[bytes] = []
+    m = Tendermint(VS, ME, sign(ME), TC)
+    for ev in [StartHeight(1), *LOCKED_A0]:
+        perform(m.step(ev), records, [])
+    r = Tendermint.restore(VS, ME, sign(ME), TC, records)
+    r.step(StartHeight(1))
+    assert (r.locked_value, r.locked_round) == (A, 0)
+    r.step(TimeoutFired(PRECOMMIT, 1, 0))
+    r.step(valid(B))
+    assert summary(r.step(proposal(1, B))) == [("persist",), ("prevote", 1, None)]  # still locked on A
+
+
+@pytest.mark.parametrize("cut", [0, 1, 7, 30, -1])
+def test_torn_last_record_is_ignored(cut: int) -> None:
+    records: list[bytes] = []
+    sent: list[Any] = []
+    m = Tendermint(VS, ME, sign(ME), TC)
+    perform(m.step(StartHeight(1)), records, sent)
+    perform(m.step(SAW_A[0]), records, sent)
+    perform(m.step(SAW_A[1]), records, sent)  # prevote A: durable and sent
+    out = m.step(TimeoutFired(PREVOTE, 1, 0))  # precommit nil: the crash tears its record
+    (rec,) = [a.record for a in out if isinstance(a, Persist)]
+    torn = records + [rec[:cut]]
+    r = Tendermint.restore(VS, ME, sign(ME), TC, torn)
+    assert r.signed.get((0, int(PC))) is None and r.signed[(0, int(PV))].block_hash == A.hash()
+    out = r.step(StartHeight(1)) + r.step(TimeoutFired(PROPOSE, 1, 0)) + r.step(TimeoutFired(PREVOTE, 1, 0))
+    perform(out, records, sent)
+    seen = own_signatures(sent, ME)
+    assert all(len(v) == 1 for v in seen.values()), seen
+
+
+OPS = ["propA", "propB", "propA_pol", "validA", "validB", "invalidB", "t_propose", "t_prevote", "t_precommit",
+       "t_rebroadcast", "pvA", "pvB", "pvNil", "pcA", "pcB", "pcNil", "polkaA", "polkaB", "polkaNil", "crash",
+       "crash_torn"]
+
+
+def op_events(op: str, m: Tendermint, me: bytes, i: int) -> list[Event]:
+    """An operation resolved against the machine's current round, so that most operations reach a rule."""
+    r = m.round
+    others = [k for k in KEYS if k != me]
+    who = others[i % 3]
+    block = {"A": A, "B": B, "Nil": None}
+    if op in ("propA", "propB"):
+        return [proposal(r, A if op == "propA" else B)]
+    if op == "propA_pol":
+        return [proposal(r, A, pol=r - 1)] if r > 0 else []
+    if op.startswith("valid") or op == "invalidB":
+        return [ValueValidated(1, r, (A if op == "validA" else B).hash(), op != "invalidB")]
+    if op.startswith("t_"):
+        return [TimeoutFired(TimeoutKind(op[2:]), 1, r)]
+    if op.startswith("polka"):
+        return [vote(PV, r, block[op[5:]], k) for k in others[:2]] + ([vote(PV, r - 1, block[op[5:]], others[2])]
+                                                                      if r > 0 else [])
+    t = PV if op.startswith("pv") else PC
+    return [vote(t, r, block[op[2:]], who)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(ops=st.lists(st.sampled_from(OPS), min_size=12, max_size=60), me_index=st.integers(0, 3),
+       tear_points=st.lists(st.integers(0, 3), min_size=8, max_size=8))
+def test_no_double_sign_across_any_crash(ops: list[str], me_index: int, tear_points: list[int]) -> None:
+    """Any schedule with crashes at any points (a crash may tear the record being written: nothing after it
+    happens), each followed by a restore from the records: the node never broadcasts two different messages for one
+    (height, round, type)."""
+    me = KEYS[me_index]
+    records: list[bytes] = []
+    sent: list[Any] = []
+    m = Tendermint(VS, me, sign(me), TC)
+    perform(m.step(StartHeight(1)), records, sent)
+    crashes = 0
+    for i, op in enumerate(ops):
+        if op in ("crash", "crash_torn"):
+            m = Tendermint.restore(VS, me, sign(me), TC, records)
+            records = [r for r in records if r]  # the store drops a torn tail once the machine was rebuilt
+            perform(m.step(StartHeight(1)), records, sent)
+            continue
+        tear = i + 1 < len(ops) and ops[i + 1] == "crash_torn"  # the crash lands inside this op's last write
+        for ev in op_events(op, m, me, i):
+            out = m.step(ev)
+            n = sum(isinstance(a, Persist) for a in out)
+            if tear and n:
+                perform(out, records, sent, tear_points[crashes % 8] % n)
+                crashes += 1
+                break
+            perform(out, records, sent)
+    seen = own_signatures(sent, me)
+    assert all(len(v) == 1 for v in seen.values()), seen
+
+
+# ---------------------------------------------------------------- future heights
+
+
+def test_future_height_messages_are_buffered_bounded_and_replayed() -> None:
+    m = machine()
+    # the next height's votes are kept and replayed at StartHeight
+    for k in OTHERS:
+        m.step(vote(PV, 0, None, k, h=2))
+    m.step(vote(PV, 0, None, OTHERS[0], h=9))  # too far ahead: dropped
+    assert len(m._future) == 3
+    out = m.step(StartHeight(2))
+    assert m.height == 2 and m.votes[0].power_for(PV, None) == 3 and m._future == []
+    assert T(PREVOTE, 0) not in summary(out)  # not in step prevote yet
+    # a flood is bounded
+    for i in range(FUTURE_BUFFER + 500):
+        m.step(vote(PV, i % 60, None, OTHERS[i % 3], h=3))
+    assert len(m._future) <= FUTURE_BUFFER
+    assert m.step(TimeoutFired(PROPOSE, 3, 0)) == [] and len(m._future) <= FUTURE_BUFFER  # timeouts never buffered
