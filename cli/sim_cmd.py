@@ -25,7 +25,8 @@ def sim(
     first_seed: Annotated[int, typer.Option("--first-seed", help="Seed of the first run.")] = 0,
     faults: Annotated[str, typer.Option("--faults", help="Comma-separated: drop,delay,dup,partition,crash.")] = "",
     modes: Annotated[
-        str, typer.Option("--modes", help="Byzantine behaviours: split,equivocate,double_vote,silent,bad_signature,unknown_block.")
+        str, typer.Option("--modes", help="Byzantine behaviours: split,equivocate,double_vote,silent,bad_signature,"
+                          "unknown_block (default: all, in turn; with --allow-unsafe: split, colluding equivocators).")
     ] = "",
     twins: Annotated[bool, typer.Option("--twins", help="Add a twin: a second honest copy of validator 0's key.")] = False,
     allow_unsafe: Annotated[
@@ -42,13 +43,17 @@ def sim(
     unknown = [f for f in fault_set if f not in FAULTS]
     if unknown:
         fail(f"unknown fault(s) {unknown}; choose from {','.join(FAULTS)}")
-    mode_set = tuple(m for m in (x.strip() for x in modes.split(",")) if m) or BYZANTINE_MODES
+    unsafe = 3 * byzantine >= nodes
+    # At or above n/3 the Byzantine validators collude: each shows one block to one half of the honest nodes and
+    # another to the other half, as proposer and as voter (that is what it takes to fork Tendermint).
+    mode_set = tuple(m for m in (x.strip() for x in modes.split(",")) if m) or (
+        ("split",) if unsafe else BYZANTINE_MODES)
     bad_modes = [m for m in mode_set if m not in BYZANTINE_MODES]
     if bad_modes:
         fail(f"unknown Byzantine mode(s) {bad_modes}; choose from {','.join(BYZANTINE_MODES)}")
     if byzantine >= nodes:
         fail("at least one validator must be honest")
-    if 3 * byzantine >= nodes and not allow_unsafe:
+    if unsafe and not allow_unsafe:
         fail(f"{byzantine} Byzantine of {nodes} is at or above n/3: BFT promises nothing there; add --allow-unsafe")
     cfg = SimConfig(nodes=nodes, byzantine=byzantine, heights=heights, faults=fault_set, byzantine_modes=mode_set,
                     twins=twins)
@@ -63,6 +68,10 @@ def sim(
         "heights_committed": summary.heights_committed,
         "node_heights": summary.node_heights,
         "max_round": summary.max_round,
+        "rounds_used": summary.rounds,
+        "rounds_per_height": round(summary.rounds / summary.decided_heights, 3) if summary.decided_heights else None,
+        "crashes": summary.crashes,
+        "torn_records": summary.torn_records,
         "messages_sent": summary.messages,
         "safety_violations": summary.safety_violations,
         "liveness_failures": summary.liveness_failures,

@@ -110,6 +110,7 @@ class Tendermint:
         self.fired: set[tuple[str, int]] = set()  # "first time" rules: (rule, round)
         self.rebroadcasts = 0
         self.started_round = False
+        self.polka: tuple[int, bytes] | None = None  # (round, block hash) of the latest polka for a value
 
     def _round_votes(self, r: int) -> RoundVotes:
         rv = self.votes.get(r)
@@ -224,7 +225,17 @@ class Tendermint:
         conflict = rv.add(v)
         if conflict is not None:
             out.append(EmitEvidence(DuplicateVoteEvidence.of(conflict, v)))
+        if rv.changed and v.type == VoteType.PREVOTE and v.block_hash is not None:
+            self._note_polka(rv, v)
         return rv.changed
+
+    def _note_polka(self, rv: RoundVotes, v: Vote) -> None:
+        """Remember the latest round with 2f+1 prevotes for a value, proposal seen or not: it is relayed on
+        rebroadcast, so that a node locked on that value, or asked to accept it with that proof-of-lock round, gets
+        the polka it missed (e.g. after a restart, which keeps only the node's own votes)."""
+        if (self.polka is None or v.round > self.polka[0]) and rv.power_for(VoteType.PREVOTE, v.block_hash) >= self._quorum:
+            assert v.block_hash is not None
+            self.polka = (v.round, v.block_hash)
 
     def _on_value_ready(self, ev: ValueReady, out: list[Action]) -> None:
         if ev.round != self.round or self.current_step != Step.PROPOSE or ev.round in self.proposed:
@@ -261,7 +272,8 @@ class Tendermint:
             base = self.timeouts.duration(TimeoutKind.REBROADCAST, self.round)
             delay = min(base << min(self.rebroadcasts, 5), MAX_REBROADCAST_MS)
             out.append(ScheduleTimeout(TimeoutKind.REBROADCAST, self.height, self.round, max(delay, base)))
-        self._rebroadcast(out)
+            self._rebroadcast(out)
+            self._relay_previous_round(out)
         return False  # re-sending changes nothing the rules read
 
     def _on_commit_received(self, ev: CommitReceived, out: list[Action]) -> None:
@@ -398,13 +410,28 @@ class Tendermint:
             lock = self.locked_value.encode() if (t == VoteType.PRECOMMIT and bh is not None and self.locked_value) else None
             out.append(Persist(_record("vote", self.height, self.round, v.encode(), lock)))
         out.append(Broadcast(v))
-        self._round_votes(self.round).add(v)
+        rv = self._round_votes(self.round)
+        rv.add(v)
+        if rv.changed and bh is not None and t == VoteType.PREVOTE:
+            self._note_polka(rv, v)
+
+    def _relay_previous_round(self, out: list[Action]) -> None:
+        """A peer still in round r-1 (it lost precommits of r-1 before GST) may never reach 2f+1 precommits there
+        (L47) nor see f+1 messages of round r (L55) when few nodes are ahead, and the nodes ahead may need it for
+        their quorum: a deadlock. So while round r is stuck, re-send the precommits of round r-1 that moved us on:
+        ours and the ones we counted. A peer further behind skips to r-1 on them (L55), then counts them (L47)."""
+        if self.round == 0:
+            return
+        rv = self.votes.get(self.round - 1)
+        if rv is not None:
+            for vote in rv.by_type[int(VoteType.PRECOMMIT)].values():
+                out.append(Broadcast(vote))
 
     def _rebroadcast(self, out: list[Action]) -> None:
         """Best-effort gossip: re-send what we signed in this round so peers that lost it can count it, and relay
-        the polka (2f+1 prevotes) behind our valid value: a peer that missed it cannot accept a re-proposal of
-        that value (L28) and, locked elsewhere or not, would otherwise keep prevoting nil (CometBFT gossips the
-        POL round's prevotes for the same reason)."""
+        the polka (2f+1 prevotes) behind our valid value and the latest polka we saw: a peer that missed it cannot
+        accept a re-proposal of that value (L28) and, locked elsewhere or not, would otherwise keep prevoting nil
+        (CometBFT gossips the POL round's prevotes for the same reason)."""
         p = self.proposed.get(self.round)
         if p is not None:
             out.append(Broadcast(p))
@@ -412,15 +439,19 @@ class Tendermint:
             v = self.signed.get((self.round, int(t)))
             if v is not None:
                 out.append(Broadcast(v))
+        polkas = []
         if self.valid_value is not None and self.valid_round >= 0:
-            vh = self.valid_value.hash()
-            rv = self.votes.get(self.valid_round)
+            polkas.append((self.valid_round, self.valid_value.hash()))
+        if self.polka is not None and self.polka not in polkas:
+            polkas.append(self.polka)
+        for pr, vh in polkas:
+            rv = self.votes.get(pr)
             if rv is not None:
                 for vote in rv.votes_for(VoteType.PREVOTE, vh):
                     if vote.validator != self.me:
                         out.append(Broadcast(vote))
-                own = self.signed.get((self.valid_round, int(VoteType.PREVOTE)))
-                if own is not None and self.valid_round != self.round:
+                own = self.signed.get((pr, int(VoteType.PREVOTE)))
+                if own is not None and own.block_hash == vh and pr != self.round:
                     out.append(Broadcast(own))
 
     # ------------------------------------------------------------------ restore
