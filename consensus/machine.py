@@ -56,6 +56,7 @@ from .validators import ValidatorSet
 from .votes import RoundVotes
 
 Signer = Callable[[str, bytes], bytes]
+PV, PC = int(VoteType.PREVOTE), int(VoteType.PRECOMMIT)  # vote-count keys on the hot path
 FUTURE_BUFFER = 4096
 MAX_ROUND_AHEAD = 64  # messages for rounds further ahead are dropped (bounded memory under flooding)
 MAX_REBROADCAST_MS = 30_000
@@ -104,6 +105,7 @@ class Tendermint:
         self.validity: dict[bytes, bool] = {}
         self.validating: set[bytes] = set()
         self.votes: dict[int, RoundVotes] = {}
+        self._top_round = -1  # the highest round in self.votes (L55 looks above the current round)
         self.signed: dict[tuple[int, int], Vote] = {}  # (round, type) -> own vote, never re-signed differently
         self.proposed: dict[int, Proposal] = {}
         self.asked_value: set[int] = set()
@@ -116,6 +118,8 @@ class Tendermint:
         rv = self.votes.get(r)
         if rv is None:
             rv = self.votes[r] = RoundVotes(self.validators)
+            if r > self._top_round:
+                self._top_round = r
         return rv
 
     # ------------------------------------------------------------------ entry point
@@ -129,7 +133,12 @@ class Tendermint:
         if cls is StartHeight:
             assert isinstance(event, StartHeight)
             return self._on_start_height(event.height, out)
-        h = _event_height(event)
+        if cls is VoteReceived:
+            h = event.vote.height  # type: ignore[union-attr]
+        elif cls is ProposalReceived:
+            h = event.proposal.height  # type: ignore[union-attr]
+        else:
+            h = _event_height(event)
         if h > self.height or not self.started_round:
             if h <= self.height + 2 and len(self._future) < FUTURE_BUFFER and cls is not TimeoutFired:
                 self._future.append(event)
@@ -221,7 +230,7 @@ class Tendermint:
             return False
         rv = self.votes.get(v.round)
         if rv is None:
-            rv = self.votes[v.round] = RoundVotes(self.validators)
+            rv = self._round_votes(v.round)
         conflict = rv.add(v)
         if conflict is not None:
             out.append(EmitEvidence(DuplicateVoteEvidence.of(conflict, v)))
@@ -299,7 +308,7 @@ class Tendermint:
         # L49: a proposal of any round with 2f+1 precommits for it, and the value is valid -> decide.
         for (pr, bh), p in self.proposal_values.items():
             rv = self.votes.get(pr)
-            if rv is not None and rv.power_for(VoteType.PRECOMMIT, bh) >= q:
+            if rv is not None and rv.power.get((PC, bh), 0) >= q:
                 if self.validity.get(bh) is True:
                     self.decided = p.block
                     cert = rv.certificate(h, pr, bh)
@@ -307,9 +316,8 @@ class Tendermint:
                     return False
                 self._request_validation(p.block, pr, out)
         # L55: f+1 power in a higher round -> skip to it.
-        higher = [k for k in self.votes if k > r]
-        if higher:
-            for rr in sorted(higher):
+        if self._top_round > r:
+            for rr in sorted(k for k in self.votes if k > r):
                 if self.votes[rr].voters_power > self._one_third:
                     self._start_round(rr, out)
                     return True
@@ -332,14 +340,14 @@ class Tendermint:
                     self.current_step = Step.PREVOTE
                     return True
         # L34: 2f+1 prevotes of any kind, first time -> timeout prevote.
-        if self.current_step == Step.PREVOTE and rv.power_any(VoteType.PREVOTE) >= q and ("L34", r) not in self.fired:
+        if self.current_step == Step.PREVOTE and rv.total[PV] >= q and ("L34", r) not in self.fired:
             self.fired.add(("L34", r))
             out.append(self._timeout(TimeoutKind.PREVOTE))
         # L36: proposal valid with 2f+1 prevotes for it, step >= prevote, first time.
         if p is not None and self.current_step >= Step.PREVOTE and ("L36", r) not in self.fired:
             for cand in (p, self._second(r)) if r in self.second_proposal else (p,):
                 bh = cand.block_hash
-                if self.validity.get(bh) is True and rv.power_for(VoteType.PREVOTE, bh) >= q:
+                if self.validity.get(bh) is True and rv.power.get((PV, bh), 0) >= q:
                     self.fired.add(("L36", r))
                     if self.current_step == Step.PREVOTE:
                         self.locked_value, self.locked_round = cand.block, r
@@ -348,12 +356,12 @@ class Tendermint:
                     self.valid_value, self.valid_round = cand.block, r
                     return True
         # L44: 2f+1 prevotes for nil -> precommit nil.
-        if self.current_step == Step.PREVOTE and rv.power_for(VoteType.PREVOTE, None) >= q:
+        if self.current_step == Step.PREVOTE and rv.power.get((PV, None), 0) >= q:
             self._vote(VoteType.PRECOMMIT, None, out)
             self.current_step = Step.PRECOMMIT
             return True
         # L47: 2f+1 precommits of any kind, first time -> timeout precommit.
-        if rv.power_any(VoteType.PRECOMMIT) >= q and ("L47", r) not in self.fired:
+        if rv.total[PC] >= q and ("L47", r) not in self.fired:
             self.fired.add(("L47", r))
             out.append(self._timeout(TimeoutKind.PRECOMMIT))
         return False

@@ -29,10 +29,8 @@ class TimeoutConfig:
     precommit_delta_ms: int = 500
 
     def duration(self, kind: TimeoutKind, round: int) -> int:
-        base, delta = {
-            TimeoutKind.PROPOSE: (self.propose_ms, self.propose_delta_ms),
-            TimeoutKind.PREVOTE: (self.prevote_ms, self.prevote_delta_ms),
-            TimeoutKind.PRECOMMIT: (self.precommit_ms, self.precommit_delta_ms),
-            TimeoutKind.REBROADCAST: (self.prevote_ms, self.prevote_delta_ms),
-        }[kind]
-        return base + delta * round
+        if kind == TimeoutKind.PROPOSE:
+            return self.propose_ms + self.propose_delta_ms * round
+        if kind == TimeoutKind.PRECOMMIT:
+            return self.precommit_ms + self.precommit_delta_ms * round
+        return self.prevote_ms + self.prevote_delta_ms * round  # PREVOTE, and REBROADCAST uses the prevote schedule

@@ -13,7 +13,7 @@ import hashlib
 import heapq
 import random
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, cast
 
 from flnode.consensus import (
     Broadcast,
@@ -234,14 +234,16 @@ class Simulation:
 
     def _broadcast(self, src: int, msg: Proposal | Vote) -> None:
         node = self.nodes[src]
-        targets = [i for i in range(len(self.nodes)) if i != src]
+        total = len(self.nodes)
         if node.honest or node.mode == "twin":
             if node.honest:
                 self._note_signature(node, msg)
             ok = _verify_message(msg)
-            for t in targets:
-                self._send(src, t, msg, ok)
+            for t in range(total):
+                if t != src:
+                    self._send(src, t, msg, ok)
             return
+        targets = [i for i in range(total) if i != src]
         mode = node.mode
         if mode == "silent":
             return
@@ -325,19 +327,24 @@ class Simulation:
         for a in actions:
             if not node.up:
                 return
-            if isinstance(a, Persist):
+            cls = type(a)
+            if cls is Broadcast:
+                self._broadcast(idx, a.message)  # type: ignore[attr-defined]
+            elif cls is ScheduleTimeout:
+                t = cast(ScheduleTimeout, a)
+                self.seq += 1
+                heapq.heappush(self.queue, (self.now + t.duration_ms, self.seq, idx,
+                                            TimeoutFired(t.kind, t.height, t.round)))
+            elif cls is Persist:
+                record = cast(Persist, a).record
                 if node.tear_next:  # the crash hits while this record is written: nothing after it happens
-                    node.records.append(a.record[: self.rng.randrange(len(a.record))])
+                    node.records.append(record[: self.rng.randrange(len(record))])
                     node.torn = True
                     node.tear_next = False
                     node.up = False
                     self.torn_records += 1
                     return
-                node.records.append(a.record)
-            elif isinstance(a, Broadcast):
-                self._broadcast(idx, a.message)
-            elif isinstance(a, ScheduleTimeout):
-                self._push(self.now + a.duration_ms, idx, TimeoutFired(a.kind, a.height, a.round))
+                node.records.append(record)
             elif isinstance(a, GetValue):
                 self._push(self.now + 1, idx, ValueReady(a.height, a.round, make_block(a.height, node.key, a.round)))
             elif isinstance(a, ValidateValue):
