@@ -415,8 +415,14 @@ class Tendermint:
             unsigned = Vote(t, self.height, self.round, bh, self.me)
             v = Vote(t, self.height, self.round, bh, self.me, self.sign(Vote.KIND, unsigned.sign_payload()))
             self.signed[key] = v
-            lock = self.locked_value.encode() if (t == VoteType.PRECOMMIT and bh is not None and self.locked_value) else None
-            out.append(Persist(_record("vote", self.height, self.round, v.encode(), lock)))
+            lock = polka = None
+            if t == VoteType.PRECOMMIT and bh is not None and self.locked_value is not None:
+                # the lock, and the 2f+1 prevotes behind it: a restarted node must still be able to show its proof
+                # of lock (L28 needs it), even if the validators that prevoted are gone or Byzantine
+                lock = self.locked_value.encode()
+                rv_lock = self.votes.get(self.locked_round)
+                polka = [x.encode() for x in rv_lock.votes_for(VoteType.PREVOTE, bh)] if rv_lock else []
+            out.append(Persist(_record("vote", self.height, self.round, v.encode(), lock, polka)))
         out.append(Broadcast(v))
         rv = self._round_votes(self.round)
         rv.add(v)
@@ -478,7 +484,9 @@ class Tendermint:
         m = cls(validators, me, sign, timeouts)
         for raw in records:
             try:
-                kind, height, r, body, lock = unpack(raw, max_size=Block.MAX_SIZE * 2 + 4096)
+                fields = unpack(raw, max_size=Block.MAX_SIZE * 2 + 4096)
+                kind, height, r, body, lock = fields[:5]
+                polka = fields[5] if len(fields) > 5 else None  # records written before polkas were kept have 5
                 if m.height == 0:
                     m._reset_height(height)
                 if kind == "vote":
@@ -490,6 +498,13 @@ class Tendermint:
                         if v.round >= m.locked_round:
                             m.locked_value, m.locked_round = block, v.round
                             m.valid_value, m.valid_round = block, v.round
+                        for raw_vote in polka or ():
+                            pv = Vote.decode(raw_vote)  # verified by the shell before it was counted and stored
+                            if pv.height == m.height and pv.type == VoteType.PREVOTE and pv.block_hash == block.hash():
+                                rv = m._round_votes(pv.round)
+                                rv.add(pv)
+                                if rv.changed:
+                                    m._note_polka(rv, pv)
                 elif kind == "proposal":
                     p = Proposal.decode(body)
                     m.proposed[p.round] = p
@@ -501,8 +516,9 @@ class Tendermint:
         return m
 
 
-def _record(kind: str, height: int, r: int, body: bytes, lock: bytes | None = None) -> bytes:
-    return pack([kind, height, r, body, lock])
+def _record(kind: str, height: int, r: int, body: bytes, lock: bytes | None = None,
+            polka: list[bytes] | None = None) -> bytes:
+    return pack([kind, height, r, body, lock, polka])
 
 
 def _event_height(ev: Event) -> int:

@@ -381,6 +381,9 @@ def test_restore_keeps_the_lock() -> None:
     r = Tendermint.restore(VS, ME, sign(ME), TC, records)
     r.step(StartHeight(1))
     assert (r.locked_value, r.locked_round) == (A, 0)
+    # the polka behind the lock survives the restart, so the node can still prove it (and relay it) to others
+    assert r.votes[0].power_for(PV, A.hash()) >= VS.quorum()
+    assert ("prevote", 0, "A", "relay") in summary(r.step(TimeoutFired(REB, 1, 0)))
     r.step(TimeoutFired(PRECOMMIT, 1, 0))
     r.step(valid(B))
     assert summary(r.step(proposal(1, B))) == [("persist",), ("prevote", 1, None)]  # still locked on A
