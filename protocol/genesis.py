@@ -2,7 +2,9 @@
 
 It fixes the chain id, the validators (who also are the participants) and their voting power, the learning
 task, the initial model (by hash) and the rules. Its hash is sha256 over canonical JSON (sorted keys, no
-spaces), so any edit, even of whitespace-insensitive content, gives another chain.
+spaces), so any edit, even of whitespace-insensitive content, gives another chain. Rules added after the
+first release (LATER_RULES) enter the hash only when they differ from their default: an older genesis file,
+which lacks them, loads with the defaults and keeps its hash.
 """
 
 from __future__ import annotations
@@ -75,6 +77,14 @@ class Rules:
     timeout_precommit_ms: int = 1000
     timeout_precommit_delta_ms: int = 500
     rewards: RewardRules = field(default_factory=RewardRules)
+    # Declared sample counts (the FedAvg weight) are bounded twice. An announcement above the cap is refused;
+    # 0 means each participant's shard size of the task's training set.
+    max_samples_per_update: int = 0
+    # A weight is clipped to this multiple of the lower median declared count of the block's updates (0: off).
+    weight_median_multiple: int = 2
+
+
+LATER_RULES = ("max_samples_per_update", "weight_median_multiple")
 
 
 @dataclass(frozen=True)
@@ -112,7 +122,12 @@ class Genesis:
         return d
 
     def canonical_bytes(self) -> bytes:
-        return json.dumps(self.to_json_dict(), sort_keys=True, separators=(",", ":")).encode()
+        d = self.to_json_dict()
+        defaults = Rules()
+        for name in LATER_RULES:
+            if d["rules"][name] == getattr(defaults, name):
+                del d["rules"][name]
+        return json.dumps(d, sort_keys=True, separators=(",", ":")).encode()
 
     def hash(self) -> bytes:
         return digest(self.canonical_bytes())
@@ -179,6 +194,8 @@ class Genesis:
             raise GenesisError("genesis: initial_model_hash must be 64 hex characters") from None
         if self.rules.aggregator not in ("fedavg", "median", "trimmed_mean", "multi_krum"):
             raise GenesisError(f"genesis: unknown aggregator {self.rules.aggregator!r}")
+        if self.rules.max_samples_per_update < 0 or self.rules.weight_median_multiple < 0:
+            raise GenesisError("genesis: max_samples_per_update and weight_median_multiple must be >= 0")
 
 
 def _build(cls: type, raw: Any, what: str, **extra: Any) -> Any:

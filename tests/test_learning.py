@@ -180,10 +180,14 @@ def reference(rule: str, ups: list[WeightedUpdate], rules: Rules) -> np.ndarray:
     for j in range(d):
         col = [flat[i][j] for i in range(n)]
         if rule == "fedavg":
-            tot = math.fsum(u.num_samples for u in ups)
+            counts = [u.num_samples for u in ups]
+            if rules.weight_median_multiple:  # clip to the multiple of the lower median
+                cap = rules.weight_median_multiple * sorted(counts)[(n - 1) // 2]
+                counts = [min(c, cap) for c in counts]
+            tot = math.fsum(counts)
             acc = 0.0
-            for u, x in zip(ups, col, strict=True):
-                acc += (u.num_samples / tot) * x
+            for c, x in zip(counts, col, strict=True):
+                acc += (c / tot) * x
             out.append(acc)
         elif rule == "median":
             s = sorted(col)
@@ -198,10 +202,11 @@ def reference(rule: str, ups: list[WeightedUpdate], rules: Rules) -> np.ndarray:
     return np.array(out).reshape(ups[0].delta["w"].shape)
 
 
-@given(seed=st.integers(0, 10_000), n=st.integers(1, 9), rule=st.sampled_from(["fedavg", "median", "trimmed_mean"]))
+@given(seed=st.integers(0, 10_000), n=st.integers(1, 9), rule=st.sampled_from(["fedavg", "median", "trimmed_mean"]),
+       multiple=st.sampled_from([0, 1, 2, 3]))
 @settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
-def test_aggregators_match_the_reference(seed: int, n: int, rule: str) -> None:
-    rules = Rules(aggregator=rule, trim_fraction=0.2)
+def test_aggregators_match_the_reference(seed: int, n: int, rule: str, multiple: int) -> None:
+    rules = Rules(aggregator=rule, trim_fraction=0.2, weight_median_multiple=multiple)
     ups = _random_updates(seed, n)
     base = {"w": np.zeros((5, 3), np.float32)}
     got = aggregate(base, ups, rules).new_model["w"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import numpy as np
@@ -143,6 +143,15 @@ class MultiKrum:
 AGGREGATORS: dict[str, type] = {a.name: a for a in (FedAvg, Median, TrimmedMean, MultiKrum)}
 
 
+def sample_weights(declared: Sequence[int], multiple: int) -> list[int]:
+    """Each declared count clipped to `multiple` x the lower median of all of them (0: no clip). The lower
+    median lies within the honest counts while fewer than half the updates lie, however large their claims."""
+    if multiple <= 0 or not declared:
+        return list(declared)
+    cap = multiple * sorted(declared)[(len(declared) - 1) // 2]
+    return [min(d, cap) for d in declared]
+
+
 def make_aggregator(name: str) -> Aggregator:
     try:
         return AGGREGATORS[name]()  # type: ignore[no-any-return]
@@ -151,9 +160,12 @@ def make_aggregator(name: str) -> Aggregator:
 
 
 def aggregate(base: Tensors, updates: Sequence[WeightedUpdate], rules: Rules) -> AggregationResult:
-    """theta_{t+1} = theta_t + server_lr * combine(deltas); no updates leaves the model unchanged."""
+    """theta_{t+1} = theta_t + server_lr * combine(deltas); no updates leaves the model unchanged. Weights are
+    the declared sample counts after sample_weights (integers, so the clip is exact)."""
     if not updates:
         return AggregationResult({k: v.copy() for k, v in base.items()}, frozenset())
+    weights = sample_weights([u.num_samples for u in updates], rules.weight_median_multiple)
+    updates = [replace(u, num_samples=w) for u, w in zip(updates, weights, strict=True)]
     delta, outliers = make_aggregator(rules.aggregator).combine(updates, rules)
     lr = float(rules.server_lr)
     new = {k: (base[k].astype(np.float64) + lr * delta[k]).astype(np.float32) for k in base}

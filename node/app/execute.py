@@ -12,7 +12,8 @@ from flnode.protocol.hashing import digest, short
 from flnode.protocol.messages import DuplicateVoteEvidence, UpdateAnnouncement
 from flnode.protocol.tensors import tensors_hash
 
-from .aggregation import WeightedUpdate, aggregate
+from .aggregation import WeightedUpdate, aggregate, sample_weights
+from .powers import slash_height
 from .state import AppState
 from .validation import PENALISED, Reason, check_announcement, check_update
 
@@ -105,6 +106,9 @@ def execute(
         good.append(WeightedUpdate(h, ann.author, tensors, ann.num_samples))
 
     result = aggregate(state.model, good, rules)
+    # Rewards follow the aggregation weight (the declared count, clipped), not the bare claim.
+    weight = dict(zip((u.key for u in good), sample_weights([u.num_samples for u in good],
+                                                              rules.weight_median_multiple), strict=True))
     accepted = [u for u in good if u.author not in result.outliers]
 
     balances = dict(state.balances)
@@ -117,7 +121,7 @@ def execute(
         reputation[author] = reputation.get(author, 0) - amount
 
     for u in accepted:
-        amount = min(rw.reward_per_sample * u.num_samples, rw.reward_cap)
+        amount = min(rw.reward_per_sample * weight[u.key], rw.reward_cap)
         rewards[u.author] = amount
         balances[u.author] = balances.get(u.author, 0) + amount
         reputation[u.author] = min(rw.max_reputation, reputation.get(u.author, 0) + rw.reputation_gain)
@@ -134,6 +138,7 @@ def execute(
             rejected.append((u.author, u.key, str(Reason.OUTLIER)))
             penalise(u.author, rw.penalty_outlier)
     punished = set(state.punished)
+    slashed = dict(state.slashed)
     for ev in sorted(evidence, key=lambda e: e.hash()):
         ev.check(genesis.chain_id)
         if ev.validator not in genesis.powers:
@@ -143,6 +148,7 @@ def execute(
             raise ValidationError("evidence already punished")
         punished.add(key)
         penalise(ev.validator, rw.penalty_equivocation)
+        slashed.setdefault(ev.validator, slash_height(state.height + 1))  # the first conviction counts
 
     excluded = tuple(sorted(k for k, r in reputation.items() if r < rw.exclude_below))
     receipt = Receipt(
@@ -163,5 +169,6 @@ def execute(
         reputation=reputation,
         last_receipt_hash=receipt.hash(),
         punished=frozenset(punished),
+        slashed=slashed,
     )
     return new_state, receipt

@@ -9,6 +9,7 @@ from flnode.protocol.messages import UpdateAnnouncement
 from flnode.protocol.tensors import encode_tensors
 
 from .data import Dataset
+from .limits import samples_cap
 from .state import AppState
 from .tasks import TrainResult, local_seed, task_for
 
@@ -23,12 +24,15 @@ def train_update(genesis: Genesis, state: AppState, data: Dataset, participant_i
 
 def sign_update(genesis: Genesis, key: NodeKey, state: AppState, result: TrainResult) -> tuple[UpdateAnnouncement, bytes]:
     blob = encode_tensors(result.delta)
+    n = result.num_samples
+    if key.public_key in genesis.powers:
+        n = min(n, samples_cap(genesis, key.public_key))  # own data larger than the cap: declare the cap
     ann = UpdateAnnouncement(
         height=state.height + 1,
         base_model_hash=state.model_hash,
         blob_hash=digest(blob),
         blob_size=len(blob),
-        num_samples=result.num_samples,
+        num_samples=max(1, n),
         loss_ppm=max(0, round(result.loss * 1e6)),
         accuracy_ppm=min(1_000_000, max(0, round(result.accuracy * 1e6))),
         author=key.public_key,

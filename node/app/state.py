@@ -26,8 +26,12 @@ class AppState:
     last_receipt_hash: bytes = ZERO_HASH
     # (validator, height, round, vote type) of equivocations already punished: evidence counts once.
     punished: frozenset[tuple[bytes, int, int, int]] = frozenset()
+    # Proven equivocators: validator -> first height at which its voting power is zero.
+    slashed: dict[bytes, int] = field(default_factory=dict)
 
     def _canonical(self) -> list[object]:
+        # The slashed map is appended only when non-empty: states without slashing keep their old bytes and hash.
+        tail = [[[k, self.slashed[k]] for k in sorted(self.slashed)]] if self.slashed else []
         return [
             self.height,
             self.model_hash,
@@ -35,6 +39,7 @@ class AppState:
             [[k, self.reputation[k]] for k in sorted(self.reputation)],
             self.last_receipt_hash,
             [list(p) for p in sorted(self.punished)],
+            *tail,
         ]
 
     def hash(self) -> bytes:
@@ -61,7 +66,10 @@ def encode_state(state: AppState) -> bytes:
 
 
 def decode_state(data: bytes, model: Tensors) -> AppState:
-    h, mh, bal, rep, lrh, pun = expect_list(unpack(data, max_size=1 << 22), 6, "app state")
+    fields = unpack(data, max_size=1 << 22)
+    if not isinstance(fields, list) or len(fields) not in (6, 7):
+        raise DecodeError("app state: expected 6 or 7 fields")
+    h, mh, bal, rep, lrh, pun = fields[:6]
 
     def pairs(v: object, what: str) -> dict[bytes, int]:
         if not isinstance(v, list):
@@ -79,8 +87,11 @@ def decode_state(data: bytes, model: Tensors) -> AppState:
         v, ph, pr, pt = expect_list(item, 4, "punished")
         punished.add((expect_bytes(v, "validator", 32), expect_int(ph, "height"), expect_int(pr, "round"),
                       expect_int(pt, "type", 1, 2)))
+    slashed = pairs(fields[6], "slashed") if len(fields) == 7 else {}
+    if len(fields) == 7 and not slashed:
+        raise DecodeError("app state: an empty slashed map is not encoded")
     mh = expect_bytes(mh, "model hash", 32)
     if tensors_hash(model) != mh:
         raise DecodeError("app state: model blob does not match the model hash")
     return AppState(expect_int(h, "height"), model, mh, pairs(bal, "balances"), pairs(rep, "reputation"),
-                    expect_bytes(lrh, "receipt hash", 32), frozenset(punished))
+                    expect_bytes(lrh, "receipt hash", 32), frozenset(punished), slashed)

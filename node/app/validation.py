@@ -11,8 +11,8 @@ from flnode.protocol.genesis import Genesis
 from flnode.protocol.messages import UpdateAnnouncement
 from flnode.protocol.tensors import decode_tensors
 
+from .limits import param_spec, samples_cap, update_blob_size
 from .state import AppState
-from .tasks import task_for
 
 Tensors = dict[str, np.ndarray]
 
@@ -24,6 +24,8 @@ class Reason(StrEnum):
     WRONG_BASE = "wrong_base"
     EXCLUDED = "excluded"
     OVERSIZE = "oversize"
+    SAMPLES_OVER_CAP = "samples_over_cap"
+    WRONG_BLOB_SIZE = "wrong_blob_size"
     SIZE_MISMATCH = "size_mismatch"
     MALFORMED_BLOB = "malformed_blob"
     WRONG_SHAPE = "wrong_shape"
@@ -39,18 +41,11 @@ PENALISED = frozenset(
      Reason.EQUIVOCATION, Reason.OUTLIER}
 )
 
-_spec_cache: dict[object, list[tuple[str, tuple[int, ...]]]] = {}
-
-
-def param_spec(genesis: Genesis) -> list[tuple[str, tuple[int, ...]]]:
-    spec = _spec_cache.get(genesis.task)
-    if spec is None:
-        spec = _spec_cache[genesis.task] = task_for(genesis.task).param_spec()
-    return spec
-
-
-def check_announcement(genesis: Genesis, state: AppState, ann: UpdateAnnouncement) -> Reason | None:
-    """Cheap checks, no blob needed. A block containing an announcement failing these is invalid."""
+def check_announcement(
+    genesis: Genesis, state: AppState, ann: UpdateAnnouncement, *, exact_size: bool = False
+) -> Reason | None:
+    """Cheap checks, no blob needed. A block containing an announcement failing these is invalid (the exact
+    blob size is checked only with exact_size: in a block a wrong size is the author's fault, penalised)."""
     if ann.author not in genesis.powers:
         return Reason.NOT_PARTICIPANT
     if ann.height != state.height + 1:
@@ -61,9 +56,20 @@ def check_announcement(genesis: Genesis, state: AppState, ann: UpdateAnnouncemen
         return Reason.EXCLUDED
     if ann.blob_size > genesis.rules.max_blob_bytes:
         return Reason.OVERSIZE
+    if ann.num_samples > samples_cap(genesis, ann.author):
+        return Reason.SAMPLES_OVER_CAP
+    if exact_size and ann.blob_size != update_blob_size(genesis):
+        return Reason.WRONG_BLOB_SIZE
     if not ann.verify(genesis.chain_id):
         return Reason.BAD_SIGNATURE
     return None
+
+
+def check_announcement_admission(genesis: Genesis, state: AppState, ann: UpdateAnnouncement) -> Reason | None:
+    """What a node checks before it pools, relays or proposes an announcement (no blob): participant, height,
+    base model, not excluded, samples within the author's cap, blob size exactly the task's update size,
+    signature. None if admissible, else the reason (a str)."""
+    return check_announcement(genesis, state, ann, exact_size=True)
 
 
 _BLOCK = 4096

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 
-from flnode.node.app import AppState, Receipt, check_announcement, evidence_key, execute
+from flnode.node.app import AppState, Receipt, check_announcement_admission, evidence_key, execute
+from flnode.node.app import validator_powers as powers_at
 from flnode.protocol.errors import ValidationError
 from flnode.protocol.genesis import Genesis
 from flnode.protocol.hashing import short
@@ -22,11 +23,12 @@ from flnode.protocol.messages import (
 def select_updates(
     genesis: Genesis, state: AppState, candidates: Sequence[tuple[UpdateAnnouncement, bytes]]
 ) -> list[tuple[UpdateAnnouncement, bytes]]:
-    """Candidates that may go into the next block, in canonical (hash) order. An author's second, different
-    announcement is kept too: together they prove equivocation, which execution penalises."""
+    """Candidates that may go into the next block (admissible: see check_announcement_admission), in canonical
+    (hash) order. An author's second, different announcement is kept too: together they prove equivocation,
+    which execution penalises."""
     seen: dict[bytes, tuple[UpdateAnnouncement, bytes]] = {}
     for ann, blob in candidates:
-        if check_announcement(genesis, state, ann) is None:
+        if check_announcement_admission(genesis, state, ann) is None:
             seen.setdefault(ann.hash(), (ann, blob))
     return [seen[h] for h in sorted(seen)]
 
@@ -71,6 +73,12 @@ def missing_blobs(block: Block, have: Callable[[bytes], bool]) -> list[bytes]:
     return sorted({u.blob_hash for u in block.updates if not have(u.blob_hash)})
 
 
+def certificate_powers(genesis: Genesis, state: AppState, height: int) -> dict[bytes, int]:
+    """Powers for checking a commit certificate of `height`: those in force then, and zero for slashed
+    validators, so a valid signature of theirs is still accepted but no longer counts."""
+    return {**dict.fromkeys(genesis.powers, 0), **powers_at(genesis, state, height)}
+
+
 def check_block(
     genesis: Genesis,
     state: AppState,
@@ -78,9 +86,12 @@ def check_block(
     blobs: Mapping[bytes, bytes],
     *,
     prev_block_hash: bytes,
-    validator_powers: Mapping[bytes, int],
+    validator_powers: Mapping[bytes, int] | None = None,
 ) -> tuple[AppState, Receipt]:
-    """Re-execute a proposed or stored block; raise ValidationError naming the first thing wrong."""
+    """Re-execute a proposed or stored block; raise ValidationError naming the first thing wrong.
+
+    The proposer must hold power at this height and the last commit is checked with the powers at the previous
+    height, both taken from genesis and `state` (slashing). `validator_powers` is ignored, kept for old callers."""
     hdr = block.header
     if hdr.chain_id != genesis.chain_id:
         raise ValidationError(f"block is for chain {hdr.chain_id!r}")
@@ -88,8 +99,8 @@ def check_block(
         raise ValidationError(f"block height {hdr.height}, expected {state.height + 1}")
     if hdr.prev_block_hash != prev_block_hash:
         raise ValidationError("block does not link to the previous block")
-    if hdr.proposer not in validator_powers:
-        raise ValidationError("proposer is not a validator")
+    if hdr.proposer not in powers_at(genesis, state, hdr.height):
+        raise ValidationError("proposer is not a validator with power at this height")
     block.check_body()
     if hdr.height >= 2:
         lc = block.last_commit
@@ -97,7 +108,7 @@ def check_block(
             raise ValidationError("block lacks the previous block's commit")
         if lc.height != hdr.height - 1 or lc.block_hash != prev_block_hash:
             raise ValidationError("last commit is for another block")
-        lc.verify(genesis.chain_id, dict(validator_powers))
+        lc.verify(genesis.chain_id, certificate_powers(genesis, state, hdr.height - 1))
     elif block.last_commit is not None:
         raise ValidationError("the first block carries no last commit")
     if [u.hash() for u in block.updates] != sorted(u.hash() for u in block.updates):

@@ -9,7 +9,7 @@ from flnode.protocol.errors import ProtocolError, ValidationError
 from flnode.protocol.genesis import Genesis
 from flnode.protocol.hashing import digest
 
-from .execution import check_block
+from .execution import certificate_powers, check_block
 from .store import ChainStore, StoreError
 
 
@@ -30,7 +30,6 @@ def genesis_block_hash(genesis: Genesis) -> bytes:
 
 def verify_chain(store: ChainStore, genesis: Genesis) -> VerifyReport:
     top = store.latest_height()
-    powers = genesis.powers
     try:
         state: AppState = genesis_state(genesis)
     except ProtocolError as exc:
@@ -44,13 +43,13 @@ def verify_chain(store: ChainStore, genesis: Genesis) -> VerifyReport:
                 raise ValidationError("block or certificate missing")
             if cert.height != h or cert.block_hash != block.hash():
                 raise ValidationError("certificate is for another block")
-            cert.verify(genesis.chain_id, powers)
+            cert.verify(genesis.chain_id, certificate_powers(genesis, state, h))  # the powers at h (slashing)
             blobs = {}
             for u in block.updates:
                 blob = store.get_blob(u.blob_hash)
                 if blob is not None:
                     blobs[u.blob_hash] = blob
-            new_state, receipt = check_block(genesis, state, block, blobs, prev_block_hash=prev, validator_powers=powers)
+            new_state, receipt = check_block(genesis, state, block, blobs, prev_block_hash=prev)
             row = store.state_row(h)
             if row is None:
                 raise ValidationError("stored app state missing")

@@ -1,0 +1,48 @@
+"""Limits fixed by the genesis: the exact size of an update blob and each participant's sample cap."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+from flnode.protocol.genesis import Genesis, TaskSpec
+from flnode.protocol.tensors import encode_tensors
+
+from .data import load_dataset, partition
+from .tasks import task_for
+
+
+@functools.lru_cache(maxsize=8)
+def _param_spec(spec: TaskSpec) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    return tuple(task_for(spec).param_spec())
+
+
+def param_spec(genesis: Genesis) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of every model tensor, in order."""
+    return list(_param_spec(genesis.task))
+
+
+@functools.lru_cache(maxsize=8)
+def _blob_size(spec: TaskSpec) -> int:
+    # The codec's size depends on names and shapes only, never on values: encode zeros once.
+    return len(encode_tensors({n: np.zeros(s, np.float32) for n, s in _param_spec(spec)}))
+
+
+def update_blob_size(genesis: Genesis) -> int:
+    """The exact byte size of every well-formed update blob of the genesis task (protocol/tensors.py format)."""
+    return _blob_size(genesis.task)
+
+
+@functools.lru_cache(maxsize=8)
+def _shard_sizes(spec: TaskSpec, n_parts: int) -> tuple[int, ...]:
+    train, _ = load_dataset(spec)
+    return tuple(len(p) for p in partition(train, n_parts, spec))
+
+
+def samples_cap(genesis: Genesis, author: bytes) -> int:
+    """The most samples `author` may declare in one update: rules.max_samples_per_update, or if that is 0 the
+    author's shard size of the task's training set. `author` must be a participant."""
+    cap = genesis.rules.max_samples_per_update
+    if cap > 0:
+        return cap
+    return _shard_sizes(genesis.task, len(genesis.validators))[genesis.index_of(author)]
