@@ -3,10 +3,12 @@
 from .network import (
     BYZANTINE_MODES,
     FAULTS,
+    VALIDATION_MODES,
     SimConfig,
     SimResult,
     Simulation,
     Summary,
+    body_matches,
     fake_sign,
     fake_verify,
     make_block,
@@ -15,6 +17,6 @@ from .network import (
 )
 
 __all__ = [
-    "BYZANTINE_MODES", "FAULTS", "SimConfig", "SimResult", "Simulation", "Summary", "fake_sign", "fake_verify",
-    "make_block", "run_many", "run_simulation",
+    "BYZANTINE_MODES", "FAULTS", "VALIDATION_MODES", "SimConfig", "SimResult", "Simulation", "Summary", "fake_sign", "fake_verify",
+    "body_matches", "make_block", "run_many", "run_simulation",
 ]

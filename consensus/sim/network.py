@@ -2,9 +2,12 @@
 
 Everything random comes from one `random.Random(seed)`, so a seed replays exactly. The simulator plays the shell's
 part: it signs with a cheap keyed hash (and drops messages whose signature does not check, as the real shell does),
-answers GetValue/ValidateValue, keeps each node's Persist records (restart = Tendermint.restore from them, sometimes
+answers GetValue/ValidateValue (as an application would: at once, slowly, only once the block's data has
+arrived, and `invalid` for a block a Byzantine proposer built bad), decodes what arrives (a proposal whose block
+body does not match its header is rejected there, as the real decoder does), keeps each node's Persist records (restart = Tendermint.restore from them, sometimes
 with a torn last record), delivers blocks with certificates to nodes that fell behind (block sync), and runs the
-faults: drop, delay, duplicate, reorder, partition/heal, crash/restart, Byzantine validators and Twins.
+faults: drop, delay, duplicate, reorder, partition/heal, crash/restart, Byzantine validators and Twins. Under a
+flooding Byzantine validator it also watches the honest machines' buffers stay within their bounds.
 """
 
 from __future__ import annotations
@@ -35,11 +38,39 @@ from flnode.consensus import (
     ValueValidated,
     VoteReceived,
 )
-from flnode.protocol.messages import Block, BlockHeader, CommitCertificate, Proposal, Vote, VoteType
+from flnode.consensus.machine import FUTURE_BUFFER, MAX_ROUND_AHEAD
+from flnode.consensus.votes import MAX_VALUES_PER_VALIDATOR
+from flnode.protocol.errors import ProtocolError
+from flnode.protocol.hashing import digest
+from flnode.protocol.messages import (
+    Block,
+    BlockHeader,
+    CommitCertificate,
+    Proposal,
+    UpdateAnnouncement,
+    Vote,
+    VoteType,
+    list_hash,
+)
 
 Z = hashlib.sha256(b"z").digest()
+# the header commitments of an empty body (what Block.check_body expects), so a sim block decodes like a real one
+EMPTY_LIST_HASH = list_hash(())
+EMPTY_COMMIT_HASH = digest(b"")
+BAD_APP_HASH = hashlib.sha256(b"bad block").digest()  # a block whose execution the honest applications reject
+# a body a Byzantine relayer swaps in under an honest header (the signature covers the header only)
+SWAP_UPDATE = UpdateAnnouncement(1, Z, hashlib.sha256(b"swap").digest(), 1, 1, 0, 0, b"\x01" * 32, b"\x00" * 64)
 FAULTS = ("drop", "delay", "dup", "partition", "crash")
-BYZANTINE_MODES = ("split", "equivocate", "double_vote", "silent", "bad_signature", "unknown_block")
+BYZANTINE_MODES = ("split", "equivocate", "double_vote", "silent", "bad_signature", "unknown_block", "body_swap",
+                   "flood")
+# How the application answers ValidateValue. "invalid": the Byzantine validators build blocks marked bad when they
+# propose, and every honest application answers valid=False for them. "slow": this node's application answers after
+# a random delay (up to twice the round-0 propose timeout). "unavailable": the block's data has not reached this node
+# yet: no answer at all until it arrives (later in sim time, sooner after GST), then the normal answer (the real node
+# never reports 'invalid' for missing data). "immediate": the default, an answer 1 ms later.
+VALIDATION_MODES = ("immediate", "invalid", "slow", "unavailable")
+# what the delivery layer (decode, then signature check) decides about a message
+OK, BAD_SIGNATURE, BAD_BODY = 0, 1, 2
 
 
 def fake_sign(key: bytes, kind: str, payload: bytes) -> bytes:
@@ -50,8 +81,23 @@ def fake_verify(key: bytes, kind: str, payload: bytes, sig: bytes) -> bool:
     return sig == fake_sign(key, kind, payload)
 
 
-def make_block(height: int, proposer: bytes, salt: int) -> Block:
-    return Block(BlockHeader("sim", height, Z, proposer, salt, Z, Z, Z, Z, Z))
+def make_block(height: int, proposer: bytes, salt: int, bad: bool = False) -> Block:
+    """An empty block; `bad`: its claimed result (app hash) is wrong, so honest applications judge it invalid."""
+    return Block(BlockHeader("sim", height, Z, proposer, salt, EMPTY_LIST_HASH, EMPTY_LIST_HASH, EMPTY_COMMIT_HASH,
+                             Z, BAD_APP_HASH if bad else Z))
+
+
+def body_matches(block: Block) -> bool:
+    """Block.check_body as the decoder runs it; an empty body (every honest sim block) is three comparisons."""
+    h = block.header
+    if not block.updates and not block.evidence and block.last_commit is None:
+        return (h.updates_hash == EMPTY_LIST_HASH and h.evidence_hash == EMPTY_LIST_HASH
+                and h.last_commit_hash == EMPTY_COMMIT_HASH)
+    try:
+        block.check_body()
+    except ProtocolError:
+        return False
+    return True
 
 
 @dataclass
@@ -62,6 +108,11 @@ class SimConfig:
     seed: int = 0
     faults: tuple[str, ...] = ()
     byzantine_modes: tuple[str, ...] = BYZANTINE_MODES
+    # ValidateValue answers (VALIDATION_MODES): "invalid" applies to the Byzantine proposers; the answer modes
+    # (immediate/slow/unavailable) are handed to the honest nodes in turn, node i taking the (i mod k)-th
+    validation: tuple[str, ...] = ()
+    check_body: bool = True  # the decoder rejects a block whose body does not match its header (False: the old one)
+    flood_burst: int = 6  # junk messages a "flood" validator signs per message it sends
     twins: bool = False
     drop_p: float = 0.1
     dup_p: float = 0.05
@@ -89,10 +140,20 @@ class SimResult:
     decided_heights: int = 0  # heights some honest node committed
     crashes: int = 0
     torn_records: int = 0
+    decode_rejections: int = 0  # proposals the receivers' decoder rejected (body does not match header)
+    invalid_answers: int = 0  # ValidateValue answered valid=False by an honest application
+    late_answers: int = 0  # ValidateValue answers that came after the round's propose timeout would have fired
+    flood_messages: int = 0  # junk messages sent by flooding validators
+    max_future: int = 0  # most events an honest machine held for later heights
+    max_rounds_stored: int = 0  # most rounds with vote storage in one honest machine at one height
+    max_round_ahead: int = 0  # furthest round above its current one that an honest machine stored votes for
+    max_votes_per_round: int = 0  # most votes an honest machine stored for one round
+    memory_failures: list[str] = field(default_factory=list)  # honest buffers above their bounds
 
     @property
     def ok(self) -> bool:
-        return not (self.safety_violations or self.liveness_failures or self.certificate_failures)
+        return not (self.safety_violations or self.liveness_failures or self.certificate_failures
+                    or self.memory_failures)
 
 
 @dataclass
@@ -106,6 +167,8 @@ class _Node:
     commits: dict[int, bytes] = field(default_factory=dict)
     blocks: dict[int, tuple[Block, CommitCertificate]] = field(default_factory=dict)
     mode: str = ""
+    answers: str = "immediate"  # how this node's application answers ValidateValue (VALIDATION_MODES)
+    bad_blocks: bool = False  # builds blocks the honest applications reject (Byzantine, validation "invalid")
     tear_next: bool = False  # crash while writing the next Persist record (a torn last record)
     torn: bool = False  # the last record in `records` is torn
 
@@ -123,6 +186,16 @@ class Simulation:
             honest = i not in byz
             mode = "" if honest else cfg.byzantine_modes[(i - (n - cfg.byzantine)) % len(cfg.byzantine_modes)]
             self.nodes.append(_Node(i, k, honest, self._machine(k), mode=mode))
+        bad_modes = [v for v in cfg.validation if v not in VALIDATION_MODES]
+        if bad_modes:
+            raise ValueError(f"unknown validation mode(s) {bad_modes}; choose from {VALIDATION_MODES}")
+        answer_modes = [v for v in cfg.validation if v != "invalid"]
+        for nd in self.nodes:
+            if not nd.honest and "invalid" in cfg.validation:
+                nd.bad_blocks = True
+            if nd.honest and answer_modes:
+                nd.answers = answer_modes[nd.idx % len(answer_modes)]
+        self.arrivals: dict[tuple[int, bytes], int] = {}  # (node, block hash) -> when the block's data arrives
         if cfg.twins and n >= 2:
             # A twin: a second honest copy of validator 0's key. Together they behave like one Byzantine validator.
             self.nodes.append(_Node(n, keys[0], False, self._machine(keys[0]), mode="twin"))
@@ -142,6 +215,17 @@ class Simulation:
         self.honest_count = sum(1 for nd in self.nodes if nd.honest)
         self.crashes = 0
         self.torn_records = 0
+        self.decode_rejections = 0
+        self.invalid_answers = 0
+        self.late_answers = 0
+        self.flood_messages = 0
+        self.relayed: set[tuple[int, bytes]] = set()  # (relayer, proposal signature) a body_swap node relayed
+        self.flooders = any(nd.mode == "flood" for nd in self.nodes)
+        self.max_future = self.max_rounds_stored = self.max_round_ahead = self.max_votes_per_round = 0
+        self.memory_failures: list[str] = []
+        self.votes_bound = 2 * MAX_VALUES_PER_VALIDATOR * n  # per round: two values per (validator, type) at most
+        if self.flooders:  # watch the honest machines' memory on every delivery (flood runs only: no cost otherwise)
+            self._deliver = self._deliver_watched  # type: ignore[method-assign]
         self.max_delay = cfg.max_delay_ms if "delay" in cfg.faults else 5
         self.drop_p = cfg.drop_p if "drop" in cfg.faults else 0.0
         self.dup_p = cfg.dup_p if "dup" in cfg.faults else 0.0
@@ -214,23 +298,29 @@ class Simulation:
             return True
         return any(a in g and b in g for g in self.partition)
 
-    def _send(self, src: int, dst: int, msg: Proposal | Vote, sig_ok: bool | None = None) -> None:
-        """Queue one copy of msg for dst. The delivery layer checks the signature the way the shell does; the check
-        is a pure function of the message, so it is computed once per message and carried along (`sig_ok`)."""
+    def _send(self, src: int, dst: int, msg: Proposal | Vote, verdict: int | None = None) -> None:
+        """Queue one copy of msg for dst. The delivery layer decodes the message and checks its signature the way the
+        shell does; both are pure functions of the message, so the verdict (OK, BAD_BODY, BAD_SIGNATURE) is computed
+        once per message and carried along."""
         rand = self.rng.random
         self.messages += 1
-        if sig_ok is None:
-            sig_ok = _verify_message(msg)
+        if verdict is None:
+            verdict = self._check_message(msg)
         if self.now < self.gst:
             if self.drop_p and rand() < self.drop_p:
                 return
             delay = 1 + int(rand() * self.max_delay)  # reorder: independent delays
             if self.dup_p and rand() < self.dup_p:
-                self._push(self.now + delay + int(rand() * 21), dst, ("msg", src, msg, sig_ok))
+                self._push(self.now + delay + int(rand() * 21), dst, ("msg", src, msg, verdict))
         else:
             delay = 1 + int(rand() * 5)
         self.seq += 1
-        heapq.heappush(self.queue, (self.now + delay, self.seq, dst, ("msg", src, msg, sig_ok)))
+        heapq.heappush(self.queue, (self.now + delay, self.seq, dst, ("msg", src, msg, verdict)))
+
+    def _check_message(self, msg: Proposal | Vote) -> int:
+        if type(msg) is Proposal and self.cfg.check_body and not body_matches(msg.block):
+            return BAD_BODY
+        return OK if _verify_message(msg) else BAD_SIGNATURE
 
     def _broadcast(self, src: int, msg: Proposal | Vote) -> None:
         node = self.nodes[src]
@@ -238,7 +328,7 @@ class Simulation:
         if node.honest or node.mode == "twin":
             if node.honest:
                 self._note_signature(node, msg)
-            ok = _verify_message(msg)
+            ok = self._check_message(msg)
             for t in range(total):
                 if t != src:
                     self._send(src, t, msg, ok)
@@ -246,6 +336,12 @@ class Simulation:
         targets = [i for i in range(total) if i != src]
         mode = node.mode
         if mode == "silent":
+            return
+        if mode == "flood":
+            verdict = self._check_message(msg)
+            for t in targets:
+                self._send(src, t, msg, verdict)
+            self._flood(node, msg, targets)
             return
         if mode == "split":
             self._split(node, msg, targets)
@@ -271,11 +367,55 @@ class Simulation:
         for t in targets:
             self._send(src, t, msg)
 
+    def _flood(self, node: _Node, msg: Proposal | Vote, targets: list[int]) -> None:
+        """With every message it sends, a flooding validator also signs a burst of junk for rounds far ahead and for
+        the next heights: votes for random values, and proposals for the rounds it leads. Every one carries a good
+        signature, so only the machine's own bounds (FUTURE_BUFFER, MAX_ROUND_AHEAD, two values per validator and
+        round) keep it from growing the honest nodes' memory."""
+        rng, key = self.rng, node.key
+        h, r = msg.height, msg.round
+        for _ in range(self.cfg.flood_burst):
+            fh = h + rng.randint(0, 3)
+            x = rng.random()
+            if x < 0.3:
+                fr = r + rng.randint(1, MAX_ROUND_AHEAD)
+            elif x < 0.6:
+                fr = r + rng.randint(MAX_ROUND_AHEAD + 1, 4 * MAX_ROUND_AHEAD)
+            else:
+                fr = rng.randint(0, 1 << 20)
+            junk: Proposal | Vote
+            if rng.random() < 0.25:
+                lead = [rr for rr in range(r, r + 2 * MAX_ROUND_AHEAD) if self.validators.proposer(fh, rr) == key]
+                pr = rng.choice(lead)
+                p = Proposal(fh, pr, -1, make_block(fh, key, rng.randint(1 << 30, 1 << 40), node.bad_blocks), key)
+                junk = replace(p, signature=fake_sign(key, Proposal.KIND, p.sign_payload()))
+            else:
+                bh = None if rng.random() < 0.2 else rng.randbytes(32)
+                v = Vote(VoteType.PREVOTE if rng.random() < 0.5 else VoteType.PRECOMMIT, fh, fr, bh, key)
+                junk = replace(v, signature=fake_sign(key, Vote.KIND, v.sign_payload()))
+            self.flood_messages += 1
+            verdict = self._check_message(junk)
+            for t in targets:
+                self._send(node.idx, t, junk, verdict)
+
+    def _relay_swapped(self, node: _Node, src: int, p: Proposal) -> None:
+        """A Byzantine relayer forwards a proposal it received with the same header (so the proposer's signature still
+        verifies) but another body. The receivers' decoder rejects it; with check_body off it would be accepted."""
+        mark = (node.idx, p.signature)
+        if mark in self.relayed:
+            return
+        self.relayed.add(mark)
+        swapped = replace(p, block=replace(p.block, updates=(SWAP_UPDATE,)))
+        verdict = self._check_message(swapped)
+        for t in range(len(self.nodes)):
+            if t != node.idx and t != src:
+                self._send(node.idx, t, swapped, verdict)
+
     def _split(self, node: _Node, msg: Proposal | Vote, targets: list[int]) -> None:
         """Show one value to the even-numbered nodes and another to the odd ones, as proposer and as voter."""
         key = (msg.height, msg.round)
         if isinstance(msg, Proposal):
-            other = make_block(msg.height, node.key, 77_000 + msg.round)
+            other = make_block(msg.height, node.key, 77_000 + msg.round, node.bad_blocks)
             self.split_values[key] = (msg.block, other)
             q = replace(msg, block=other, pol_round=-1)
             q = replace(q, signature=fake_sign(node.key, Proposal.KIND, q.sign_payload()))
@@ -305,7 +445,7 @@ class Simulation:
 
     def _conflicting(self, node: _Node, msg: Proposal | Vote, mode: str) -> Proposal | Vote | None:
         if isinstance(msg, Proposal) and mode == "equivocate":
-            block = make_block(msg.height, node.key, 10_000 + msg.round + self.rng.randint(0, 1 << 20))
+            block = make_block(msg.height, node.key, 10_000 + msg.round + self.rng.randint(0, 1 << 20), node.bad_blocks)
             p = replace(msg, block=block, pol_round=-1)
             return replace(p, signature=fake_sign(node.key, Proposal.KIND, p.sign_payload()))
         if isinstance(msg, Vote):
@@ -346,12 +486,23 @@ class Simulation:
                     return
                 node.records.append(record)
             elif isinstance(a, GetValue):
-                self._push(self.now + 1, idx, ValueReady(a.height, a.round, make_block(a.height, node.key, a.round)))
+                block = make_block(a.height, node.key, a.round, node.bad_blocks)
+                self._push(self.now + 1, idx, ValueReady(a.height, a.round, block))
             elif isinstance(a, ValidateValue):
-                self._push(self.now + 1, idx, ValueValidated(a.height, a.round, a.block.hash(), True))
+                block = a.block
+                valid = block.header.app_hash != BAD_APP_HASH
+                if node.answers == "immediate":
+                    at = self.now + 1
+                else:
+                    at = self._answer_time(node, block.hash(), a.round)
+                if not valid and node.honest:
+                    self.invalid_answers += 1
+                self._push(at, idx, ValueValidated(a.height, a.round, block.hash(), valid))
             elif isinstance(a, Commit):
                 if a.height in node.commits:
                     continue
+                if self.flooders and node.honest and node.machine is not None:
+                    self._watch(node, node.machine, full=True)
                 node.commits[a.height] = a.block.hash()
                 node.blocks[a.height] = (a.block, a.certificate)
                 if node.honest and len(node.commits) == self.cfg.heights:
@@ -362,18 +513,77 @@ class Simulation:
             elif isinstance(a, EmitEvidence):
                 pass
 
+    def _answer_time(self, node: _Node, bh: bytes, r: int) -> int:
+        now, rng = self.now, self.rng
+        propose = self.cfg.timeouts.duration(TimeoutKind.PROPOSE, r)
+        if node.answers == "slow":  # re-executing the block takes a while, sometimes past the propose timeout
+            at = now + rng.randint(1, 2 * self.cfg.timeouts.duration(TimeoutKind.PROPOSE, 0))
+        else:  # "unavailable": nothing until the block's data arrives (sooner once the network is stable)
+            arrival = self.arrivals.get((node.idx, bh))
+            if arrival is None:
+                arrival = now + (rng.randint(50, 1_500) if now < self.gst else rng.randint(10, 300))
+                self.arrivals[(node.idx, bh)] = arrival
+            at = max(now + 1, arrival)
+        if at - now >= propose:
+            self.late_answers += 1
+        return at
+
+    def _deliver_watched(self, idx: int, item: object) -> None:
+        Simulation._deliver(self, idx, item)
+        node = self.nodes[idx]
+        m = node.machine
+        if node.honest and m is not None and type(item) is tuple:
+            self._watch(node, m, full=False)
+
+    def _watch(self, node: _Node, m: Tendermint, full: bool) -> None:
+        """Record an honest machine's buffer sizes and flag any above the machine's bounds."""
+        fut = len(m._future)
+        if fut > self.max_future:
+            self.max_future = fut
+            if fut > FUTURE_BUFFER:
+                self.memory_failures.append(f"node {node.idx}: {fut} future events buffered (bound {FUTURE_BUFFER})")
+        stored = len(m.votes)
+        if stored > self.max_rounds_stored:
+            self.max_rounds_stored = stored
+        if m._top_round - m.round > self.max_round_ahead:
+            self.max_round_ahead = m._top_round - m.round
+            if self.max_round_ahead > MAX_ROUND_AHEAD:
+                self.memory_failures.append(
+                    f"node {node.idx}: votes stored {self.max_round_ahead} rounds ahead (bound {MAX_ROUND_AHEAD})")
+        if stored > m.round + MAX_ROUND_AHEAD + 1:
+            self.memory_failures.append(f"node {node.idx}: {stored} rounds stored at round {m.round}")
+        if full:
+            for r, rv in m.votes.items():
+                count = sum(len(d) for d in rv.by_value.values())
+                if count > self.max_votes_per_round:
+                    self.max_votes_per_round = count
+                    if count > self.votes_bound:
+                        self.memory_failures.append(
+                            f"node {node.idx}: {count} votes stored for round {r} (bound {self.votes_bound})")
+            per_round = len(m.proposal_values)
+            if per_round > 2 * (m.round + MAX_ROUND_AHEAD + 1):
+                self.memory_failures.append(f"node {node.idx}: {per_round} proposals stored at round {m.round}")
+
     def _deliver(self, idx: int, item: object) -> None:
         node = self.nodes[idx]
         m = node.machine
         if not node.up or m is None:
             return
         if type(item) is tuple:
-            _, src, msg, sig_ok = item
+            _, src, msg, verdict = item
             if self.partition is not None and not self._reachable(src, idx):
                 return
-            if not sig_ok:
-                return  # the shell drops a message whose signature does not verify
-            ev: object = VoteReceived(msg) if type(msg) is Vote else ProposalReceived(msg)
+            if verdict:
+                if verdict == BAD_BODY:
+                    self.decode_rejections += 1  # the decoder rejects the block: body and header disagree
+                return  # the shell drops a message that does not decode or whose signature does not verify
+            ev: object
+            if type(msg) is Vote:
+                ev = VoteReceived(msg)
+            else:
+                if node.mode == "body_swap":
+                    self._relay_swapped(node, src, msg)
+                ev = ProposalReceived(msg)
             if msg.height > m.height:
                 self._sync(idx)
             self._perform(idx, m.step(ev))  # type: ignore[arg-type]
@@ -383,6 +593,8 @@ class Simulation:
                 return  # a stale timer: the machine ignores it (fast path; same behaviour)
             if item.kind == TimeoutKind.REBROADCAST:
                 self._sync(idx)
+                if self.flooders and node.honest:
+                    self._watch(node, m, full=True)
         self._perform(idx, m.step(item))  # type: ignore[arg-type]
 
     def _sync(self, idx: int) -> None:
@@ -458,6 +670,7 @@ class Simulation:
         safety, liveness, certs = list(self.double_signs), [], []
         honest = [n for n in self.nodes if n.honest]
         decided: dict[int, tuple[bytes, int]] = {}
+        bodies: dict[int, tuple[Block, int]] = {}
         for n in honest:
             for h, bh in n.commits.items():
                 if h in decided and decided[h][0] != bh:
@@ -466,6 +679,13 @@ class Simulation:
             for h, (block, cert) in n.blocks.items():
                 if not self._cert_ok(block, cert):
                     certs.append(f"node {n.idx} height {h}: certificate does not verify")
+                if block.header.app_hash == BAD_APP_HASH:
+                    safety.append(f"height {h}: node {n.idx} committed a block its application judges invalid")
+                first = bodies.setdefault(h, (block, n.idx))
+                b0 = first[0]
+                if b0 is not block and (b0.updates != block.updates or b0.evidence != block.evidence
+                                        or b0.last_commit != block.last_commit):
+                    safety.append(f"height {h}: node {first[1]} and node {n.idx} committed one header with two bodies")
             if len(n.commits) < cfg.heights:
                 liveness.append(f"node {n.idx} committed {len(n.commits)} of {cfg.heights} heights")
         max_round = max((c.round for n in honest for _, c in n.blocks.values()), default=0)
@@ -488,6 +708,15 @@ class Simulation:
             decided_heights=len(decision_round),
             crashes=self.crashes,
             torn_records=self.torn_records,
+            decode_rejections=self.decode_rejections,
+            invalid_answers=self.invalid_answers,
+            late_answers=self.late_answers,
+            flood_messages=self.flood_messages,
+            max_future=self.max_future,
+            max_rounds_stored=self.max_rounds_stored,
+            max_round_ahead=self.max_round_ahead,
+            max_votes_per_round=self.max_votes_per_round,
+            memory_failures=self.memory_failures[:5],
         )
 
     def _cert_ok(self, block: Block, cert: CommitCertificate) -> bool:
@@ -531,12 +760,22 @@ class Summary:
     safety_violations: int = 0
     liveness_failures: int = 0
     certificate_failures: int = 0
+    memory_failures: int = 0
+    decode_rejections: int = 0
+    invalid_answers: int = 0
+    late_answers: int = 0
+    flood_messages: int = 0
+    max_future: int = 0
+    max_rounds_stored: int = 0
+    max_round_ahead: int = 0
+    max_votes_per_round: int = 0
     failing_seeds: list[int] = field(default_factory=list)
     first_problem: str = ""
 
     @property
     def ok(self) -> bool:
-        return not (self.safety_violations or self.liveness_failures or self.certificate_failures)
+        return not (self.safety_violations or self.liveness_failures or self.certificate_failures
+                    or self.memory_failures)
 
 
 def run_many(cfg: SimConfig, seeds: range | list[int]) -> Summary:
@@ -555,10 +794,19 @@ def run_many(cfg: SimConfig, seeds: range | list[int]) -> Summary:
         s.safety_violations += len(r.safety_violations)
         s.liveness_failures += len(r.liveness_failures)
         s.certificate_failures += len(r.certificate_failures)
+        s.memory_failures += len(r.memory_failures)
+        s.decode_rejections += r.decode_rejections
+        s.invalid_answers += r.invalid_answers
+        s.late_answers += r.late_answers
+        s.flood_messages += r.flood_messages
+        s.max_future = max(s.max_future, r.max_future)
+        s.max_rounds_stored = max(s.max_rounds_stored, r.max_rounds_stored)
+        s.max_round_ahead = max(s.max_round_ahead, r.max_round_ahead)
+        s.max_votes_per_round = max(s.max_votes_per_round, r.max_votes_per_round)
         if not r.ok:
             s.failing_seeds.append(seed)
             if not s.first_problem:
                 s.first_problem = f"seed {seed}: " + "; ".join(
-                    (r.safety_violations + r.liveness_failures + r.certificate_failures)[:2]
+                    (r.safety_violations + r.liveness_failures + r.certificate_failures + r.memory_failures)[:2]
                 )
     return s
