@@ -34,6 +34,20 @@ def _open(home: Path) -> tuple[Any, Any]:
     return genesis, ChainStore.open(paths.chain_db, readonly=True, genesis_hash=genesis.hash())
 
 
+def _slashed_by(genesis: Any, store: Any, block: Any) -> list[dict[str, Any]]:
+    """Validators this block's evidence slashed (first conviction), with the height their power drops to 0."""
+    from flnode.node.app import slash_height
+
+    if not block.evidence:
+        return []
+    state = store.get_state(block.height)
+    start = slash_height(block.height)
+    return [
+        {"validator": genesis.name_of(v), "public_key": v.hex(), "from_height": start}
+        for v in sorted({e.validator for e in block.evidence}) if state.slashed.get(v) == start
+    ]
+
+
 def _height_row(genesis: Any, store: Any, h: int) -> dict[str, Any]:
     block = store.get_block(h)
     cert = store.get_certificate(h)
@@ -51,6 +65,7 @@ def _height_row(genesis: Any, store: Any, h: int) -> dict[str, Any]:
         "test_accuracy": metrics.get("test_accuracy"),
         "round_time_s": metrics.get("round_time_s"),
         "rewards": sum(receipt.rewards.values()) if receipt else 0,
+        "slashed": _slashed_by(genesis, store, block),
     }
 
 
@@ -80,6 +95,8 @@ def show(
             c.print(f"[bold]block {height}[/bold]  {detail['block_hash']}")
             for k in ("round", "proposer", "prev_block_hash", "model_hash", "app_hash", "aggregator", "test_accuracy"):
                 c.print(f"  {k:16} {detail[k]}")
+            for sl in detail["slashed"]:
+                c.print(f"  [red]slashed[/red]          {sl['validator']}: no voting power from height {sl['from_height']}")
             t = Table(title="updates")
             for col in ("author", "samples", "local loss", "outcome", "reward", "penalty"):
                 t.add_column(col)
@@ -99,14 +116,16 @@ def show(
             typer.echo(json.dumps({"chain_id": genesis.chain_id, "height": top, "blocks": rows}))
             return
         t = Table(title=f"{genesis.chain_id}: {top} blocks ({genesis.rules.aggregator}, {genesis.task.model} on {genesis.task.dataset})")
-        for col in ("height", "round", "proposer", "accepted", "rejected", "model", "test acc", "round s", "rewards"):
-            t.add_column(col, justify="right" if col not in ("proposer", "model") else "left")
+        for col in ("height", "round", "proposer", "accepted", "rejected", "model", "test acc", "round s", "rewards",
+                    "slashed"):
+            t.add_column(col, justify="right" if col not in ("proposer", "model", "slashed") else "left")
         for r in rows:
             t.add_row(
                 str(r["height"]), str(r["round"]), r["proposer"], str(r["accepted"]), str(r["rejected"]),
                 r["model_hash"][:12],
                 f"{r['test_accuracy']:.3f}" if r["test_accuracy"] is not None else "",
                 f"{r['round_time_s']:.3f}" if r["round_time_s"] is not None else "", str(r["rewards"]),
+                ", ".join(f"{x['validator']} (from {x['from_height']})" for x in r["slashed"]),
             )
         Console().print(t)
     finally:
@@ -133,7 +152,8 @@ def _detail(genesis: Any, store: Any, h: int) -> dict[str, Any]:
     threshold = genesis.rules.rewards.exclude_below
     participants = [
         {"name": genesis.name_of(k), "public_key": k.hex(), "balance": state.balances.get(k, 0),
-         "reputation": state.reputation.get(k, 0), "excluded": state.reputation.get(k, 0) < threshold}
+         "reputation": state.reputation.get(k, 0), "excluded": state.reputation.get(k, 0) < threshold,
+         "slashed_from": state.slashed.get(k)}
         for k in genesis.participant_keys
     ]
     return {

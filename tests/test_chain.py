@@ -9,6 +9,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,14 +25,19 @@ from flnode.protocol.crypto import NodeKey
 from flnode.protocol.errors import ValidationError
 from flnode.protocol.genesis import Genesis
 from flnode.protocol.hashing import digest
-from flnode.protocol.messages import Block, CommitCertificate, Vote, VoteType
+from flnode.protocol.messages import Block, CommitCertificate, DuplicateVoteEvidence, Vote, VoteType
 from flnode.protocol.tensors import encode_tensors
 from typer.testing import CliRunner
 
 KEYS = [NodeKey(bytes([i + 40]) * 32) for i in range(4)]
 
 
-def make_chain(heights: int) -> tuple[Genesis, list[tuple[Block, CommitCertificate, object, object]], dict[bytes, bytes]]:
+def make_chain(
+    heights: int,
+    evidence: dict[int, list[DuplicateVoteEvidence]] | None = None,
+    signers: Callable[[int], list[NodeKey]] = lambda h: KEYS[:3],
+    proposer_of: Callable[[int], NodeKey] = lambda h: KEYS[h % 4],
+) -> tuple[Genesis, list[tuple[Block, CommitCertificate, object, object]], dict[bytes, bytes]]:
     task, rules = _task_and_rules("logreg", "digits", "iid", 0.5, "fedavg", 0, 100.0, 1, 0.1, 2000)
     g = make_genesis("chain-test", [(f"n{i}", k.public_key) for i, k in enumerate(KEYS)], task, rules)
     state = genesis_state(g)
@@ -45,17 +51,22 @@ def make_chain(heights: int) -> tuple[Genesis, list[tuple[Block, CommitCertifica
             ann, blob, _ = make_update(g, k, state, data[k.public_key], g.index_of(k.public_key))
             blobs[ann.blob_hash] = blob
             cands.append((ann, blob))
-        proposer = KEYS[h % 4]
         block, state, receipt = build_block(g, state, prev_block_hash=prev, last_commit=last_cert,
-                                            proposer=proposer.public_key, time_ms=h, candidates=cands)
-        sigs = sorted(
-            (k.public_key, Vote(VoteType.PRECOMMIT, h, 0, block.hash(), k.public_key).signed(k, g.chain_id).signature)
-            for k in KEYS[:3]
-        )
-        cert = CommitCertificate(h, 0, block.hash(), tuple(sigs))
+                                            proposer=proposer_of(h).public_key, time_ms=h, candidates=cands,
+                                            evidence=(evidence or {}).get(h, []))
+        cert = certify(g, block, signers(h))
         out.append((block, cert, state, receipt))
         prev, last_cert = block.hash(), cert
     return g, out, blobs
+
+
+def certify(g: Genesis, block: Block, keys: list[NodeKey]) -> CommitCertificate:
+    h = block.height
+    sigs = sorted(
+        (k.public_key, Vote(VoteType.PRECOMMIT, h, 0, block.hash(), k.public_key).signed(k, g.chain_id).signature)
+        for k in keys
+    )
+    return CommitCertificate(h, 0, block.hash(), tuple(sigs))
 
 
 def store_chain(path: Path, g: Genesis, chain: list, blobs: dict[bytes, bytes]) -> None:  # type: ignore[type-arg]
@@ -244,3 +255,81 @@ def test_chain_cli(tmp_path: Path, chain: tuple) -> None:  # type: ignore[type-a
     conn.close()
     res = runner.invoke(app, ["chain", "verify", "--home", str(home)])
     assert res.exit_code == 1 and "height 2" in res.output
+
+
+# ---------------------------------------------------------------- slashing
+
+
+def _double_vote(g_chain_id: str, key: NodeKey, height: int) -> DuplicateVoteEvidence:
+    a = Vote(VoteType.PREVOTE, height, 0, b"\x01" * 32, key.public_key).signed(key, g_chain_id)
+    b = Vote(VoteType.PREVOTE, height, 0, b"\x02" * 32, key.public_key).signed(key, g_chain_id)
+    return DuplicateVoteEvidence.of(a, b)
+
+
+def test_slashed_validator_stops_counting_from_h_plus_2(tmp_path: Path) -> None:
+    bad = KEYS[0]
+    ev = _double_vote("chain-test", bad, 1)
+    # evidence in block 1: KEYS[0] has no power from height 3, so later certificates need KEYS[1..3] (all of 3)
+    g, blocks, blobs = make_chain(
+        5, evidence={1: [ev]}, signers=lambda h: KEYS[:3] if h < 3 else KEYS[1:],
+        proposer_of=lambda h: KEYS[1 + h % 3],
+    )
+    from flnode.node.app import validator_powers
+
+    s1 = blocks[0][2]
+    assert s1.slashed == {bad.public_key: 3}
+    assert bad.public_key in validator_powers(g, s1, 2)
+    assert validator_powers(g, s1, 3) == {k.public_key: 1 for k in KEYS[1:]}
+    db = tmp_path / "c.sqlite"
+    store_chain(db, g, blocks, blobs)
+    reader = ChainStore.open(db, readonly=True)
+    assert reader.get_state(1).slashed == s1.slashed  # stored and decoded
+    report = verify_chain(reader, g)
+    reader.close()
+    assert report.ok, report.reason
+
+    # a certificate of height 3 signed with the slashed key is 2 of 3: verify names height 3
+    conn = sqlite3.connect(db)
+    conn.execute("UPDATE certificates SET data = ? WHERE height = 3", (certify(g, blocks[2][0], KEYS[:3]).encode(),))
+    conn.commit()
+    conn.close()
+    report = verify_chain(ChainStore.open(db, readonly=True), g)
+    assert not report.ok and report.first_bad_height == 3 and "2/3" in report.reason, report
+
+    # check_block: block 4 whose last commit (height 3) counts the slashed key is refused; height 2 still counted it
+    s2, s3 = blocks[1][2], blocks[2][2]
+    b3, b4 = blocks[2][0], blocks[3][0]
+    stale = replace(b4, last_commit=certify(g, b3, KEYS[:3]))
+    stale = replace(stale, header=replace(stale.header, last_commit_hash=stale.last_commit.hash()))  # type: ignore[union-attr]
+    with pytest.raises(ValidationError, match="2/3"):
+        check_block(g, s3, stale, blobs, prev_block_hash=b3.hash())  # type: ignore[arg-type]
+    check_block(g, s3, b4, blobs, prev_block_hash=b3.hash())  # type: ignore[arg-type]
+    # its signature still has to be valid: it is checked, it just counts zero
+    forged = replace(b4.last_commit, signatures=((bad.public_key, b"\x00" * 64), *b4.last_commit.signatures))  # type: ignore[union-attr]
+    forged_b4 = replace(b4, last_commit=forged, header=replace(b4.header, last_commit_hash=forged.hash()))
+    with pytest.raises(ValidationError, match="signature"):
+        check_block(g, s3, forged_b4, blobs, prev_block_hash=b3.hash())  # type: ignore[arg-type]
+    # the slashed validator may not propose from height 3 on, but still could at height 2
+    b3_by_bad = replace(b3, header=replace(b3.header, proposer=bad.public_key))
+    with pytest.raises(ValidationError, match="proposer"):
+        check_block(g, s2, b3_by_bad, blobs, prev_block_hash=blocks[1][0].hash())  # type: ignore[arg-type]
+    b2 = blocks[1][0]
+    b2_by_bad = replace(b2, header=replace(b2.header, proposer=bad.public_key))
+    check_block(g, s1, b2_by_bad, blobs, prev_block_hash=blocks[0][0].hash())  # type: ignore[arg-type]
+
+    # chain show lists the slashing at the block that carried the evidence
+    home = tmp_path / "home"
+    home.mkdir()
+    g.save(home / "genesis.json")
+    write_config(home, NodeConfig())
+    store_chain(home / "data" / "chain.sqlite", g, blocks, blobs)
+    runner = CliRunner()
+    shown = json.loads(runner.invoke(app, ["chain", "show", "--home", str(home), "--json"]).output)
+    slashed = {b["height"]: b["slashed"] for b in shown["blocks"]}
+    assert slashed[1] == [{"validator": "n0", "public_key": bad.public_key.hex(), "from_height": 3}]
+    assert all(slashed[h] == [] for h in (2, 3, 4, 5))
+    res = runner.invoke(app, ["chain", "show", "--home", str(home)], env={"COLUMNS": "200"})
+    assert res.exit_code == 0 and "n0 (from 3)" in res.output
+    detail = json.loads(runner.invoke(app, ["chain", "show", "--home", str(home), "--height", "1", "--json"]).output)
+    assert detail["slashed"][0]["from_height"] == 3
+    assert runner.invoke(app, ["chain", "verify", "--home", str(home)]).exit_code == 0
