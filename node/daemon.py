@@ -1,8 +1,11 @@
-"""The flnode daemon: a thin trio shell around the pure consensus machine and the pure learning app.
+"""The flnode daemon: a thin trio driver around the pure consensus machine and the pure learning app.
 
-Network messages and timer firings become consensus events; the machine's actions are performed in order
-(persist before anything leaves the process, then sign/send, schedule, apply commits). Everything runs in
-one nursery; cancelling it (SIGINT/SIGTERM) stops every task.
+Services, each with one role: the admission gate (every network message), the store worker (all SQLite work,
+off the loop), the blob service (fetch and serve by hash), the sync loop (catch up from peers). The consensus
+driver is the only task that steps the machine; it reads one bounded event queue and performs the actions in
+order (persist before anything leaves the process). A committed block is applied by its own task, so a missing
+blob never stops timeouts, status or serving peers. Background tasks are supervised; only the consensus driver
+and the store are fatal. Every deadline is on trio's clock.
 """
 
 from __future__ import annotations
@@ -11,7 +14,6 @@ import json
 import logging
 import os
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,28 +44,33 @@ from flnode.protocol.errors import ProtocolError, ValidationError
 from flnode.protocol.genesis import Genesis
 from flnode.protocol.hashing import digest, short
 from flnode.protocol.messages import (
-    BlobRequest,
+    GOSSIP_MAX_SIZE,
     Block,
     BlockRequest,
     BlockResponse,
     CommitCertificate,
+    DuplicateVoteEvidence,
     Message,
     Proposal,
     Status,
     UpdateAnnouncement,
     UpdateBundle,
     Vote,
-    decode_gossip,
     encode_gossip,
 )
 from flnode.protocol.tensors import encode_tensors
 
+from .admission import AdmissionGate
+from .blobs import BLOB_PROTOCOL, BlobService
+from .store_worker import StoreWorker
+from .supervise import supervised
+
 log = logging.getLogger("flnode.daemon")
 
-BLOB_PROTOCOL = "/flnode/blob/1.0.0"
 BLOCKS_PROTOCOL = "/flnode/blocks/1.0.0"
 STATUS_PROTOCOL = "/flnode/status/1.0.0"
 SYNC_BATCH = 32
+EVENT_QUEUE = 1024  # consensus events waiting for the driver; producers wait when it is full
 
 
 @dataclass(frozen=True)
@@ -74,6 +81,13 @@ class Topics:
     @classmethod
     def for_chain(cls, chain_id: str) -> Topics:
         return cls(f"/flnode/{chain_id}/consensus/1", f"/flnode/{chain_id}/updates/1")
+
+
+@dataclass(frozen=True)
+class HeightApplied:
+    """Internal event: the committer stored this height; the driver starts the next one."""
+
+    height: int
 
 
 def timeouts_from(genesis: Genesis) -> TimeoutConfig:
@@ -111,7 +125,6 @@ class Daemon:
         self.validators = ValidatorSet(genesis.powers)
         self.is_validator = self.me in genesis.powers
         self.pool = UpdatePool()
-        self.members = set(genesis.powers)
 
         height = store.latest_height()
         self.state: AppState = store.get_state(height) if height > 0 else genesis_state(genesis)
@@ -120,9 +133,13 @@ class Daemon:
 
         sign = (lambda kind, payload: key.sign(self.chain_id, kind, payload)) if self.is_validator else None
         records = store.records(height + 1)
-        self.machine = Tendermint.restore(
-            self.validators, self.me if self.is_validator else None, sign, timeouts_from(genesis), records
-        ) if records else Tendermint(self.validators, self.me if self.is_validator else None, sign, timeouts_from(genesis))
+        me = self.me if self.is_validator else None
+        timeouts = timeouts_from(genesis)
+        self.machine = (
+            Tendermint.restore(self.validators, me, sign, timeouts, records)
+            if records
+            else Tendermint(self.validators, me, sign, timeouts)
+        )
 
         self.net = P2PNode(
             key.seed,
@@ -132,16 +149,26 @@ class Daemon:
             validator=self._validate_gossip,
             announce=list(config.announce) or None,
         )
-        self._events_send, self._events_recv = trio.open_memory_channel[Any](float("inf"))
-        self._validated: OrderedDict[bytes, Message] = OrderedDict()
+        self.worker = StoreWorker(store)
+        self.blobs = BlobService(self.net, self.worker, self.metrics, max_blob_bytes=genesis.rules.max_blob_bytes)
+        self.blobs.on_stored = self._on_blob_stored
+        self.gate = AdmissionGate(
+            self.chain_id, self.topics.consensus, self.topics.updates, self, self.metrics, trio.current_time,
+            max_bytes={self.topics.consensus: GOSSIP_MAX_SIZE,
+                       self.topics.updates: UpdateBundle.MAX_SIZE + 16},
+        )
+        self._events_send, self._events_recv = trio.open_memory_channel[Any](EVENT_QUEUE)
         self._results: dict[bytes, tuple[AppState, Any]] = {}  # block hash -> (state, receipt), current height only
+        self._validating: set[bytes] = set()
         self._changed = trio.Event()  # set whenever the pool, blobs or height change
-        self._fetching: dict[bytes, trio.Event] = {}
-        self._height_started = time.monotonic()
+        self._height_started = 0.0  # trio clock
         self._timing: dict[str, float] = {}  # phase marks of the current height, seconds since it started
         self._behind = trio.Event()  # set when a message shows peers at a higher height
         self._ahead_seen = False
-        self._last_commit = time.monotonic()
+        self._last_commit = 0.0
+        self._applying: int | None = None  # height of a committed block being applied
+        self.halted: str | None = None  # why consensus cannot go on (a committed block we cannot execute)
+        self.collect_passes = 0  # proposer collection-loop passes, for the no-spin regression test
         self._nursery: trio.Nursery | None = None
         self.data = None
         self.participant_index = -1
@@ -151,12 +178,35 @@ class Daemon:
                 genesis.task, len(genesis.validators), self.participant_index, str(data_file) if data_file else None
             )
 
+    # ---------------------------------------------------------------- ChainView (for the admission gate)
+
+    def next_height(self) -> int:
+        return self.state.height + 1
+
+    def consensus_round(self) -> int:
+        return max(0, int(getattr(self.machine, "round", 0)))
+
+    def validator_set(self, height: int) -> ValidatorSet | None:
+        return self.validators
+
+    def announcement_problem(self, ann: UpdateAnnouncement) -> str | None:
+        if ann.author not in self.genesis.powers:
+            return "not_participant"
+        if self.state.excluded(ann.author, self.genesis.rules.rewards.exclude_below):
+            return "excluded"
+        if ann.height == self.state.height + 1 and ann.base_model_hash != self.state.model_hash:
+            return "wrong_base_model"
+        if ann.blob_size > self.genesis.rules.max_blob_bytes:
+            return "oversize"
+        return None
+
     # ---------------------------------------------------------------- lifecycle
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        self.net.set_handler(BLOB_PROTOCOL, self._serve_blob)
+        self.net.set_handler(BLOB_PROTOCOL, self.blobs.serve)
         self.net.set_handler(BLOCKS_PROTOCOL, self._serve_blocks)
         self.net.set_handler(STATUS_PROTOCOL, self._serve_status)
+        self._height_started = self._last_commit = trio.current_time()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             await nursery.start(self.net.run)
@@ -166,109 +216,72 @@ class Daemon:
             )
             if self.config.metrics_listen:
                 await nursery.start(serve_metrics, self.metrics, self.config.metrics_listen)
-            nursery.start_soon(self._inbound_loop)
-            nursery.start_soon(self._consensus_loop)
-            nursery.start_soon(self._sync_loop)
-            nursery.start_soon(self._status_loop)
+            nursery.start_soon(self._consensus_loop)  # fatal: an exception here stops the node
+            self._supervise("inbound", self._inbound_loop)
+            self._supervise("sync", self._sync_loop)
+            self._supervise("status", self._status_loop)
             if self.data is not None:
-                nursery.start_soon(self._participant_loop)
+                self._supervise("participant", self._participant_loop)
             task_status.started()
+
+    def _supervise(self, name: str, fn: Any, *args: Any, restart: bool = True) -> None:
+        assert self._nursery is not None
+        self._nursery.start_soon(lambda: supervised(name, fn, *args, metrics=self.metrics, restart=restart))
+
+    def _spawn(self, name: str, fn: Any, *args: Any) -> None:
+        """A one-shot background task: a failure is logged and counted, not fatal, not restarted."""
+        self._supervise(name, fn, *args, restart=False)
+
+    def _now(self) -> float:
+        return trio.current_time()
 
     def _mark(self, name: str, value: float | None = None) -> None:
         if name not in self._timing:
-            self._timing[name] = time.monotonic() - self._height_started if value is None else value
+            self._timing[name] = self._now() - self._height_started if value is None else value
 
     def _notify(self) -> None:
         self._changed.set()
         self._changed = trio.Event()
 
+    def _on_blob_stored(self, h: bytes) -> None:
+        self._check_updates_complete()
+        self._notify()
+
     # ---------------------------------------------------------------- gossip in
 
-    def _validate_gossip(self, topic: str, data: bytes) -> bool:
-        """libp2p topic validator: only well-formed, signed, member, non-stale messages are re-gossiped."""
-        h = digest(data)
-        if h in self._validated:
-            return True
-        try:
-            msg = decode_gossip(data)
-        except ProtocolError as exc:
-            self._reject("malformed", str(exc))
-            return False
-        reason = self._check_message(topic, msg)
-        if reason is not None:
-            self._reject(reason, type(msg).__name__)
-            return False
-        self._validated[h] = msg
-        if len(self._validated) > 4096:
-            self._validated.popitem(last=False)
-        return True
-
-    def _check_message(self, topic: str, msg: Message) -> str | None:
-        current = self.state.height + 1
-        if isinstance(msg, Vote):
-            if topic != self.topics.consensus:
-                return "wrong_topic"
-            if msg.validator not in self.members:
-                return "not_member"
-            if msg.height < current - 1 or msg.height > current + 2:
-                return "stale_height"
-            return None if msg.verify(self.chain_id) else "bad_signature"
-        if isinstance(msg, Proposal):
-            if topic != self.topics.consensus:
-                return "wrong_topic"
-            if msg.proposer not in self.members:
-                return "not_member"
-            if msg.height < current or msg.height > current + 2:
-                return "stale_height"
-            return None if msg.verify(self.chain_id) else "bad_signature"
-        if isinstance(msg, UpdateBundle):
-            msg = msg.announcement
-        if isinstance(msg, UpdateAnnouncement):
-            if topic != self.topics.updates:
-                return "wrong_topic"
-            if msg.author not in self.members:
-                return "not_member"
-            if msg.height < current or msg.height > current + 2:
-                return "stale_height"
-            if msg.blob_size > self.genesis.rules.max_blob_bytes:
-                return "oversize"
-            return None if msg.verify(self.chain_id) else "bad_signature"
-        return "unexpected_type"
-
-    def _reject(self, reason: str, detail: str) -> None:
-        self.metrics.inc(f"rejected_{reason}")
-        log.info("rejected message", extra={"reason": reason, "detail": detail[:120]})
+    def _validate_gossip(self, topic: str, data: bytes, peer: str | None = None) -> bool:
+        """libp2p topic validator: only what the admission gate admits is re-gossiped."""
+        return self.gate.admit(topic, data, peer) is not None
 
     async def _inbound_loop(self) -> None:
         async for item in self.net.inbound:
-            h = digest(item.data)
-            msg = self._validated.get(h)
+            msg = self.gate.admit(item.topic, item.data, None)
             if msg is None:
-                if not self._validate_gossip(item.topic, item.data):
-                    continue
-                msg = self._validated[h]
-            self.metrics.inc("gossip_received")
-            if getattr(msg, "height", 0) > self.state.height + 1 and not self._ahead_seen:
-                self._ahead_seen = True  # someone is past our height: ask for blocks now
-                self._behind.set()
-            if isinstance(msg, Vote):
-                await self._events_send.send(VoteReceived(msg))
-            elif isinstance(msg, Proposal):
-                if msg.height == self.state.height + 1:
-                    self._mark("proposal_t")
-                await self._events_send.send(ProposalReceived(msg))
-            elif isinstance(msg, UpdateBundle):
-                if not self.store.has_blob(msg.announcement.blob_hash):
-                    self.store.put_blob(msg.announcement.blob_hash, msg.blob)
-                self._on_announcement(msg.announcement, item.from_peer)
-            elif isinstance(msg, UpdateAnnouncement):
-                self._on_announcement(msg, item.from_peer)
+                continue
+            await self._on_message(msg, item.from_peer)
+
+    async def _on_message(self, msg: Message, from_peer: str | None) -> None:
+        self.metrics.inc("gossip_received")
+        if getattr(msg, "height", 0) > self.state.height + 1 and not self._ahead_seen:
+            self._ahead_seen = True  # someone is past our height: ask for blocks now
+            self._behind.set()
+        if isinstance(msg, Vote):
+            await self._events_send.send(VoteReceived(msg))
+        elif isinstance(msg, Proposal):
+            if msg.height == self.state.height + 1:
+                self._mark("proposal_t")
+            await self._events_send.send(ProposalReceived(msg))
+        elif isinstance(msg, UpdateBundle):
+            await self.blobs.put(msg.announcement.blob_hash, msg.blob)
+            self._on_announcement(msg.announcement, from_peer)
+        elif isinstance(msg, UpdateAnnouncement):
+            self._on_announcement(msg, from_peer)
+        elif isinstance(msg, DuplicateVoteEvidence):
+            self.pool.add_evidence(msg)
 
     def _check_updates_complete(self) -> None:
         height = self.state.height + 1
-        if "updates_t" not in self._timing and len({a.author for a, _ in self._ready_updates(height)}) >= len(
-            self.genesis.validators
-        ):
+        if "updates_t" not in self._timing and len(self._ready_authors(height)) >= len(self.genesis.validators):
             self._mark("updates_t")
 
     def _on_announcement(self, ann: UpdateAnnouncement, from_peer: str | None) -> None:
@@ -276,71 +289,28 @@ class Daemon:
             log.debug("update announced", extra={"height": ann.height, "author": self.genesis.name_of(ann.author)})
             self._check_updates_complete()
             self._notify()
-            if not self.store.has_blob(ann.blob_hash) and self._nursery is not None:
-                self._nursery.start_soon(self._fetch_blob, ann.blob_hash, ann.author, from_peer)
+            if not self.blobs.holds(ann.blob_hash):
+                holders = [peer_id_of(ann.author)] + ([from_peer] if from_peer else [])
+                self._spawn("fetch", self._fetch_announced, ann, holders)
 
-    # ---------------------------------------------------------------- blobs
+    async def _fetch_announced(self, ann: UpdateAnnouncement, holders: list[str]) -> None:
+        def candidates() -> list[str]:
+            return holders + [p for p in self.net.connected_peers() if p not in holders]
 
-    async def _fetch_blob(self, blob_hash: bytes, author: bytes | None, hint: str | None, attempts: int = 6) -> bool:
-        """Fetch a blob by hash: from its author first, then the hinted peer, then anyone connected."""
-        if self.store.has_blob(blob_hash):
-            return True
-        running = self._fetching.get(blob_hash)
-        if running is not None:
-            await running.wait()
-            return self.store.has_blob(blob_hash)
-        done = self._fetching[blob_hash] = trio.Event()
-        try:
-            for attempt in range(attempts):
-                peers = []
-                if author is not None and author != self.me:
-                    peers.append(peer_id_of(author))
-                if hint and hint not in peers and hint != self.net.peer_id:
-                    peers.append(hint)
-                peers += [p for p in self.net.connected_peers() if p not in peers]
-                for peer in peers:
-                    t0 = time.monotonic()
-                    try:
-                        data = await self.net.request(
-                            peer,
-                            BLOB_PROTOCOL,
-                            BlobRequest(blob_hash).encode(),
-                            max_response=self.genesis.rules.max_blob_bytes,
-                            timeout=30.0,
-                        )
-                    except NetError as exc:
-                        log.debug("blob fetch failed", extra={"peer": peer[:16], "error": str(exc)})
-                        continue
-                    t1 = time.monotonic()
-                    if data and digest(data) == blob_hash:
-                        self.store.put_blob(blob_hash, data)
-                        log.debug("blob fetched", extra={"peer": peer[:16], "bytes": len(data),
-                                                         "fetch_ms": round((t1 - t0) * 1000, 1),
-                                                         "store_ms": round((time.monotonic() - t1) * 1000, 1)})
-                        self.metrics.inc("blobs_fetched")
-                        self._check_updates_complete()
-                        self._notify()
-                        return True
-                    if data:
-                        self._reject("blob_hash_mismatch", peer[:16])
-                    if self.store.has_blob(blob_hash):
-                        return True
-                await trio.sleep(min(2.0, 0.1 * 2**attempt))
-            log.warning("blob unavailable", extra={"blob": short(blob_hash)})
-            return False
-        finally:
-            del self._fetching[blob_hash]
-            done.set()
+        await self.blobs.fetch_until(
+            ann.blob_hash, candidates, ann.blob_size, give_up=lambda: self.state.height >= ann.height
+        )
 
-    async def _serve_blob(self, peer: str, request: bytes) -> bytes:
-        req = BlobRequest.decode(request)
-        return self.store.get_blob(req.blob_hash) or b""
+    # ---------------------------------------------------------------- serving peers
 
     async def _serve_blocks(self, peer: str, request: bytes) -> bytes:
         req = BlockRequest.decode(request)
+        return await self.worker.run(self._read_blocks, req.from_height, min(req.max_blocks, SYNC_BATCH))
+
+    def _read_blocks(self, start: int, count: int) -> bytes:
         entries = []
         top = self.store.latest_height()
-        for h in range(req.from_height, min(top, req.from_height + min(req.max_blocks, SYNC_BATCH) - 1) + 1):
+        for h in range(start, min(top, start + count - 1) + 1):
             block, cert = self.store.get_block(h), self.store.get_certificate(h)
             if block is None or cert is None:
                 break
@@ -350,48 +320,64 @@ class Daemon:
     async def _serve_status(self, peer: str, request: bytes) -> bytes:
         return Status(self.state.height, self.last_block_hash, self.state.model_hash).encode()
 
-    # ---------------------------------------------------------------- consensus
+    # ---------------------------------------------------------------- consensus driver
 
     async def _consensus_loop(self) -> None:
-        self._height_started = time.monotonic()
+        self._height_started = self._now()
         await self._perform(self.machine.step(StartHeight(self.state.height + 1)))
         async for event in self._events_recv:
+            if isinstance(event, HeightApplied):
+                if event.height == self.state.height and self._applying == event.height:
+                    self._applying = None
+                    self._height_started = self._now()
+                    self._timing = {}
+                    await self._perform(self.machine.step(StartHeight(self.state.height + 1)))
+                continue
             await self._perform(self.machine.step(event))
 
     async def _perform(self, actions: list[Any]) -> None:
-        assert self._nursery is not None
         for a in actions:
             if isinstance(a, act.Persist):
-                self.store.append_record(self.state.height + 1, a.record)
+                await self.worker.append_record(self.state.height + 1, a.record)  # durable before anything is sent
             elif isinstance(a, act.Broadcast):
                 self.metrics.inc("broadcast")
                 await self.net.publish(self.topics.consensus, encode_gossip(a.message))
             elif isinstance(a, act.ScheduleTimeout):
-                self._nursery.start_soon(self._timer, a)
+                self._spawn("timer", self._timer, a)
             elif isinstance(a, act.GetValue):
-                self._nursery.start_soon(self._build_value, a.height, a.round)
+                self._spawn("build_value", self._build_value, a.height, a.round)
             elif isinstance(a, act.ValidateValue):
-                self._nursery.start_soon(self._validate_value, a.height, a.round, a.block)
+                self._spawn("validate", self._validate_value, a.height, a.round, a.block)
             elif isinstance(a, act.Commit):
-                await self._apply_commit(a.block, a.certificate)
-                self._height_started = time.monotonic()
-                self._timing = {}
-                await self._perform(self.machine.step(StartHeight(self.state.height + 1)))
+                if self._applying is None and a.block.height == self.state.height + 1:
+                    self._applying = a.block.height
+                    assert self._nursery is not None
+                    self._nursery.start_soon(self._apply_commit, a.block, a.certificate)
             elif isinstance(a, act.EmitEvidence):
                 log.warning("equivocation evidence", extra={"validator": self.genesis.name_of(a.evidence.validator)})
                 self.metrics.inc("evidence")
                 self.pool.add_evidence(a.evidence)
+                await self.net.publish(self.topics.consensus, encode_gossip(a.evidence))
 
     async def _timer(self, a: Any) -> None:
         await trio.sleep(a.duration_ms / 1000)
         await self._events_send.send(TimeoutFired(a.kind, a.height, a.round))
 
-    def _ready_updates(self, height: int) -> list[tuple[UpdateAnnouncement, bytes]]:
+    # ---------------------------------------------------------------- proposer
+
+    def _ready_authors(self, height: int) -> set[bytes]:
+        """Authors whose update for `height` is on the current model and whose blob we hold (no I/O)."""
+        return {
+            a.author for a in self.pool.for_height(height)
+            if a.base_model_hash == self.state.model_hash and self.blobs.holds(a.blob_hash)
+        }
+
+    async def _ready_updates(self, height: int) -> list[tuple[UpdateAnnouncement, bytes]]:
         out = []
         for ann in self.pool.for_height(height):
-            if ann.base_model_hash != self.state.model_hash:
+            if ann.base_model_hash != self.state.model_hash or not self.blobs.holds(ann.blob_hash):
                 continue
-            blob = self.store.get_blob(ann.blob_hash)
+            blob = await self.blobs.get(ann.blob_hash)
             if blob is not None:
                 out.append((ann, blob))
         return out
@@ -400,17 +386,17 @@ class Daemon:
         """Proposer: wait until enough updates (with blobs) are here, or the collection timeout, then build."""
         rules = self.genesis.rules
         want = rules.min_updates or len(self.genesis.validators)
-        deadline = self._height_started + rules.collect_timeout_ms / 1000
-        while self.state.height + 1 == height:
-            ready = self._ready_updates(height)
-            if len({a.author for a, _ in ready}) >= want or time.monotonic() >= deadline:
+        deadline = self._height_started + rules.collect_timeout_ms / 1000  # trio clock, like the wait below
+        while self.state.height + 1 == height and self._applying is None:
+            self.collect_passes += 1
+            if len(self._ready_authors(height)) >= want or self._now() >= deadline:
                 break
             with trio.move_on_at(deadline):
                 await self._changed.wait()
-        if self.state.height + 1 != height:
+        if self.state.height + 1 != height or self._applying is not None:
             return
         state, prev, last_cert = self.state, self.last_block_hash, self.last_cert
-        candidates = self._ready_updates(height)
+        candidates = await self._ready_updates(height)
         evidence = self.pool.pending_evidence()
         block, new_state, receipt = await trio.to_thread.run_sync(
             lambda: build_block(
@@ -418,37 +404,67 @@ class Daemon:
                 time_ms=int(time.time() * 1000), candidates=candidates, evidence=evidence,
             )
         )
+        if self.state is not state:
+            return
         self._results[block.hash()] = (new_state, receipt)
         self._mark("proposal_t")
         log.info("proposing", extra={"height": height, "round": round_, "updates": len(block.updates)})
         await self._events_send.send(ValueReady(height, round_, block))
 
-    async def _validate_value(self, height: int, round_: int, block: Block) -> None:
-        bh = block.hash()
-        valid = bh in self._results
-        if not valid:
-            valid = await self._check_block(block) is not None
-        await self._events_send.send(ValueValidated(height, round_, bh, valid))
+    # ---------------------------------------------------------------- validation (valid / invalid / not yet)
 
-    async def _fetch_missing(self, block: Block, attempts: int = 6) -> list[bytes]:
-        missing = missing_blobs(block, self.store.has_blob)
-        if missing:
-            async with trio.open_nursery() as n:
-                for blob_hash in missing:
-                    author = next((u.author for u in block.updates if u.blob_hash == blob_hash), None)
-                    n.start_soon(self._fetch_blob, blob_hash, author, peer_id_of(block.header.proposer), attempts)
-        return missing_blobs(block, self.store.has_blob)
+    async def _validate_value(self, height: int, round_: int, block: Block) -> None:
+        """Answer valid(v) once the block's data is here. Missing data is not 'invalid': no answer is given
+        until it arrives (the machine's timeouts go on meanwhile), and it is never cached as a verdict."""
+        bh = block.hash()
+        if bh in self._validating:
+            return
+        self._validating.add(bh)
+        try:
+            if bh not in self._results:
+                if not await self._await_blobs(block, lambda: self.state.height + 1 != height):
+                    return  # the height moved on
+            result = await self._check_block(block)
+            if self.state.height + 1 == height:
+                await self._events_send.send(ValueValidated(height, round_, bh, result is not None))
+        finally:
+            self._validating.discard(bh)
+
+    def _holders(self, block: Block, blob_hash: bytes) -> list[str]:
+        first = [peer_id_of(block.header.proposer)]
+        first += [peer_id_of(u.author) for u in block.updates if u.blob_hash == blob_hash]
+        seen: list[str] = []
+        for p in first + self.net.connected_peers():
+            if p not in seen:
+                seen.append(p)
+        return seen
+
+    async def _await_blobs(self, block: Block, give_up: Any) -> bool:
+        """Fetch every blob the block names (in parallel, proposer first); True once all are here."""
+        missing = [h for h in missing_blobs(block, self.blobs.holds) if not await self.blobs.has(h)]
+        if not missing:
+            return True
+        size = {u.blob_hash: u.blob_size for u in block.updates}
+        async with trio.open_nursery() as n:
+            for h in missing:
+                n.start_soon(
+                    lambda h=h: self.blobs.fetch_until(h, lambda: self._holders(block, h), size[h], give_up)
+                )
+        return all(self.blobs.holds(h) for h in missing)
 
     async def _check_block(self, block: Block) -> tuple[AppState, Any] | None:
         bh = block.hash()
         if bh in self._results:
             return self._results[bh]
-        await self._fetch_missing(block)
-        blobs = {u.blob_hash: b for u in block.updates if (b := self.store.get_blob(u.blob_hash)) is not None}
         state, prev = self.state, self.last_block_hash
         if block.height != state.height + 1:
             return None
-        t0 = time.monotonic()
+        blobs = {}
+        for u in block.updates:
+            b = await self.blobs.get(u.blob_hash)
+            if b is not None:
+                blobs[u.blob_hash] = b
+        t0 = self._now()
         try:
             result = await trio.to_thread.run_sync(
                 lambda: check_block(
@@ -459,47 +475,62 @@ class Daemon:
             log.warning("refusing block", extra={"height": block.height, "block": short(bh), "why": str(exc)})
             self.metrics.inc("blocks_refused")
             return None
+        if self.state is not state:
+            return None
         self._results[bh] = result
-        self._mark("execute_s", time.monotonic() - t0)
+        self._mark("execute_s", self._now() - t0)
         return result
 
+    # ---------------------------------------------------------------- commit
+
     async def _apply_commit(self, block: Block, cert: CommitCertificate) -> None:
-        # 2/3+ of the power committed this block, so its blobs exist: keep asking until we hold them.
+        """A committed block is final: fetch what it needs from anyone, execute, store; the rest of the node keeps
+        running meanwhile. If it cannot be executed, the node halts consensus with a clear error, not a crash."""
+        height = block.height
         attempt = 0
-        while missing := await self._fetch_missing(block, attempts=3):
+        while True:
+            await self._await_blobs(block, lambda: False)
+            result = await self._check_block(block)
+            if result is not None:
+                break
             attempt += 1
-            log.warning("waiting for blobs of a committed block", extra={"height": block.height, "missing": len(missing)})
-            await trio.sleep(min(5.0, 0.5 * attempt))
-        result = await self._check_block(block)
-        if result is None:
-            # A committed block we cannot execute: 2/3+ of the power signed it, so our state is the odd one out.
-            raise RuntimeError(f"cannot execute committed block {block.height} ({short(block.hash())})")
+            self.halted = f"cannot execute committed block {height} ({short(block.hash())})"
+            self.metrics.set("halted", 1)
+            self.metrics.inc("commit_failures")
+            log.error("cannot execute a committed block: this node's state differs from 2/3+ of the validators",
+                      extra={"height": height, "block": short(block.hash()), "attempt": attempt})
+            self._write_status()
+            await trio.sleep(min(60.0, 2.0 * attempt))
+        self.halted = None
+        self.metrics.set("halted", 0)
         new_state, receipt = result
-        t0 = time.monotonic()
-        self.store.commit_height(block, cert, new_state, receipt, encode_tensors(new_state.model))
-        round_time = time.monotonic() - self._height_started
-        self._last_commit = time.monotonic()
+        t0 = self._now()
+        model_blob = await trio.to_thread.run_sync(encode_tensors, new_state.model)
+        await self.worker.run(self.store.commit_height, block, cert, new_state, receipt, model_blob)
+        await self.worker.run(self.store.prune_records, new_state.height + 1)
+        round_time = self._now() - self._height_started
+        self._last_commit = self._now()
         self._mark("commit_t")
         timing = dict(self._timing)
         self.state, self.last_block_hash, self.last_cert = new_state, block.hash(), cert
         self.pool.prune(new_state.height + 1)
         self.pool.mark_included(block.evidence)
+        self.gate.prune(new_state.height)
         self._results.clear()
-        self.store.prune_records(new_state.height + 1)
         self.metrics.set("height", new_state.height)
         self.metrics.inc("blocks_committed")
         log.info(
             "committed",
             extra={
-                "height": block.height, "round": cert.round, "updates": len(block.updates),
+                "height": height, "round": cert.round, "updates": len(block.updates),
                 "model": short(new_state.model_hash), "round_s": round(round_time, 3),
-                "store_ms": round((time.monotonic() - t0) * 1000, 1),
+                "store_ms": round((self._now() - t0) * 1000, 1),
             },
         )
         self._notify()
-        assert self._nursery is not None
-        self._nursery.start_soon(self._record_metrics, new_state, timing, round_time, cert.round)
+        self._spawn("record_metrics", self._record_metrics, new_state, timing, round_time, cert.round)
         self._write_status()
+        await self._events_send.send(HeightApplied(height))
 
     async def _record_metrics(self, state: AppState, timing: dict[str, float], round_time: float, round_: int) -> None:
         """Test accuracy is for people, not for consensus: computed after the fact, stored beside the block."""
@@ -514,7 +545,7 @@ class Daemon:
         info = await trio.to_thread.run_sync(evaluate)
         info.update({"round_time_s": round(round_time, 4), "consensus_round": round_, "time": time.time()})
         info.update({k: round(v, 4) for k, v in timing.items()})
-        self.store.put_metrics(state.height, info)
+        await self.worker.run(self.store.put_metrics, state.height, info)
         self.metrics.set("test_accuracy", info["test_accuracy"])
 
     # ---------------------------------------------------------------- participant
@@ -528,15 +559,21 @@ class Daemon:
                 continue
             state = self.state
             assert self.data is not None
-            t0 = time.monotonic()
+            t0 = self._now()
             ann, blob, result = await trio.to_thread.run_sync(
                 make_update, self.genesis, self.key, state, self.data, self.participant_index
             )
             trained_for = height
-            self._mark("train_s", time.monotonic() - t0)
+            self._mark("train_s", self._now() - t0)
             if self.state.height + 1 != height:
                 continue  # the chain moved on while we trained
-            self.store.put_blob(ann.blob_hash, blob)
+            # Small updates travel inline (one gossip message instead of n - 1 blob requests).
+            out = UpdateBundle(ann, blob) if len(blob) <= UpdateBundle.INLINE_MAX else ann
+            data = encode_gossip(out)
+            if self.gate.admit(self.topics.updates, data, None) is None:
+                log.warning("own update not admitted", extra={"height": height})
+                continue
+            await self.blobs.put(ann.blob_hash, blob)
             self.pool.add(ann, height)
             self._check_updates_complete()
             self._notify()
@@ -544,9 +581,7 @@ class Daemon:
                 "published update",
                 extra={"height": height, "samples": ann.num_samples, "loss": round(result.loss, 4), "blob": short(ann.blob_hash)},
             )
-            # Small updates travel inline (one gossip message instead of n - 1 blob requests).
-            out = UpdateBundle(ann, blob) if len(blob) <= UpdateBundle.INLINE_MAX else ann
-            await self.net.publish(self.topics.updates, encode_gossip(out))
+            await self.net.publish(self.topics.updates, data)
 
     # ---------------------------------------------------------------- sync
 
@@ -559,7 +594,7 @@ class Daemon:
             with trio.move_on_after(2.0):
                 await self._behind.wait()
             self._behind = trio.Event()
-            if time.monotonic() - self._last_commit < 1.5 and not self._ahead_seen:
+            if self._now() - self._last_commit < 1.5 and not self._ahead_seen:
                 continue
             self._ahead_seen = False
             for peer in self.net.connected_peers():
@@ -578,9 +613,10 @@ class Daemon:
                     peer, BLOCKS_PROTOCOL, BlockRequest(self.state.height + 1, SYNC_BATCH).encode(),
                     max_response=BlockResponse.MAX_SIZE, timeout=30.0,
                 )
-                resp = BlockResponse.decode(raw)
+                resp = BlockResponse.decode(raw)  # a block whose body does not match its header does not decode
             except (NetError, ProtocolError) as exc:
-                log.info("sync request failed", extra={"peer": peer[:16], "error": str(exc)})
+                self.metrics.inc("sync_failures")
+                log.info("sync request failed", extra={"peer": peer[:16], "error": str(exc)[:200]})
                 return
             if not resp.entries:
                 return
@@ -591,8 +627,11 @@ class Daemon:
                     if cert.block_hash != block.hash() or cert.height != block.height:
                         raise ValidationError("certificate is for another block")
                     cert.verify(self.chain_id, self.genesis.powers)
+                    if block.header.prev_block_hash != self.last_block_hash:
+                        raise ValidationError("block does not link to our last block")
                 except ValidationError as exc:
-                    self._reject("bad_sync_block", str(exc))
+                    self.metrics.inc("rejected_bad_sync_block")
+                    log.info("rejected synced block", extra={"peer": peer[:16], "why": str(exc)[:200]})
                     return
                 log.info("synced block", extra={"height": block.height, "from": peer[:16]})
                 before = self.state.height
@@ -613,6 +652,7 @@ class Daemon:
     def _write_status(self) -> None:
         if self.status_path is None:
             return
+        self.metrics.set("store_max_call_ms", round(self.worker.max_call_s * 1000, 2))
         status = {
             "pid": os.getpid(),
             "time": time.time(),
@@ -624,6 +664,7 @@ class Daemon:
             "consensus_round": getattr(self.machine, "round", None),
             "model_hash": self.state.model_hash.hex(),
             "peers": len(self.net.connected_peers()),
+            "halted": self.halted,
             "counters": dict(self.metrics.counters),
         }
         tmp = self.status_path.with_suffix(".tmp")

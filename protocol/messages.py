@@ -302,12 +302,19 @@ class Block(Message):
             raise DecodeError("block: bad update list")
         if not isinstance(evs, list) or len(evs) > MAX_EVIDENCE_PER_BLOCK:
             raise DecodeError("block: bad evidence list")
-        return cls(
+        block = cls(
             BlockHeader.from_list(hdr),
             tuple(UpdateAnnouncement.from_list(u) for u in ups),
             tuple(DuplicateVoteEvidence.from_list(e) for e in evs),
             None if lc is None else CommitCertificate.from_list(lc),
         )
+        # A block is named (and signed) by its header only, so a body that does not match the header must not
+        # exist as a Block: otherwise a relayer could swap it under a valid proposal signature.
+        try:
+            block.check_body()
+        except ValidationError as exc:
+            raise DecodeError(str(exc)) from None
+        return block
 
     @property
     def height(self) -> int:
@@ -480,7 +487,9 @@ class UpdateBundle(Message):
 
 # ---- gossip envelope ----
 
-GOSSIP_TYPES: dict[int, type[Message]] = {1: Proposal, 2: Vote, 3: UpdateAnnouncement, 4: Status, 5: UpdateBundle}
+GOSSIP_TYPES: dict[int, type[Message]] = {
+    1: Proposal, 2: Vote, 3: UpdateAnnouncement, 4: Status, 5: UpdateBundle, 6: DuplicateVoteEvidence,
+}
 _GOSSIP_TAGS = {cls: tag for tag, cls in GOSSIP_TYPES.items()}
 GOSSIP_MAX_SIZE = Proposal.MAX_SIZE + 16
 

@@ -1,0 +1,137 @@
+"""The blob service: update and model blobs by content hash, fetched from holders and served to peers.
+
+Fetches race a few holders with staggered starts (the most likely holder first), with timeouts scaled to the
+blob's size. Data that does not hash to what was asked for is refused. One fetch per hash runs at a time; other
+callers wait for it. Existence is answered from memory where possible, otherwise by an index lookup, never by
+reading a blob.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+import trio
+from flnode.protocol.hashing import digest, short
+from flnode.protocol.messages import BlobRequest
+
+from .metrics import Metrics
+from .net import NetError, P2PNode
+from .store_worker import StoreWorker
+
+log = logging.getLogger("flnode.blobs")
+
+BLOB_PROTOCOL = "/flnode/blob/1.0.0"
+MIN_TIMEOUT_S = 5.0
+ASSUMED_BYTES_PER_S = 8 << 20  # a slow but working stream: timeouts are generous, never tight
+PARALLEL = 3
+HASH_IN_THREAD = 1 << 20
+
+
+def fetch_timeout(size: int) -> float:
+    return MIN_TIMEOUT_S + size / ASSUMED_BYTES_PER_S
+
+
+class BlobService:
+    def __init__(self, net: P2PNode, worker: StoreWorker, metrics: Metrics, *, max_blob_bytes: int) -> None:
+        self.net = net
+        self.worker = worker
+        self.metrics = metrics
+        self.max_blob_bytes = max_blob_bytes
+        self._held: set[bytes] = set()
+        self._fetching: dict[bytes, trio.Event] = {}
+        self.on_stored: Callable[[bytes], None] = lambda h: None
+
+    def holds(self, h: bytes) -> bool:
+        """Known to be stored (no I/O). False means 'not known', not 'absent'."""
+        return h in self._held
+
+    async def has(self, h: bytes) -> bool:
+        if h in self._held:
+            return True
+        if await self.worker.has_blob(h):
+            self._held.add(h)
+            return True
+        return False
+
+    async def get(self, h: bytes) -> bytes | None:
+        return await self.worker.get_blob(h)
+
+    async def put(self, h: bytes, data: bytes) -> None:
+        if h in self._held:
+            return
+        await self.worker.put_blob(h, data)
+        self._held.add(h)
+        self.on_stored(h)
+
+    def forget(self, hashes: Sequence[bytes]) -> None:
+        self._held.difference_update(hashes)
+
+    async def serve(self, peer: str, request: bytes) -> bytes:
+        req = BlobRequest.decode(request)
+        return await self.get(req.blob_hash) or b""
+
+    async def fetch(self, h: bytes, holders: Sequence[str], size: int) -> bool:
+        """One attempt over `holders` (in order of preference); True once the blob is stored here."""
+        if await self.has(h):
+            return True
+        running = self._fetching.get(h)
+        if running is not None:
+            await running.wait()
+            return h in self._held
+        done = self._fetching[h] = trio.Event()
+        try:
+            data = await self._race(h, [p for p in holders if p != self.net.peer_id], size)
+            if data is None:
+                return False
+            await self.put(h, data)
+            self.metrics.inc("blobs_fetched")
+            return True
+        finally:
+            del self._fetching[h]
+            done.set()
+
+    async def fetch_until(
+        self, h: bytes, holders: Callable[[], Sequence[str]], size: int, give_up: Callable[[], bool]
+    ) -> bool:
+        """Keep trying (with back-off) until stored, or until `give_up()` says the blob is no longer needed."""
+        attempt = 0
+        while not give_up():
+            if await self.fetch(h, holders(), size):
+                return True
+            attempt += 1
+            if attempt == 3:
+                log.warning("blob not available yet; still trying", extra={"blob": short(h)})
+            self.metrics.inc("blob_fetch_retries")
+            await trio.sleep(min(5.0, 0.2 * 2**attempt))
+        return False
+
+    async def _race(self, h: bytes, peers: list[str], size: int) -> bytes | None:
+        timeout = fetch_timeout(size)
+        stagger = min(2.0, timeout / 4)
+        found: list[bytes] = []
+
+        async def attempt(peer: str, delay: float, cancel: trio.CancelScope) -> None:
+            await trio.sleep(delay)
+            try:
+                data = await self.net.request(
+                    peer, BLOB_PROTOCOL, BlobRequest(h).encode(), max_response=self.max_blob_bytes, timeout=timeout
+                )
+            except NetError as exc:
+                log.debug("blob fetch failed", extra={"peer": peer[:16], "error": str(exc)[:120]})
+                return
+            if not data:
+                return
+            actual = await trio.to_thread.run_sync(digest, data) if len(data) > HASH_IN_THREAD else digest(data)
+            if actual != h:
+                self.metrics.inc("rejected_blob_hash_mismatch")
+                log.info("peer sent a blob that does not match its hash", extra={"peer": peer[:16]})
+                return
+            if not found:
+                found.append(data)
+                cancel.cancel()
+
+        async with trio.open_nursery() as n:
+            for i, peer in enumerate(peers[: PARALLEL * 2]):
+                n.start_soon(attempt, peer, (i if i < PARALLEL else i + PARALLEL) * stagger, n.cancel_scope)
+        return found[0] if found else None

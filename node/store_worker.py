@@ -1,0 +1,54 @@
+"""All SQLite work off the trio loop, one call at a time on a worker thread.
+
+SQLite calls (an fsync'd commit can take tens of milliseconds) never run on the event loop. One capacity-1
+limiter serialises them, so the single connection sees one caller at a time, in the order they were made.
+A call that was started finishes even if its caller is cancelled: a half-done write is never abandoned.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import trio
+
+from .chain.store import ChainStore
+
+T = TypeVar("T")
+
+
+class StoreWorker:
+    def __init__(self, store: ChainStore) -> None:
+        self.store = store
+        self._limiter = trio.CapacityLimiter(1)
+        self.calls = 0
+        self.busy_s = 0.0
+        self.max_call_s = 0.0
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        def timed() -> T:
+            t0 = time.perf_counter()
+            try:
+                return fn(*args)
+            finally:
+                dt = time.perf_counter() - t0
+                self.calls += 1
+                self.busy_s += dt
+                self.max_call_s = max(self.max_call_s, dt)
+
+        return await trio.to_thread.run_sync(functools.partial(timed), limiter=self._limiter)
+
+    # the calls the daemon makes, typed
+    async def append_record(self, height: int, data: bytes) -> None:
+        await self.run(self.store.append_record, height, data)
+
+    async def put_blob(self, h: bytes, data: bytes) -> None:
+        await self.run(self.store.put_blob, h, data)
+
+    async def get_blob(self, h: bytes) -> bytes | None:
+        return await self.run(self.store.get_blob, h)
+
+    async def has_blob(self, h: bytes) -> bool:
+        return await self.run(self.store.has_blob, h)
