@@ -1,5 +1,30 @@
-"""The libp2p adapter: gossip topics with validators, framed request/response streams, reconnects."""
+"""The libp2p adapter: gossip topics with validators, framed request/response streams, reconnects, and
+direct long-lived consensus streams between validators."""
 
-from .host import InboundMessage, NetError, P2PNode, peer_id_of, read_frame, write_frame
+from .consensus_stream import CONSENSUS_PROTOCOL, ConsensusTransport
+from .gate import StartupGate, has_quorum
+from .host import (
+    InboundMessage,
+    NetError,
+    P2PNode,
+    Stream,
+    encode_frames,
+    peer_id_of,
+    read_frame,
+    write_frame,
+)
 
-__all__ = ["InboundMessage", "NetError", "P2PNode", "peer_id_of", "read_frame", "write_frame"]
+__all__ = [
+    "CONSENSUS_PROTOCOL",
+    "ConsensusTransport",
+    "InboundMessage",
+    "NetError",
+    "P2PNode",
+    "StartupGate",
+    "Stream",
+    "encode_frames",
+    "has_quorum",
+    "peer_id_of",
+    "read_frame",
+    "write_frame",
+]

@@ -1,12 +1,14 @@
 """The one place that touches py-libp2p (0.8.1). Everything else sees `P2PNode`.
 
-Workarounds for the pitfalls measured in LIBP2P_NOTES.md are marked `(pN)`.
+Workarounds for the py-libp2p pitfalls described in docs/LIBP2P.md are marked `(pN)`.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
+import os
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +24,7 @@ MAX_REQUEST = 64 << 10
 
 Handler = Callable[[str, bytes], Awaitable[bytes]]
 Validator = Callable[[str, bytes], bool]
+StreamHandler = Callable[[str, "Stream"], Awaitable[None]]
 
 
 class NetError(Exception):
@@ -69,6 +72,45 @@ async def write_frame(stream: Any, data: bytes) -> None:
         await stream.write(bytes(view[start : start + CHUNK]))
 
 
+def encode_frames(items: Sequence[bytes]) -> bytes:
+    """Several frames in one buffer (same wire format as write_frame), so a batch is one write."""
+    return b"".join(len(d).to_bytes(FRAME_HEADER, "big") + d for d in items)
+
+
+class Stream:
+    """A long-lived libp2p stream behind a small interface: every libp2p error becomes NetError."""
+
+    def __init__(self, raw: Any, peer: str) -> None:
+        self._raw = raw
+        self.peer = peer
+
+    async def read(self, n: int) -> bytes:
+        try:
+            return bytes(await self._raw.read(n))
+        except Exception as exc:
+            raise NetError(f"read failed: {exc!r}"[:200]) from None
+
+    async def write(self, data: bytes) -> None:
+        try:
+            view = memoryview(data)
+            for start in range(0, len(data), CHUNK):
+                await self._raw.write(bytes(view[start : start + CHUNK]))
+        except Exception as exc:
+            raise NetError(f"write failed: {exc!r}"[:200]) from None
+
+    async def reset(self) -> None:
+        """Best effort and bounded: a reset must never hang or raise."""
+        with trio.CancelScope(shield=True), trio.move_on_after(1):
+            try:
+                await self._raw.reset()
+            except Exception:
+                pass
+
+
+def _content_id(msg: Any) -> bytes:
+    return hashlib.sha256(bytes(msg.data)).digest()
+
+
 class P2PNode:
     def __init__(
         self,
@@ -80,7 +122,7 @@ class P2PNode:
         validator: Validator | None = None,
         max_message_size: int = 1 << 20,
         announce: Sequence[str] | None = None,
-        mesh_degree: int = 16,
+        mesh_degree: int = 6,
     ) -> None:
         from libp2p.identity_utils import create_identity_from_seed
 
@@ -93,6 +135,7 @@ class P2PNode:
         self._announce = [multiaddr.Multiaddr(a) for a in announce] if announce else None
         self._mesh_degree = mesh_degree
         self._handlers: dict[str, tuple[Handler, int]] = {}
+        self._stream_handlers: dict[str, StreamHandler] = {}
         self._key_pair = create_identity_from_seed(seed)
         from libp2p.peer.id import ID
 
@@ -137,6 +180,46 @@ class P2PNode:
                     pass
 
         self._host.set_stream_handler(TProtocol(protocol_id), on_stream)
+
+    def set_stream_handler(self, protocol_id: str, handler: StreamHandler) -> None:
+        """A long-lived stream protocol: `handler(peer, stream)` owns the stream until it returns."""
+        self._stream_handlers[protocol_id] = handler
+        if self._host is not None:
+            self._install_stream_handler(protocol_id)
+
+    def _install_stream_handler(self, protocol_id: str) -> None:
+        from libp2p.custom_types import TProtocol
+
+        handler = self._stream_handlers[protocol_id]
+
+        async def on_stream(raw: Any) -> None:
+            stream = None
+            try:  # (p1) nothing may escape into libp2p
+                stream = Stream(raw, raw.muxed_conn.peer_id.to_base58())
+                await handler(stream.peer, stream)
+            except Exception as exc:
+                self._count("handler_errors")
+                log.debug("stream handler failed", extra={"protocol": protocol_id, "error": repr(exc)[:200]})
+            finally:
+                await (stream or Stream(raw, "")).reset()
+
+        self._host.set_stream_handler(TProtocol(protocol_id), on_stream)
+
+    async def open_stream(self, peer: str, protocol_id: str, *, timeout: float) -> Stream:
+        """A new long-lived stream to a peer; the caller resets it when done."""
+        from libp2p.custom_types import TProtocol
+        from libp2p.peer.id import ID
+
+        if self._host is None:
+            raise NetError("not running")
+        try:
+            with trio.fail_after(timeout):
+                raw = await self._host.new_stream(ID.from_base58(peer), [TProtocol(protocol_id)])
+        except trio.TooSlowError:
+            raise NetError(f"opening a stream to {peer[:16]} timed out after {timeout}s") from None
+        except Exception as exc:
+            raise NetError(f"opening a stream to {peer[:16]} failed: {exc!r}"[:300]) from None
+        return Stream(raw, peer)
 
     async def request(self, peer: str, protocol_id: str, payload: bytes, *, max_response: int, timeout: float) -> bytes:
         from libp2p.custom_types import TProtocol
@@ -275,11 +358,13 @@ class P2PNode:
         from libp2p import new_host
         from libp2p.network.config import ConnectionConfig
         from libp2p.pubsub import pubsub as pubsub_mod
-        from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, PROTOCOL_ID_V12, GossipSub
+        from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, GossipSub
         from libp2p.pubsub.pubsub import Pubsub
         from libp2p.pubsub.rpc_queue import RpcQueue
         from libp2p.tools.anyio_service import background_trio_service
 
+        # (p19) credit the Yamux window in batches, not on every partial read; read at call time by libp2p.
+        os.environ.setdefault("PY_YAMUX_RELEASE_ON_READ", "0")
         # (p6) outbound frame cap and queue depth have no public knob.
         pubsub_mod.RpcQueue = functools.partial(  # type: ignore[misc,assignment]
             RpcQueue, max_size=1024, max_message_size=self._max_message_size + 4096)
@@ -290,17 +375,23 @@ class P2PNode:
         host = new_host(**kwargs)
         d = self._mesh_degree
         router = GossipSub(
-            protocols=[PROTOCOL_ID_V12, PROTOCOL_ID_V11, PROTOCOL_ID],
-            degree=d, degree_low=max(1, d - 2), degree_high=d + 4,  # (p13) mesh covers small networks
+            protocols=[PROTOCOL_ID_V11],  # (p16) v1.2+ sends one IDONTWANT RPC per mesh peer per message
+            degree=d, degree_low=max(1, d - 2), degree_high=d + 2,  # (p13) all-to-all below d + 2 peers
             heartbeat_interval=1,
+            adaptive_gossip_enabled=False,  # (p18) it stretches the heartbeat to 30-60 s
             spam_protection_enabled=False,  # (p5) we rate-limit ourselves
         )
-        ps = Pubsub(host, router, strict_signing=True, max_inbound_rpc_size=self._max_message_size + 4096)
+        ps = Pubsub(
+            host, router, strict_signing=True, max_inbound_rpc_size=self._max_message_size + 4096,
+            msg_id_constructor=_content_id,  # (p21) a re-sent or relayed payload is the same message
+        )
         for topic in self._topics:
             ps.set_topic_validator(topic, self._topic_validator(topic), False)
         self._host = host
         for protocol_id in self._handlers:
             self._install_handler(protocol_id)
+        for protocol_id in self._stream_handlers:
+            self._install_stream_handler(protocol_id)
         try:
             # (p2) services before host.run, or an early peer crashes the host.
             async with background_trio_service(ps), background_trio_service(router):
