@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck bench clean
+.PHONY: demo test fuzz lint typecheck bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,6 +16,15 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+# Every Hypothesis test with FLNODE_FUZZ_FACTOR (default 20) times the examples and a random seed, printed
+# first; replay a failure with `make fuzz SEED=<seed>`.
+fuzz: $(STAMP)
+	@seed="$(SEED)"; [ -n "$$seed" ] || seed=$$(od -An -N4 -tu4 /dev/urandom | tr -d ' '); \
+	factor=$${FLNODE_FUZZ_FACTOR:-20}; \
+	echo "fuzz: hypothesis seed $$seed, $${factor}x examples (replay: make fuzz SEED=$$seed)"; \
+	FLNODE_FUZZ_FACTOR=$$factor FLNODE_HYPOTHESIS_ONLY=1 $(BIN)/python -m pytest -q -p no:cacheprovider tests \
+		--hypothesis-profile=fuzz --hypothesis-seed=$$seed
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

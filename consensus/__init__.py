@@ -21,14 +21,15 @@ from .events import (
     ValueValidated,
     VoteReceived,
 )
-from .machine import Tendermint
+from .machine import RestoreError, SignRefused, Tendermint
 from .types import Step, TimeoutConfig, TimeoutKind
 from .validators import ValidatorSet
 from .votes import RoundVotes
 
 __all__ = [
     "Action", "Broadcast", "Commit", "CommitReceived", "EmitEvidence", "Event", "GetValue", "Persist",
-    "ProposalReceived", "RoundVotes", "ScheduleTimeout", "StartHeight", "Step", "Tendermint", "TimeoutConfig",
+    "ProposalReceived", "RestoreError", "RoundVotes", "ScheduleTimeout", "SignRefused", "StartHeight", "Step",
+    "Tendermint", "TimeoutConfig",
     "TimeoutFired", "TimeoutKind", "ValidateValue", "ValidatorSet", "ValueReady", "ValueValidated", "VoteReceived",
     "actions", "events",
 ]

@@ -7,7 +7,9 @@ order in which messages arrive never matters, only the set that has arrived.
 Crash safety: before any own signed message leaves, the machine emits `Persist(record)`; the shell must fsync it
 before performing the following actions. `Tendermint.restore` rebuilds the round, the lock and every message
 already signed at that height from those records, so a restarted node re-sends what it signed and never signs a
-different value for the same (height, round, type).
+different value for the same (height, round, type). Only the last record may be torn (the crash hit its write,
+so nothing after it happened); the shell deletes it at startup (`check_records`) before appending new ones, and
+an unreadable record anywhere else is a `RestoreError`: the node refuses to start rather than forget a signature.
 
 Lost messages: gossip is best-effort. On every timeout the machine re-emits its own messages of the current round
 (`Broadcast` again); a node that missed the decisive precommits is brought forward by `CommitReceived` (a block
@@ -21,7 +23,7 @@ from dataclasses import replace
 
 from flnode.protocol.encoding import pack_trusted as pack
 from flnode.protocol.encoding import unpack
-from flnode.protocol.errors import ProtocolError
+from flnode.protocol.errors import OversizeError, ProtocolError
 from flnode.protocol.messages import (
     Block,
     CommitCertificate,
@@ -56,6 +58,19 @@ from .validators import ValidatorSet
 from .votes import RoundVotes
 
 Signer = Callable[[str, bytes], bytes]
+
+
+class RestoreError(ProtocolError):
+    """The consensus records cannot be replayed safely (an unreadable record that is not the last one, or records
+    of different heights): starting anyway could forget a signed vote and sign a conflicting one."""
+
+    reason = "corrupt_records"
+
+
+class SignRefused(Exception):
+    """Raised by a Signer that refuses to sign (e.g. a last-sign guard that saw a conflicting signature). The
+    machine then sends nothing for that step, as a silent validator would, and counts it in `sign_refusals`."""
+
 PV, PC = int(VoteType.PREVOTE), int(VoteType.PRECOMMIT)  # vote-count keys on the hot path
 FUTURE_BUFFER = 4096
 MAX_ROUND_AHEAD = 64  # messages for rounds further ahead are dropped (bounded memory under flooding)
@@ -70,6 +85,7 @@ class Tendermint:
         sign: Signer | None,
         timeouts: TimeoutConfig,
     ) -> None:
+        self._key = me  # this node's validator address; it signs only while its power is positive
         self.validators = validators
         self.me = me if me is not None and validators.power(me) > 0 else None
         self.sign = sign
@@ -79,6 +95,7 @@ class Tendermint:
         self.current_step = Step.PROPOSE
         self.decided: Block | None = None
         self.restored = False
+        self.sign_refusals = 0  # signatures the Signer refused (SignRefused)
         self._quorum = validators.quorum()  # 2f+1: more than 2/3 of the power
         self._one_third = validators.total_power // 3  # f+1 is any power above this
         self._reset_height(0)
@@ -121,6 +138,27 @@ class Tendermint:
             if r > self._top_round:
                 self._top_round = r
         return rv
+
+    def set_validators(self, validators: ValidatorSet) -> None:
+        """Use `validators` from the next StartHeight on: call it between heights (after Commit, before
+        StartHeight) or on a restored machine before its StartHeight. Quorums are recomputed, this node signs only
+        if it has power in the new set, and the votes a restored machine holds are recounted by the new powers."""
+        if self.started_round and self.decided is None:
+            raise ValueError("set_validators while a height is in progress: call it after Commit, before StartHeight")
+        self.validators = validators
+        self.me = self._key if self._key is not None and validators.power(self._key) > 0 else None
+        self._quorum = validators.quorum()
+        self._one_third = validators.total_power // 3
+        if self.decided is None and self.votes:
+            old, self.votes, self._top_round, self.polka = self.votes, {}, -1, None
+            for r in sorted(old):
+                for counted in old[r].by_value.values():
+                    for v in counted.values():
+                        if v.validator in validators.powers:
+                            rv = self._round_votes(r)
+                            rv.add(v)
+                            if rv.changed and v.type == VoteType.PREVOTE and v.block_hash is not None:
+                                self._note_polka(rv, v)
 
     # ------------------------------------------------------------------ entry point
 
@@ -400,7 +438,11 @@ class Tendermint:
         if self.me is None or self.sign is None or r in self.proposed:
             return
         p = Proposal(self.height, r, pol_round, block, self.me)
-        p = replace(p, signature=self.sign(Proposal.KIND, p.sign_payload()))
+        try:
+            p = replace(p, signature=self.sign(Proposal.KIND, p.sign_payload()))
+        except SignRefused:
+            self.sign_refusals += 1
+            return
         self.proposed[r] = p
         out.append(Persist(_record("proposal", self.height, r, p.encode())))
         out.append(Broadcast(p))
@@ -413,7 +455,11 @@ class Tendermint:
         v = self.signed.get(key)
         if v is None:
             unsigned = Vote(t, self.height, self.round, bh, self.me)
-            v = Vote(t, self.height, self.round, bh, self.me, self.sign(Vote.KIND, unsigned.sign_payload()))
+            try:
+                v = Vote(t, self.height, self.round, bh, self.me, self.sign(Vote.KIND, unsigned.sign_payload()))
+            except SignRefused:
+                self.sign_refusals += 1
+                return
             self.signed[key] = v
             lock = polka = None
             if t == VoteType.PRECOMMIT and bh is not None and self.locked_value is not None:
@@ -470,6 +516,30 @@ class Tendermint:
 
     # ------------------------------------------------------------------ restore
 
+    @staticmethod
+    def check_records(records: Sequence[bytes]) -> int:
+        """How many of `records` (one height's, in order) `restore` replays: all of them, or all but a torn last
+        one, which the shell must then delete before it appends a new record. Raises RestoreError on an unreadable
+        record that is not the last, or on records of different heights: the node must not start."""
+        height = None
+        for i, raw in enumerate(records):
+            try:
+                rec = _parse_record(raw)
+            except _TornRecord as exc:
+                if i == len(records) - 1:
+                    return i
+                raise RestoreError(f"consensus record {i} of {len(records)} is torn ({exc}) but not the last one: "
+                                   "the records after it hold signed messages, refusing to restore") from None
+            except _UNREADABLE as exc:
+                # complete but undecodable: not a crash mid-write, and it may hold a signature
+                raise RestoreError(f"consensus record {i} of {len(records)} is unreadable ({exc}), "
+                                   "refusing to restore") from None
+            if height is None:
+                height = rec[1]
+            elif rec[1] != height:
+                raise RestoreError(f"consensus record {i} is for height {rec[1]}, the first one for {height}")
+        return len(records)
+
     @classmethod
     def restore(
         cls,
@@ -479,41 +549,70 @@ class Tendermint:
         timeouts: TimeoutConfig,
         records: Sequence[bytes],
     ) -> Tendermint:
-        """Rebuild from the Persist records of one height. A torn or unreadable record ends the replay: it was
-        never acted upon, because the shell performs nothing after a Persist until the fsync returned."""
+        """Rebuild from the Persist records of one height. A torn last record is skipped: it was never acted upon,
+        because the shell performs nothing after a Persist until the fsync returned. Raises RestoreError where
+        `check_records` does."""
         m = cls(validators, me, sign, timeouts)
-        for raw in records:
-            try:
-                fields = unpack(raw, max_size=Block.MAX_SIZE * 2 + 4096)
-                kind, height, r, body, lock = fields[:5]
-                polka = fields[5] if len(fields) > 5 else None  # records written before polkas were kept have 5
-                if m.height == 0:
-                    m._reset_height(height)
-                if kind == "vote":
-                    v = Vote.decode(body)
-                    m.signed[(v.round, int(v.type))] = v
-                    m._round_votes(v.round).add(v)
-                    if lock is not None:
-                        block = Block.decode(lock)
-                        if v.round >= m.locked_round:
-                            m.locked_value, m.locked_round = block, v.round
-                            m.valid_value, m.valid_round = block, v.round
-                        for raw_vote in polka or ():
-                            pv = Vote.decode(raw_vote)  # verified by the shell before it was counted and stored
-                            if pv.height == m.height and pv.type == VoteType.PREVOTE and pv.block_hash == block.hash():
-                                rv = m._round_votes(pv.round)
-                                rv.add(pv)
-                                if rv.changed:
-                                    m._note_polka(rv, pv)
-                elif kind == "proposal":
-                    p = Proposal.decode(body)
-                    m.proposed[p.round] = p
-                    m.asked_value.add(p.round)
-                m.round = max(m.round, r)
-                m.restored = True
-            except (ProtocolError, ValueError, TypeError):
-                break
+        for kind, height, r, body, lock, polka in map(_parse_record, records[: cls.check_records(records)]):
+            if m.height == 0:
+                m._reset_height(height)
+            if kind == "vote":
+                assert isinstance(body, Vote)
+                v = body
+                m.signed[(v.round, int(v.type))] = v
+                m._round_votes(v.round).add(v)
+                if lock is not None:
+                    if v.round >= m.locked_round:
+                        m.locked_value, m.locked_round = lock, v.round
+                        m.valid_value, m.valid_round = lock, v.round
+                    for pv in polka:  # verified by the shell before it was counted and stored
+                        if pv.height == m.height and pv.type == VoteType.PREVOTE and pv.block_hash == lock.hash():
+                            rv = m._round_votes(pv.round)
+                            rv.add(pv)
+                            if rv.changed:
+                                m._note_polka(rv, pv)
+            else:
+                assert isinstance(body, Proposal)
+                m.proposed[body.round] = body
+                m.asked_value.add(body.round)
+            m.round = max(m.round, r)
+            m.restored = True
         return m
+
+
+class _TornRecord(Exception):
+    """The record is not complete msgpack: the crash hit its write (a truncated record never parses)."""
+
+
+_UNREADABLE = (ProtocolError, ValueError, TypeError, KeyError, IndexError)
+ParsedRecord = tuple[str, int, int, Vote | Proposal, Block | None, list[Vote]]
+
+
+def _parse_record(raw: bytes) -> ParsedRecord:
+    """Decode one Persist record completely: _TornRecord if it is not complete msgpack, one of _UNREADABLE if
+    its content does not decode."""
+    try:
+        fields = unpack(raw, max_size=Block.MAX_SIZE * 2 + 4096)
+    except OversizeError:
+        raise  # no truncation makes a record longer
+    except ProtocolError as exc:
+        raise _TornRecord(str(exc)) from None
+    kind, height, r, body, lock = fields[:5]
+    polka = fields[5] if len(fields) > 5 else None  # records written before polkas were kept have 5 fields
+    if not isinstance(height, int) or not isinstance(r, int):
+        raise ValueError("height and round must be integers")
+    if kind == "vote":
+        v = Vote.decode(body)
+        if (v.height, v.round) != (height, r):
+            raise ValueError("vote does not match its record's height and round")
+        block = None if lock is None else Block.decode(lock)
+        return kind, height, r, v, block, [Vote.decode(x) for x in polka or ()]
+    if kind == "proposal":
+        p = Proposal.decode(body)
+        if (p.height, p.round) != (height, r):
+            raise ValueError("proposal does not match its record's height and round")
+        return kind, height, r, p, None, []
+    raise ValueError(f"unknown record kind {kind!r}")
 
 
 def _record(kind: str, height: int, r: int, body: bytes, lock: bytes | None = None,
@@ -531,4 +630,4 @@ def _event_height(ev: Event) -> int:
     return getattr(ev, "height", 0)
 
 
-__all__ = ["Tendermint", "CommitCertificate"]
+__all__ = ["CommitCertificate", "RestoreError", "SignRefused", "Tendermint"]

@@ -13,9 +13,12 @@ class ValidatorSet:
     """
 
     def __init__(self, powers: Mapping[bytes, int]) -> None:
-        if not powers or any(p <= 0 for p in powers.values()):
-            raise ValueError("a validator set needs at least one validator, every power positive")
-        self.powers = dict(sorted(powers.items()))
+        if any(p < 0 for p in powers.values()):
+            raise ValueError("a validator's power cannot be negative")
+        # power 0 (e.g. a slashed equivocator) is no validator: it neither votes, counts, nor proposes
+        self.powers = {a: p for a, p in sorted(powers.items()) if p > 0}
+        if not self.powers:
+            raise ValueError("a validator set needs at least one validator with positive power")
         self.addresses = list(self.powers)
         self.total_power = sum(self.powers.values())
         self._priorities = {a: 0 for a in self.addresses}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -172,6 +173,25 @@ class ChainStore:
     def records(self, height: int) -> list[bytes]:
         rows = self.conn.execute("SELECT data FROM consensus_records WHERE height = ? ORDER BY seq", (height,))
         return [bytes(r[0]) for r in rows]
+
+    def drop_last_record(self, height: int) -> bool:
+        """Delete the last record of `height` (a torn one, found at startup); whether there was one."""
+        cur = self.conn.execute(
+            "DELETE FROM consensus_records WHERE height = ? AND seq = "
+            "(SELECT MAX(seq) FROM consensus_records WHERE height = ?)", (height, height))
+        return cur.rowcount > 0
+
+    def restorable_records(self, height: int, check: Callable[[Sequence[bytes]], int]) -> list[bytes]:
+        """The records to restore `height` from, at startup: `check` (Tendermint.check_records) says how many are
+        good and raises if they cannot be restored safely; a torn last record is deleted here, before any new
+        record is appended after it (otherwise a later restore would stop at it and forget the newer ones)."""
+        records = self.records(height)
+        good = check(records)
+        if good < len(records):
+            if good != len(records) - 1:
+                raise StoreError(f"consensus records of height {height}: only the last one may be torn")
+            self.drop_last_record(height)
+        return records[:good]
 
     def prune_records(self, below: int) -> None:
         self.conn.execute("DELETE FROM consensus_records WHERE height < ?", (below,))
