@@ -26,7 +26,15 @@ def sim(
     faults: Annotated[str, typer.Option("--faults", help="Comma-separated: drop,delay,dup,partition,crash.")] = "",
     modes: Annotated[
         str, typer.Option("--modes", help="Byzantine behaviours: split,equivocate,double_vote,silent,bad_signature,"
-                          "unknown_block (default: all, in turn; with --allow-unsafe: split, colluding equivocators).")
+                          "unknown_block,body_swap (relays proposals with another body under the same header),flood "
+                          "(signed junk for rounds far ahead and later heights) (default: all, in turn; with "
+                          "--allow-unsafe: split, colluding equivocators).")
+    ] = "",
+    validation: Annotated[
+        str, typer.Option("--validation", help="How applications answer ValidateValue: invalid (Byzantine proposers "
+                          "build blocks the honest nodes judge invalid), and per honest node in turn: immediate, slow "
+                          "(late, maybe after the propose timeout), unavailable (no answer until the block's data "
+                          "arrives). Comma-separated; default: immediate.")
     ] = "",
     twins: Annotated[bool, typer.Option("--twins", help="Add a twin: a second honest copy of validator 0's key.")] = False,
     allow_unsafe: Annotated[
@@ -37,7 +45,7 @@ def sim(
     """Check safety, liveness and certificates of Tendermint under faults and Byzantine validators.
 
     Exits 1 on any violation (with --allow-unsafe, finding one is the expected outcome and still exits 1)."""
-    from flnode.consensus.sim import BYZANTINE_MODES, FAULTS, SimConfig, run_many
+    from flnode.consensus.sim import BYZANTINE_MODES, FAULTS, VALIDATION_MODES, SimConfig, run_many
 
     fault_set = tuple(f for f in (x.strip() for x in faults.split(",")) if f)
     unknown = [f for f in fault_set if f not in FAULTS]
@@ -51,12 +59,16 @@ def sim(
     bad_modes = [m for m in mode_set if m not in BYZANTINE_MODES]
     if bad_modes:
         fail(f"unknown Byzantine mode(s) {bad_modes}; choose from {','.join(BYZANTINE_MODES)}")
+    validation_set = tuple(v for v in (x.strip() for x in validation.split(",")) if v)
+    bad_validation = [v for v in validation_set if v not in VALIDATION_MODES]
+    if bad_validation:
+        fail(f"unknown validation mode(s) {bad_validation}; choose from {','.join(VALIDATION_MODES)}")
     if byzantine >= nodes:
         fail("at least one validator must be honest")
     if unsafe and not allow_unsafe:
         fail(f"{byzantine} Byzantine of {nodes} is at or above n/3: BFT promises nothing there; add --allow-unsafe")
     cfg = SimConfig(nodes=nodes, byzantine=byzantine, heights=heights, faults=fault_set, byzantine_modes=mode_set,
-                    twins=twins)
+                    twins=twins, validation=validation_set)
     t0 = time.process_time()
     summary = run_many(replace(cfg), range(first_seed, first_seed + seeds))
     cpu = time.process_time() - t0
@@ -65,6 +77,8 @@ def sim(
         "nodes": nodes,
         "byzantine": byzantine,
         "faults": list(fault_set),
+        "byzantine_modes": list(mode_set) if byzantine else [],
+        "validation": list(validation_set),
         "heights_committed": summary.heights_committed,
         "node_heights": summary.node_heights,
         "max_round": summary.max_round,
@@ -76,6 +90,15 @@ def sim(
         "safety_violations": summary.safety_violations,
         "liveness_failures": summary.liveness_failures,
         "certificate_failures": summary.certificate_failures,
+        "memory_failures": summary.memory_failures,
+        "decode_rejections": summary.decode_rejections,
+        "invalid_answers": summary.invalid_answers,
+        "late_answers": summary.late_answers,
+        "flood_messages": summary.flood_messages,
+        "max_future_events": summary.max_future,
+        "max_rounds_stored": summary.max_rounds_stored,
+        "max_round_ahead": summary.max_round_ahead,
+        "max_votes_per_round": summary.max_votes_per_round,
         "failing_seeds": summary.failing_seeds[:20],
         "first_problem": summary.first_problem,
         "cpu_s": round(cpu, 3),

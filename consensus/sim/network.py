@@ -490,7 +490,7 @@ class Simulation:
                 self._push(self.now + 1, idx, ValueReady(a.height, a.round, block))
             elif isinstance(a, ValidateValue):
                 block = a.block
-                valid = block.header.app_hash != BAD_APP_HASH
+                valid = self._judge(block)
                 if node.answers == "immediate":
                     at = self.now + 1
                 else:
@@ -512,6 +512,10 @@ class Simulation:
                     self._push(self.now, idx, StartHeight(a.height + 1))
             elif isinstance(a, EmitEvidence):
                 pass
+
+    def _judge(self, block: Block) -> bool:
+        """The application's verdict after executing the block: a bad block's claimed result does not match."""
+        return block.header.app_hash != BAD_APP_HASH
 
     def _answer_time(self, node: _Node, bh: bytes, r: int) -> int:
         now, rng = self.now, self.rng
