@@ -32,8 +32,16 @@ from flnode.consensus import (
     VoteReceived,
 )
 from flnode.consensus import actions as act
-from flnode.node.app import AppState, genesis_state, make_update, participant_data
-from flnode.node.chain.execution import build_block, check_block, missing_blobs
+from flnode.node.app import (
+    AppState,
+    check_announcement_admission,
+    genesis_state,
+    make_update,
+    participant_data,
+    validator_powers,
+)
+from flnode.node.app.powers import SLASH_DELAY
+from flnode.node.chain.execution import build_block, certificate_powers, check_block, missing_blobs
 from flnode.node.chain.store import ChainStore
 from flnode.node.config import NodeConfig
 from flnode.node.metrics import Metrics, serve_metrics
@@ -122,7 +130,7 @@ class Daemon:
         self.status_path = status_path
         self.metrics = Metrics()
         self.topics = Topics.for_chain(genesis.chain_id)
-        self.validators = ValidatorSet(genesis.powers)
+        self._sets: dict[tuple[tuple[bytes, int], ...], ValidatorSet] = {}
         self.is_validator = self.me in genesis.powers
         self.pool = UpdatePool()
 
@@ -131,6 +139,7 @@ class Daemon:
         self.last_block_hash: bytes = store.get_block(height).hash() if height > 0 else digest(genesis.canonical_bytes())
         self.last_cert: CommitCertificate | None = store.get_certificate(height) if height > 0 else None
 
+        self.validators = self.validator_set(self.state.height + 1) or ValidatorSet(genesis.powers)
         sign = (lambda kind, payload: key.sign(self.chain_id, kind, payload)) if self.is_validator else None
         records = store.records(height + 1)
         me = self.me if self.is_validator else None
@@ -187,9 +196,33 @@ class Daemon:
         return max(0, int(getattr(self.machine, "round", 0)))
 
     def validator_set(self, height: int) -> ValidatorSet | None:
-        return self.validators
+        """The set in force at `height`, known up to SLASH_DELAY heights past the state (slashing is delayed)."""
+        if height > self.state.height + SLASH_DELAY or height < 1:
+            return None
+        if height < self.state.height:
+            return None  # older heights are never asked for by the live path
+        powers = validator_powers(self.genesis, self.state, height)
+        key = tuple(sorted(powers.items()))
+        vs = self._sets.get(key)
+        if vs is None:
+            if len(self._sets) > 16:
+                self._sets.clear()
+            vs = self._sets[key] = ValidatorSet(powers)
+        return vs
+
+    def _sync_validators(self) -> None:
+        """Give the machine the set in force at the next height (before its StartHeight)."""
+        vs = self.validator_set(self.state.height + 1)
+        if vs is not None and vs is not self.machine.validators:
+            if vs.powers != self.machine.validators.powers:
+                log.warning("validator set changed", extra={"height": self.state.height + 1,
+                                                            "validators": len(vs.powers)})
+            self.machine.set_validators(vs)
 
     def announcement_problem(self, ann: UpdateAnnouncement) -> str | None:
+        if ann.height == self.state.height + 1:
+            reason = check_announcement_admission(self.genesis, self.state, ann)
+            return None if reason is None else str(getattr(reason, "value", reason))
         if ann.author not in self.genesis.powers:
             return "not_participant"
         if self.state.excluded(ann.author, self.genesis.rules.rewards.exclude_below):
@@ -324,6 +357,7 @@ class Daemon:
 
     async def _consensus_loop(self) -> None:
         self._height_started = self._now()
+        self._sync_validators()
         await self._perform(self.machine.step(StartHeight(self.state.height + 1)))
         async for event in self._events_recv:
             if isinstance(event, HeightApplied):
@@ -331,6 +365,7 @@ class Daemon:
                     self._applying = None
                     self._height_started = self._now()
                     self._timing = {}
+                    self._sync_validators()
                     await self._perform(self.machine.step(StartHeight(self.state.height + 1)))
                 continue
             await self._perform(self.machine.step(event))
@@ -467,9 +502,7 @@ class Daemon:
         t0 = self._now()
         try:
             result = await trio.to_thread.run_sync(
-                lambda: check_block(
-                    self.genesis, state, block, blobs, prev_block_hash=prev, validator_powers=self.genesis.powers
-                )
+                lambda: check_block(self.genesis, state, block, blobs, prev_block_hash=prev)
             )
         except (ValidationError, ProtocolError) as exc:
             log.warning("refusing block", extra={"height": block.height, "block": short(bh), "why": str(exc)})
@@ -626,7 +659,7 @@ class Daemon:
                 try:
                     if cert.block_hash != block.hash() or cert.height != block.height:
                         raise ValidationError("certificate is for another block")
-                    cert.verify(self.chain_id, self.genesis.powers)
+                    cert.verify(self.chain_id, certificate_powers(self.genesis, self.state, block.height))
                     if block.header.prev_block_hash != self.last_block_hash:
                         raise ValidationError("block does not link to our last block")
                 except ValidationError as exc:
