@@ -8,13 +8,21 @@ from dataclasses import replace
 
 import pytest
 from flnode.cli.main import app
-from flnode.consensus import Tendermint
-from flnode.consensus.sim import BYZANTINE_MODES, FAULTS, SimConfig, Simulation, run_many, run_simulation
+from flnode.consensus import StartHeight, Tendermint
+from flnode.consensus.sim import (
+    BYZANTINE_MODES,
+    FAULTS,
+    SimConfig,
+    Simulation,
+    fake_sign,
+    run_many,
+    run_simulation,
+)
 from typer.testing import CliRunner
 
 
 @pytest.mark.parametrize(
-    "nodes, byzantine, seeds", [(4, 1, 150), (7, 2, 60), (10, 3, 20)],
+    "nodes, byzantine, seeds", [(4, 0, 100), (4, 1, 150), (7, 2, 60), (10, 3, 20)],
 )
 def test_every_fault_and_byzantine_mode_is_safe_and_live(nodes: int, byzantine: int, seeds: int) -> None:
     s = run_many(SimConfig(nodes=nodes, byzantine=byzantine, heights=5, faults=FAULTS), range(1000, 1000 + seeds))
@@ -76,6 +84,15 @@ def test_liveness_failure_is_reported() -> None:
     assert r.liveness_failures and not r.ok
 
 
+def test_restored_machine_is_usable_with_real_records() -> None:
+    sim = Simulation(SimConfig(nodes=4, heights=3))
+    sim.run()
+    node = sim.nodes[1]
+    m = Tendermint.restore(sim.validators, node.key, lambda k, p: fake_sign(node.key, k, p), sim.cfg.timeouts,
+                           node.records)
+    assert m.step(StartHeight(4))  # starts a fresh height
+
+
 def test_certificates_are_checked_by_power() -> None:
     sim = Simulation(SimConfig(nodes=4, heights=2))
     sim.run()
@@ -108,8 +125,9 @@ def test_cli_table_and_twins() -> None:
 
 
 def test_cli_unsafe_needs_the_flag_and_then_finds_a_fork() -> None:
-    refused = runner.invoke(app, ["sim", "--nodes", "7", "--byzantine", "3"])
-    assert refused.exit_code != 0 and "allow-unsafe" in refused.output
+    for n, f in [(4, 2), (7, 3)]:
+        refused = runner.invoke(app, ["sim", "--nodes", str(n), "--byzantine", str(f)])
+        assert refused.exit_code == 2 and "allow-unsafe" in refused.output
     res = runner.invoke(app, ["sim", "--nodes", "7", "--byzantine", "3", "--heights", "3", "--seeds", "5",
                               "--faults", "partition", "--allow-unsafe", "--json"])
     assert res.exit_code == 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import heapq
 
+from conftest import examples
 from flnode.consensus import StartHeight, TimeoutFired
 from flnode.consensus.sim import BYZANTINE_MODES, SimConfig, Simulation
 from hypothesis import HealthCheck, settings
@@ -142,6 +143,6 @@ class Network(RuleBasedStateMachine):
 
 
 Network.TestCase.settings = settings(
-    max_examples=200, stateful_step_count=60, deadline=None, suppress_health_check=list(HealthCheck)
+    max_examples=examples(200), stateful_step_count=60, deadline=None, suppress_health_check=list(HealthCheck)
 )
 TestNetwork = Network.TestCase
