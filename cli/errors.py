@@ -23,7 +23,8 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from flnode.protocol.errors import ProtocolError
 
     errs: list[type[BaseException]] = [UserError, ProtocolError, OSError]
-    for mod, name in (("flnode.node.chain.store", "StoreError"), ("flnode.node.config", "ConfigError")):
+    for mod, name in (("flnode.node.chain.store", "StoreError"), ("flnode.node.config", "ConfigError"),
+                      ("flnode.node.signer", "SignGuardError")):
         try:
             m = __import__(mod, fromlist=[name])
             errs.append(getattr(m, name))

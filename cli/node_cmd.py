@@ -106,6 +106,7 @@ def init(
     home.mkdir(parents=True, exist_ok=True)
     key = NodeKey.generate()
     key.save(paths.node_key)
+    paths.sign_state.unlink(missing_ok=True)  # a new key has signed nothing yet
     write_config(home, cfg)
     task, rules = _task_and_rules("logreg", "digits", "iid", 0.5, "fedavg", 0, 100.0, 1, 0.1, 2000)
     make_genesis(chain_id, [(moniker, key.public_key)], task, rules).save(paths.genesis)
@@ -206,6 +207,7 @@ def create_testnet(
             fail(f"{home} already exists; use --force to overwrite")
         home.mkdir(parents=True, exist_ok=True)
         keys[i].save(paths.node_key)
+        paths.sign_state.unlink(missing_ok=True)  # a new key has signed nothing yet
         write_config(home, cfg)
         genesis.save(paths.genesis)
         if paths.data_dir.exists() and force:
@@ -288,7 +290,8 @@ def start(
         _check_ports_free(cfg.listen)
         store = ChainStore.open(paths.chain_db, genesis_hash=genesis.hash())
         try:
-            daemon = Daemon(genesis, key, cfg, store, status_path=paths.status, data_file=paths.data_file)
+            daemon = Daemon(genesis, key, cfg, store, status_path=paths.status, data_file=paths.data_file,
+                            sign_state_path=paths.sign_state)
 
             async def main() -> None:
                 async with trio.open_nursery() as nursery:

@@ -348,6 +348,7 @@ class HomePaths:
     lock: Path  # data/LOCK (held by the running daemon)
     status: Path  # data/status.json (written by the running daemon, read by `flnode status`)
     data_file: Path | None  # data_path resolved against the home, None when unset
+    sign_state: Path  # home/sign_state.json: the last signature's position, kept beside the key, not the data
 
 
 def home_paths(home: Path, config: NodeConfig) -> HomePaths:
@@ -364,4 +365,5 @@ def home_paths(home: Path, config: NodeConfig) -> HomePaths:
         lock=data_dir / "LOCK",
         status=data_dir / "status.json",
         data_file=data_file,
+        sign_state=home / "sign_state.json",
     )

@@ -70,6 +70,7 @@ from flnode.protocol.tensors import encode_tensors
 
 from .admission import AdmissionGate
 from .blobs import BLOB_PROTOCOL, BlobService
+from .signer import LastSignGuard, guarded
 from .store_worker import StoreWorker
 from .supervise import supervised
 
@@ -120,6 +121,7 @@ class Daemon:
         *,
         status_path: Path | None = None,
         data_file: Path | None = None,
+        sign_state_path: Path | None = None,
     ) -> None:
         self.genesis = genesis
         self.chain_id = genesis.chain_id
@@ -140,8 +142,13 @@ class Daemon:
         self.last_cert: CommitCertificate | None = store.get_certificate(height) if height > 0 else None
 
         self.validators = self.validator_set(self.state.height + 1) or ValidatorSet(genesis.powers)
-        sign = (lambda kind, payload: key.sign(self.chain_id, kind, payload)) if self.is_validator else None
-        records = store.records(height + 1)
+        sign: Any = None
+        if self.is_validator:
+            sign = lambda kind, payload: key.sign(self.chain_id, kind, payload)  # noqa: E731
+            if sign_state_path is not None:  # the signer itself refuses a conflicting signature (store wiped or not)
+                sign = guarded(sign, LastSignGuard(sign_state_path))
+        # A torn last record is deleted before anything is appended after it; any other unreadable one stops us.
+        records = store.restorable_records(height + 1, Tendermint.check_records)
         me = self.me if self.is_validator else None
         timeouts = timeouts_from(genesis)
         self.machine = (
@@ -686,6 +693,7 @@ class Daemon:
         if self.status_path is None:
             return
         self.metrics.set("store_max_call_ms", round(self.worker.max_call_s * 1000, 2))
+        self.metrics.set("sign_refusals", getattr(self.machine, "sign_refusals", 0))
         status = {
             "pid": os.getpid(),
             "time": time.time(),

@@ -58,6 +58,8 @@ def test_testnet_init_links_every_node(tmp_path: Path) -> None:
         ("missing", "does not exist"),
         ("bad_genesis", "genesis"),
         ("corrupt_store", "chain store"),
+        ("torn_middle_record", "but not the last one"),
+        ("bad_sign_state", "sign guard"),
     ],
 )
 def test_start_errors_are_one_line(tmp_path: Path, setup: str, expect: str) -> None:
@@ -69,6 +71,22 @@ def test_start_errors_are_one_line(tmp_path: Path, setup: str, expect: str) -> N
     if setup == "corrupt_store":
         (home / "data").mkdir()
         (home / "data" / "chain.sqlite").write_bytes(b"this is not a database" * 100)
+    if setup == "torn_middle_record":
+        # a torn record with signed records after it: restoring would forget those votes, so refuse to start
+        from flnode.consensus.machine import _record
+        from flnode.node.chain.store import ChainStore
+        from flnode.protocol.crypto import NodeKey
+        from flnode.protocol.messages import Vote, VoteType
+
+        g = Genesis.load(home / "genesis.json")
+        store = ChainStore.open(home / "data" / "chain.sqlite", genesis_hash=g.hash())
+        key = NodeKey.load(home / "node_key.json")
+        for r, raw in ((0, None), (1, b"\x96torn"), (2, None)):
+            vote = Vote(VoteType.PREVOTE, 1, r, None, key.public_key).signed(key, g.chain_id)
+            store.append_record(1, raw or _record("vote", 1, r, vote.encode()))
+        store.close()
+    if setup == "bad_sign_state":
+        (home / "sign_state.json").write_text("{half a fi")
     res = flnode("start", "--home", str(home))
     assert res.returncode == 2, res.stderr
     lines = [line for line in res.stderr.splitlines() if line.strip()]
