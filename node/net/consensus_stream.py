@@ -218,6 +218,7 @@ class ConsensusTransport:
         resend_after: float = 2.0,
         redeliver_after: float = 2.0,
         write_timeout: float = 5.0,
+        open_timeout: float = 2.0,
         cutoff_backoff: float = 10.0,
         tick: float = 0.002,
         protocol_id: str = CONSENSUS_PROTOCOL,
@@ -230,6 +231,7 @@ class ConsensusTransport:
         self.max_bytes_per_sec = max_bytes_per_sec
         self.resend_after = resend_after
         self.write_timeout = write_timeout
+        self.open_timeout = open_timeout
         self.cutoff_backoff = cutoff_backoff
         self.tick = tick
         self.protocol_id = protocol_id
@@ -315,7 +317,7 @@ class ConsensusTransport:
             while self._banned(peer) or peer not in self.p2p.connected_peers():
                 await trio.sleep(0.1)
             try:
-                stream = await self.p2p.open_stream(peer, self.protocol_id, timeout=5.0)
+                stream = await self.p2p.open_stream(peer, self.protocol_id, timeout=self.open_timeout)
             except NetError as exc:
                 self.counters["dial_failed"] += 1
                 log.debug("consensus stream dial failed", extra={"peer": peer[:16], "error": str(exc)[:200]})

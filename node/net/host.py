@@ -212,14 +212,29 @@ class P2PNode:
 
         if self._host is None:
             raise NetError("not running")
+        pid = ID.from_base58(peer)
         try:
             with trio.fail_after(timeout):
-                raw = await self._host.new_stream(ID.from_base58(peer), [TProtocol(protocol_id)])
+                raw = await self._host.new_stream(pid, [TProtocol(protocol_id)])
         except trio.TooSlowError:
+            await self._close_stale_connections(pid)
             raise NetError(f"opening a stream to {peer[:16]} timed out after {timeout}s") from None
         except Exception as exc:
+            await self._close_stale_connections(pid)
             raise NetError(f"opening a stream to {peer[:16]} failed: {exc!r}"[:300]) from None
         return Stream(raw, peer)
+
+    async def _close_stale_connections(self, pid: Any) -> None:
+        """(p24) after a peer restarts, its dead connection can stay listed next to the new one and
+        new_stream may pick it and hang: keep only the newest connection."""
+        try:
+            conns = self._host.get_network().get_connections(pid)
+            for conn in conns[:-1]:
+                with trio.move_on_after(1):
+                    await conn.close()
+                self._count("stale_connections_closed")
+        except Exception as exc:
+            log.debug("closing stale connections failed", extra={"error": repr(exc)[:200]})
 
     async def request(self, peer: str, protocol_id: str, payload: bytes, *, max_response: int, timeout: float) -> bytes:
         from libp2p.custom_types import TProtocol
