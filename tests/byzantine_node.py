@@ -10,8 +10,8 @@ It is the real Daemon (it votes, proposes and stays connected) with these overri
   different update list). Honest nodes must refuse it at decode (rejected_malformed).
 - flood: for a bounded time, publishes hundreds of signed proposals per second with distinct blocks (varying
   time_ms): for rounds far ahead, and for its own proposer slots of the current and next height.
-- inflate: on odd heights its update has a -50 delta on every parameter, announced with 2^40 samples (above the
-  cap) or, alternately, with the cap (then only the norm bound stands in the way).
+- inflate: its update has a -50 delta on every parameter, announced on odd heights with 2^40 samples (above
+  the cap) and on even heights with the cap (then only the norm bound stands in the way).
 - withhold: announces its updates without the inline blob and serves its blobs only to the proposer of the height.
 - equivocate: every prevote/precommit it casts is followed by a second, conflicting one for the same
   (height, round) (nil <-> a made-up block hash), both gossiped.
@@ -207,9 +207,11 @@ class ByzantineDaemon(Daemon):
             trained_for = height
             if self.state.height + 1 != height:
                 continue
-            if "inflate" in self.attacks and height % 2 == 1:
+            if "inflate" in self.attacks:
+                # odd heights: 2^40 samples, refused at admission; even heights: the cap, so only the norm bound
+                # stands in the way (heights 1 and 2 come before any penalty can get us excluded)
                 blob = self._malicious_blob()
-                samples = INFLATED_SAMPLES if height % 4 == 1 else samples_cap(self.genesis, self.me)
+                samples = INFLATED_SAMPLES if height % 2 == 1 else samples_cap(self.genesis, self.me)
                 ann = replace(ann, blob_hash=digest(blob), blob_size=len(blob), num_samples=samples,
                               signature=b"").signed(self.key, self.chain_id)
                 self.metrics.inc("byz_inflated")

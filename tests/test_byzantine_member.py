@@ -134,7 +134,9 @@ async def test_one_byzantine_member_of_four_with_every_attack(tmp_path: Path) ->
     for v in honest:
         assert byz_key in slashed_at(v.home, top), f"{v.name}: equivocator not slashed at {top}"
     byz_counts = counters(byz.home)
-    for c in ("byz_swapped", "byz_flooded", "byz_inflated", "byz_equivocations", "byz_withheld"):
+    # the attacks were made (byz_withheld is only printed: it needs an honest non-proposer to ask the Byzantine
+    # for an admitted update blob, which depends on timing and on whether it is excluded yet)
+    for c in ("byz_swapped", "byz_flooded", "byz_inflated", "byz_equivocations"):
         assert byz_counts.get(c, 0) > 0, (c, byz_counts)
     rejected: dict[str, int] = {}
     for v in honest:
@@ -145,6 +147,7 @@ async def test_one_byzantine_member_of_four_with_every_attack(tmp_path: Path) ->
     assert rejected.get("rejected_samples_over_cap", 0) > 0, rejected  # 2^40 samples refused at admission
     assert rejected.get("rejected_round_too_far", 0) + rejected.get("rejected_proposal_flood", 0) > 0, rejected
     receipts = read_store(honest[0].home, lambda s: [s.get_receipt(h) for h in range(1, top + 1)])
+    assert not [r.height for r in receipts if byz_key in r.accepted]  # every update it sent was the -50 one
     print(f"4 nodes: {top} heights in {time.monotonic() - t0:.1f} s; rejected {rejected}; byzantine {byz_counts}; "
           f"byzantine update accepted at {[r.height for r in receipts if byz_key in r.accepted]}, refused "
           f"{[(r.height, why) for r in receipts for a, _, why in r.rejected if a == byz_key]}")
@@ -158,11 +161,15 @@ async def test_two_byzantine_members_of_seven(tmp_path: Path) -> None:
     ]
     t0 = time.monotonic()
     try:
-        await wait_until(lambda: min(heights(honest)) >= 5, views, procs, 80)
+        await wait_until(lambda: min(heights(honest)) >= 5, views, procs, 70)
+        byz_keys = {genesis.validators[5].key_bytes, genesis.validators[6].key_bytes}
+        await wait_until(lambda: byz_keys <= set(slashed_at(honest[0].home, min(heights(honest)))), views, procs,
+                         max(5.0, 85 - (time.monotonic() - t0)))
         assert all(p.poll() is None for p in procs)
     finally:
         stop_nodes(procs)
     top = check_honest(genesis, honest, 5)
     slashed = slashed_at(honest[0].home, top)
+    assert byz_keys <= set(slashed), slashed
     print(f"7 nodes: {top} heights in {time.monotonic() - t0:.1f} s; slashed "
           f"{[genesis.name_of(k) for k in slashed]}")
