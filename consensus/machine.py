@@ -55,7 +55,7 @@ from .events import (
 )
 from .types import Step, TimeoutConfig, TimeoutKind
 from .validators import ValidatorSet
-from .votes import RoundVotes
+from .votes import MAX_VALUES_PER_VALIDATOR, RoundVotes
 
 Signer = Callable[[str, bytes], bytes]
 
@@ -73,6 +73,11 @@ class SignRefused(Exception):
 
 PV, PC = int(VoteType.PREVOTE), int(VoteType.PRECOMMIT)  # vote-count keys on the hot path
 FUTURE_BUFFER = 4096
+# Each validator gets its own share of the future-height buffer (FUTURE_BUFFER // (n + 2)); signers outside the
+# current set share one more, and the node's own shell (block sync, application answers) one more, so a flooding
+# validator fills only its share and honest messages for the next height are still kept.
+_OUTSIDERS = b"outsiders"
+_LOCAL = b"local"
 MAX_ROUND_AHEAD = 64  # messages for rounds further ahead are dropped (bounded memory under flooding)
 MAX_REBROADCAST_MS = 30_000
 
@@ -100,6 +105,10 @@ class Tendermint:
         self._one_third = validators.total_power // 3  # f+1 is any power above this
         self._reset_height(0)
         self._future: list[Event] = []
+        self._future_share = self._share()
+        self._future_count: dict[bytes, int] = {}  # bucket (validator, _OUTSIDERS or _LOCAL) -> events buffered
+        # (signer, height, round, type; 0 = proposal) -> the values buffered: at most MAX_VALUES_PER_VALIDATOR
+        self._future_slots: dict[tuple[bytes, int, int, int], list[bytes | None]] = {}
 
     # ------------------------------------------------------------------ state
 
@@ -122,7 +131,10 @@ class Tendermint:
         self.validity: dict[bytes, bool] = {}
         self.validating: set[bytes] = set()
         self.votes: dict[int, RoundVotes] = {}
-        self._top_round = -1  # the highest round in self.votes (L55 looks above the current round)
+        self._top_round = -1  # the highest round in self.votes
+        # Kept up to date as votes are counted, so the rules never scan the (up to MAX_ROUND_AHEAD) future rounds:
+        self._skip_round = -1  # the highest round with more than 1/3 of the power voting in it (L55)
+        self._decidable: set[tuple[int, bytes]] = set()  # (round, value) with 2f+1 precommits (L49)
         self.signed: dict[tuple[int, int], Vote] = {}  # (round, type) -> own vote, never re-signed differently
         self.proposed: dict[int, Proposal] = {}
         self.asked_value: set[int] = set()
@@ -149,16 +161,32 @@ class Tendermint:
         self.me = self._key if self._key is not None and validators.power(self._key) > 0 else None
         self._quorum = validators.quorum()
         self._one_third = validators.total_power // 3
+        self._future_share = self._share()
         if self.decided is None and self.votes:
             old, self.votes, self._top_round, self.polka = self.votes, {}, -1, None
+            self._skip_round, self._decidable = -1, set()
             for r in sorted(old):
                 for counted in old[r].by_value.values():
                     for v in counted.values():
                         if v.validator in validators.powers:
                             rv = self._round_votes(r)
                             rv.add(v)
-                            if rv.changed and v.type == VoteType.PREVOTE and v.block_hash is not None:
-                                self._note_polka(rv, v)
+                            if rv.changed:
+                                self._counted(rv, v)
+
+    def _share(self) -> int:
+        return max(1, FUTURE_BUFFER // (len(self.validators.powers) + 2))
+
+    def _counted(self, rv: RoundVotes, v: Vote) -> None:
+        """Update what the rules read after `rv` counted `v`: the latest polka, the L55 round, the L49 candidates."""
+        bh = v.block_hash
+        if bh is not None:
+            if v.type == VoteType.PREVOTE:
+                self._note_polka(rv, v)
+            elif rv.power[(PC, bh)] >= self._quorum:
+                self._decidable.add((v.round, bh))
+        if v.round > self._skip_round and rv.voters_power > self._one_third:
+            self._skip_round = v.round
 
     # ------------------------------------------------------------------ entry point
 
@@ -178,8 +206,8 @@ class Tendermint:
         else:
             h = _event_height(event)
         if h > self.height or not self.started_round:
-            if h <= self.height + 2 and len(self._future) < FUTURE_BUFFER and cls is not TimeoutFired:
-                self._future.append(event)
+            if h <= self.height + 2 and cls is not TimeoutFired and len(self._future) < FUTURE_BUFFER:
+                self._buffer(event, cls, h)
             return out
         if self.decided is not None:
             return out  # decided: the shell moves us to the next height
@@ -224,14 +252,45 @@ class Tendermint:
             self._reset_height(height)
             self._start_round(0, out)
         pending, self._future = self._future, []
+        self._future_count, self._future_slots = {}, {}
         for ev in pending:
             eh = _event_height(ev)
             if eh == self.height:
                 out += self.step(ev)
             elif eh > self.height:
-                self._future.append(ev)
+                self._buffer(ev, type(ev), eh)  # counted again against the (new) validator set's shares
         self._apply_rules(out)  # a restored round may already satisfy a rule
         return out
+
+    def _buffer(self, event: Event, cls: type, h: int) -> None:
+        """Keep an event of a later height (or of any height before the first StartHeight) for StartHeight. Bounded
+        per signer: a validator's share of FUTURE_BUFFER, at most MAX_VALUES_PER_VALIDATOR values per (height, round,
+        type), and no round that would be beyond MAX_ROUND_AHEAD when the height starts."""
+        if cls is VoteReceived:
+            v = event.vote  # type: ignore[union-attr]
+            signer, r, kind, value = v.validator, v.round, int(v.type), v.block_hash
+        elif cls is ProposalReceived:
+            p = event.proposal  # type: ignore[union-attr]
+            signer, r, kind, value = p.proposer, p.round, 0, p.block_hash
+        else:  # from the node's own shell: block sync, application answers
+            signer, r, kind, value = _LOCAL, 0, -1, None
+        if r < 0 or r > (self.round if h == self.height else 0) + MAX_ROUND_AHEAD:
+            return
+        bucket = signer if kind < 0 or signer in self.validators.powers else _OUTSIDERS
+        n = self._future_count.get(bucket, 0)
+        if n >= self._future_share:
+            return
+        if kind >= 0:
+            slot = (signer, h, r, kind)
+            values = self._future_slots.get(slot)
+            if values is None:
+                self._future_slots[slot] = [value]
+            elif value in values or len(values) >= MAX_VALUES_PER_VALIDATOR:
+                return  # a duplicate, or a third value: never counted at that height either
+            else:
+                values.append(value)
+        self._future_count[bucket] = n + 1
+        self._future.append(event)
 
     # ------------------------------------------------------------------ inputs
 
@@ -250,9 +309,12 @@ class Tendermint:
         else:
             self.second_proposal.add(p.round)
         self.proposal_values[(p.round, p.block_hash)] = p
-        bh = p.block_hash
-        self.blocks.setdefault(bh, p.block)
-        self._request_validation(p.block, p.round, out)
+        self.blocks.setdefault(p.block_hash, p.block)
+        if p.round == self.round:
+            # Only the current round's proposals are validated on arrival (L22/L28/L36 need the answer); a later
+            # round's when the node gets there (_start_round), any round's when 2f+1 precommit it (L49). So a flood
+            # of proposals for rounds ahead costs no block fetch or execution.
+            self._request_validation(p.block, p.round, out)
         return True
 
     def _request_validation(self, block: Block, r: int, out: list[Action]) -> None:
@@ -272,9 +334,10 @@ class Tendermint:
         conflict = rv.add(v)
         if conflict is not None:
             out.append(EmitEvidence(DuplicateVoteEvidence.of(conflict, v)))
-        if rv.changed and v.type == VoteType.PREVOTE and v.block_hash is not None:
-            self._note_polka(rv, v)
-        return rv.changed
+        if rv.changed:
+            self._counted(rv, v)
+            return True
+        return False
 
     def _note_polka(self, rv: RoundVotes, v: Vote) -> None:
         """Remember the latest round with 2f+1 prevotes for a value, proposal seen or not: it is relayed on
@@ -344,21 +407,21 @@ class Tendermint:
         q = self._quorum
 
         # L49: a proposal of any round with 2f+1 precommits for it, and the value is valid -> decide.
-        for (pr, bh), p in self.proposal_values.items():
-            rv = self.votes.get(pr)
-            if rv is not None and rv.power.get((PC, bh), 0) >= q:
+        if self._decidable:
+            for pr, bh in sorted(self._decidable):
+                p = self.proposal_values.get((pr, bh))
+                if p is None:
+                    continue
                 if self.validity.get(bh) is True:
                     self.decided = p.block
-                    cert = rv.certificate(h, pr, bh)
-                    out.append(Commit(h, p.block, cert))
+                    out.append(Commit(h, p.block, self.votes[pr].certificate(h, pr, bh)))
                     return False
-                self._request_validation(p.block, pr, out)
-        # L55: f+1 power in a higher round -> skip to it.
-        if self._top_round > r:
-            for rr in sorted(k for k in self.votes if k > r):
-                if self.votes[rr].voters_power > self._one_third:
-                    self._start_round(rr, out)
-                    return True
+                self._request_validation(p.block, pr, out)  # the rule needs the answer, whatever the round
+        # L55: f+1 power in a higher round -> skip to it (the highest such round: the rounds between would be
+        # started only to be left again at once).
+        if self._skip_round > r:
+            self._start_round(self._skip_round, out)
+            return True
 
         p = self.proposals.get(r)
         rv = self._round_votes(r)
@@ -422,6 +485,11 @@ class Tendermint:
         self.started_round = True
         self.rebroadcasts = 0
         out.append(self._timeout(TimeoutKind.REBROADCAST))
+        p = self.proposals.get(r)
+        if p is not None:  # received while the node was in an earlier round: validate it now
+            self._request_validation(p.block, r, out)
+            if r in self.second_proposal:
+                self._request_validation(self._second(r).block, r, out)
         if self.me is not None and self.validators.proposer(self.height, r) == self.me:
             if r in self.proposed:  # restored: re-send (and count) what we proposed before the crash
                 out.append(Broadcast(self.proposed[r]))
@@ -472,8 +540,8 @@ class Tendermint:
         out.append(Broadcast(v))
         rv = self._round_votes(self.round)
         rv.add(v)
-        if rv.changed and bh is not None and t == VoteType.PREVOTE:
-            self._note_polka(rv, v)
+        if rv.changed:
+            self._counted(rv, v)
 
     def _relay_previous_round(self, out: list[Action]) -> None:
         """A peer still in round r-1 (it lost precommits of r-1 before GST) may never reach 2f+1 precommits there
@@ -560,7 +628,10 @@ class Tendermint:
                 assert isinstance(body, Vote)
                 v = body
                 m.signed[(v.round, int(v.type))] = v
-                m._round_votes(v.round).add(v)
+                rv = m._round_votes(v.round)
+                rv.add(v)
+                if rv.changed:
+                    m._counted(rv, v)
                 if lock is not None:
                     if v.round >= m.locked_round:
                         m.locked_value, m.locked_round = lock, v.round
@@ -570,7 +641,7 @@ class Tendermint:
                             rv = m._round_votes(pv.round)
                             rv.add(pv)
                             if rv.changed:
-                                m._note_polka(rv, pv)
+                                m._counted(rv, pv)
             else:
                 assert isinstance(body, Proposal)
                 m.proposed[body.round] = body

@@ -11,6 +11,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from conftest import examples
 from flnode.cli.node_cmd import _task_and_rules, make_genesis
 from flnode.node.app import (
     Reason,
@@ -204,7 +205,7 @@ def reference(rule: str, ups: list[WeightedUpdate], rules: Rules) -> np.ndarray:
 
 @given(seed=st.integers(0, 10_000), n=st.integers(1, 9), rule=st.sampled_from(["fedavg", "median", "trimmed_mean"]),
        multiple=st.sampled_from([0, 1, 2, 3]))
-@settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=examples(80), deadline=None, suppress_health_check=list(HealthCheck))
 def test_aggregators_match_the_reference(seed: int, n: int, rule: str, multiple: int) -> None:
     rules = Rules(aggregator=rule, trim_fraction=0.2, weight_median_multiple=multiple)
     ups = _random_updates(seed, n)

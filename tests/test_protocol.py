@@ -15,6 +15,7 @@ from typing import Any
 import msgpack
 import numpy as np
 import pytest
+from conftest import examples
 from flnode.protocol.crypto import NodeKey, verify
 from flnode.protocol.encoding import pack, unpack
 from flnode.protocol.errors import DecodeError, GenesisError, OversizeError, ProtocolError, ValidationError
@@ -40,7 +41,7 @@ from flnode.protocol.tensors import decode_tensors, encode_tensors, tensors_hash
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-FAST = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+FAST = settings(max_examples=examples(150), deadline=None, suppress_health_check=list(HealthCheck))
 KEYS = [NodeKey(bytes([i + 1]) * 32) for i in range(4)]
 CHAIN = "test-chain"
 H = digest(b"h")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import examples
 from flnode.cli.main import app
 from flnode.consensus import machine
 from flnode.consensus.machine import FUTURE_BUFFER, MAX_ROUND_AHEAD
@@ -83,13 +84,15 @@ def test_flood_keeps_honest_memory_bounded(nodes: int, byzantine: int, seeds: in
     assert s.flood_messages > 0 and s.max_round_ahead > 0 and s.max_future > 0  # the junk was stored up to the bounds
 
 
-def test_a_flood_that_fills_the_future_buffer_is_capped_and_the_network_stays_live() -> None:
+def test_a_flood_of_future_heights_gets_only_its_share_of_the_buffer_and_the_network_stays_live() -> None:
     cfg = SimConfig(nodes=4, byzantine=1, heights=3, faults=("drop", "delay"), byzantine_modes=("flood",),
                     flood_burst=2000)
     s = run_many(cfg, [7])
     _live(s, cfg, 1)
     _bounded(s, 4)
-    assert s.max_future == FUTURE_BUFFER  # the buffer was full and stayed at its cap
+    # the flooder holds at most its share (FUTURE_BUFFER // (n + 2)) plus the honest validators' few messages: the
+    # buffer never fills, so honest messages for the next height are never dropped
+    assert 0 < s.max_future < FUTURE_BUFFER // 4
 
 
 def test_flood_together_with_body_swap_and_the_other_modes_at_n7() -> None:
@@ -179,7 +182,7 @@ def test_a_run_with_the_new_modes_replays_exactly_from_its_seed() -> None:
 # ---------------------------------------------------------------- property: any mix, any seed
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=examples(12), deadline=None)
 @given(
     size=st.sampled_from([(4, 1), (7, 2)]),
     modes=st.lists(st.sampled_from(["body_swap", "flood", "equivocate", "split", "double_vote"]), min_size=1,
