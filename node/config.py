@@ -45,6 +45,9 @@ class NodeConfig:
     log_format: str = "text"  # text | json
     data_path: str = ""  # optional own .npz (x, y) instead of the genesis data set shard
     participate: bool = True  # train and publish updates (validators may opt out)
+    # Heights of update/model blobs kept; 0 = all. Default 0: there is no state sync yet, so a node joining later
+    # replays from genesis and needs every old blob from some peer; prune only where others keep them.
+    blob_retention_heights: int = 0
 
 
 # ---------------------------------------------------------------- validation of single values
@@ -132,10 +135,15 @@ def _v_choice(choices: tuple[str, ...]) -> Callable[[Any], None]:
     return check
 
 
+def _v_retention(v: Any) -> None:
+    if v < 0:
+        raise ValueError(f"{v} must be 0 (keep all) or a number of heights")
+
+
 @dataclass(frozen=True)
 class FieldSpec:
     name: str
-    kind: type  # str, tuple (of str) or bool
+    kind: type  # str, tuple (of str), bool or int
     env: str
     flag: str
     help: str
@@ -178,6 +186,12 @@ FIELDS: dict[str, FieldSpec] = {
             "Own .npz (x, y) to train on instead of the genesis data set shard; empty = shard.",
         ),
         _spec("participate", bool, "Train and publish updates each round (a validator may opt out)."),
+        _spec(
+            "blob_retention_heights",
+            int,
+            "Keep the update and model blobs of this many recent heights (older ones are deleted); 0 = keep all.",
+            _v_retention,
+        ),
     )
 }
 assert list(FIELDS) == [f.name for f in fields(NodeConfig)]  # one source of truth for order and names
@@ -215,6 +229,12 @@ def _coerce(spec: FieldSpec, raw: Any, source: Source) -> Any:
                 return False
             raise ValueError(f"{raw!r} is not a boolean (true/false, 1/0, yes/no, on/off)")
         raise ValueError(f"must be a boolean, got {_show(raw)}")
+    if spec.kind is int:
+        if isinstance(raw, int) and not isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and source in ("env", "flag") and re.fullmatch(r"\s*[0-9]+\s*", raw):
+            return int(raw)
+        raise ValueError(f"must be a non-negative integer, got {_show(raw)}")
     if isinstance(raw, str):
         value = raw.strip() if source == "env" else raw
         return value.lower() if spec.name in ("log_level", "log_format") else value
@@ -290,6 +310,8 @@ def load_config(
 def _toml_value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
     if isinstance(v, str):
         # JSON string escapes are a subset of TOML basic-string escapes
         return json.dumps(v, ensure_ascii=False)

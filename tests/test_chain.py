@@ -115,6 +115,10 @@ def test_reader_works_beside_a_writer(tmp_path: Path, chain: tuple) -> None:  # 
     writer.close()
 
 
+def _blob_file(db: Path, h: bytes) -> Path:
+    return ChainStore.open(db, readonly=True).blobs.path(h)
+
+
 @pytest.mark.parametrize("what", ["update blob", "certificate", "state row", "receipt", "model blob"])
 def test_verify_names_the_first_tampered_height(tmp_path: Path, chain: tuple, what: str) -> None:  # type: ignore[type-arg]
     g, blocks, blobs = chain
@@ -124,7 +128,7 @@ def test_verify_names_the_first_tampered_height(tmp_path: Path, chain: tuple, wh
     h = 3
     block, cert, state, receipt = blocks[h - 1]
     if what == "update blob":
-        conn.execute("UPDATE blobs SET data = ? WHERE hash = ?", (b"junk", block.updates[0].blob_hash))
+        _blob_file(db, block.updates[0].blob_hash).write_bytes(b"junk")
     elif what == "certificate":
         bad = replace(cert, signatures=((cert.signatures[0][0], b"\x00" * 64), *cert.signatures[1:]))
         conn.execute("UPDATE certificates SET data = ? WHERE height = ?", (bad.encode(), h))
@@ -136,7 +140,7 @@ def test_verify_names_the_first_tampered_height(tmp_path: Path, chain: tuple, wh
     elif what == "receipt":
         conn.execute("UPDATE receipts SET data = ? WHERE height = ?", (replace(receipt, rewards={}).encode(), h))
     else:
-        conn.execute("UPDATE blobs SET data = ? WHERE hash = ?", (b"junk", state.model_hash))
+        _blob_file(db, state.model_hash).write_bytes(b"junk")
     conn.commit()
     conn.close()
     report = verify_chain(ChainStore.open(db, readonly=True), g)

@@ -1,23 +1,33 @@
-"""The chain store: SQLite in WAL mode with synchronous=FULL, so every commit is fsync'd.
+"""The chain store: SQLite in WAL mode with synchronous=FULL, so every commit is fsync'd, plus blob files.
 
 One writer (the daemon) and any number of read-only readers (status, chain show/verify, the demo) at once.
-A height is committed in one transaction: block, certificate, app state, receipt and model blob together, so
-after kill -9 the store always opens at the last committed height, intact.
+A height is committed in one transaction: block, certificate, app state, receipt and the blob index rows
+together, so after kill -9 the store always opens at the last committed height, intact.
+
+Blobs (update and model blobs) are content-addressed files beside the database (see BlobFiles); SQLite only
+indexes them (hash, size, height, kind). put_blob does no fsync and no SQLite write, so receiving updates never
+queues behind the fsync'd consensus writes; commit_height makes the height's blob files durable (file and
+directory fsync) before its transaction indexes them, so an index row always names a durable, whole file.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import sqlite3
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from flnode.node.app import AppState, Receipt, decode_state, encode_state
+from flnode.protocol.encoding import pack, unpack
 from flnode.protocol.errors import ProtocolError
 from flnode.protocol.hashing import digest
 from flnode.protocol.messages import Block, CommitCertificate
-from flnode.protocol.tensors import decode_tensors
+from flnode.protocol.tensors import decode_tensors, tensors_hash
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
@@ -25,25 +35,152 @@ CREATE TABLE IF NOT EXISTS blocks (height INTEGER PRIMARY KEY, hash BLOB NOT NUL
 CREATE TABLE IF NOT EXISTS certificates (height INTEGER PRIMARY KEY, data BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS states (height INTEGER PRIMARY KEY, model_hash BLOB NOT NULL, data BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS receipts (height INTEGER PRIMARY KEY, data BLOB NOT NULL);
-CREATE TABLE IF NOT EXISTS blobs (hash BLOB PRIMARY KEY, data BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS blob_index (hash BLOB PRIMARY KEY, size INTEGER NOT NULL, height INTEGER NOT NULL,
+    kind TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS blob_index_height ON blob_index (height);
 CREATE TABLE IF NOT EXISTS consensus_records (height INTEGER NOT NULL, seq INTEGER NOT NULL, data BLOB NOT NULL,
     PRIMARY KEY (height, seq));
 CREATE TABLE IF NOT EXISTS metrics (height INTEGER PRIMARY KEY, data TEXT NOT NULL);
 """
+# A row's height is the last height that needs the blob (max over references), kind 'model' wins over 'update':
+# pruning by height then never drops a model blob a retained state still points at.
+UPSERT_INDEX = (
+    "INSERT INTO blob_index (hash, size, height, kind) VALUES (?, ?, ?, ?) ON CONFLICT(hash) DO UPDATE SET "
+    "height = MAX(height, excluded.height), "
+    "kind = CASE WHEN kind = 'model' OR excluded.kind = 'model' THEN 'model' ELSE 'update' END"
+)
+LEGACY_BATCH_BYTES = 64 << 20
+EMPTY_MODEL_HASH = tensors_hash({})
 
 
 class StoreError(Exception):
     """The store cannot be opened or is inconsistent."""
 
 
+class BlobWriteError(StoreError):
+    """A blob file could not be written (an OSError other than a full disk)."""
+
+
+class DiskFullError(BlobWriteError):
+    """No space (or quota) left for a blob: stop fetching blobs, keep voting."""
+
+
+def default_blob_dir(db: Path) -> Path:
+    """data/chain.sqlite -> data/blobs; any other name gets its own directory, so stores sharing a folder
+    (tests, tools) never prune each other's files."""
+    return db.parent / "blobs" if db.name == "chain.sqlite" else db.parent / f"{db.stem}.blobs"
+
+
+class BlobFiles:
+    """One file per blob at root/ab/abcdef… (hex digest). A blob is written under a temporary name in the same
+    directory and renamed: its hash name never shows a partial file, whatever the moment of a crash."""
+
+    TMP = ".tmp-"
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._lock = threading.Lock()
+        self._dirty_dirs: set[Path] = set()  # renamed into since the last sync_dirs
+
+    def path(self, h: bytes) -> Path:
+        x = h.hex()
+        return self.root / x[:2] / x
+
+    def exists(self, h: bytes) -> bool:
+        return os.path.exists(self.path(h))  # one stat, no read
+
+    def read(self, h: bytes) -> bytes | None:
+        try:
+            with open(self.path(h), "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+
+    def write(self, h: bytes, data: bytes, *, sync: bool) -> bool:
+        """Write unless present; True if written. `sync`: fsync the data before the rename."""
+        p = self.path(h)
+        if os.path.exists(p):
+            return False
+        tmp = p.parent / f"{self.TMP}{p.name}.{os.getpid()}.{threading.get_ident()}"
+        try:
+            if not p.parent.is_dir():
+                p.parent.mkdir(parents=True, exist_ok=True)
+                with self._lock:
+                    self._dirty_dirs.add(self.root)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                if sync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, p)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFullError(f"disk full writing blob {h.hex()[:16]} under {self.root}: {exc}") from None
+            raise BlobWriteError(f"cannot write blob {h.hex()[:16]} under {self.root}: {exc}") from None
+        with self._lock:
+            self._dirty_dirs.add(p.parent)
+        return True
+
+    def remove(self, h: bytes) -> None:
+        self.path(h).unlink(missing_ok=True)
+
+    def fsync_file(self, h: bytes) -> bool:
+        """fsync a blob's data; False if it is gone."""
+        try:
+            fd = os.open(self.path(h), os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return True
+
+    def sync_dirs(self) -> None:
+        """Make every rename (and new fan-out directory) since the last call durable."""
+        with self._lock:
+            dirs, self._dirty_dirs = self._dirty_dirs, set()
+        for d in sorted(dirs, key=lambda p: len(p.parts), reverse=True):  # fan-out dirs before the root
+            fd = os.open(d, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def scan(self) -> Iterator[tuple[bytes | None, Path]]:
+        """Every file: (hash, path), or (None, path) for a temporary or foreign name."""
+        if not self.root.is_dir():
+            return
+        for sub in os.scandir(self.root):
+            if not sub.is_dir() or len(sub.name) != 2:
+                continue
+            for e in os.scandir(sub.path):
+                try:
+                    h = bytes.fromhex(e.name) if len(e.name) == 64 and e.name.startswith(sub.name) else None
+                except ValueError:
+                    h = None
+                yield h, Path(e.path)
+
+
 class ChainStore:
-    def __init__(self, conn: sqlite3.Connection, path: Path, readonly: bool) -> None:
+    def __init__(self, conn: sqlite3.Connection, path: Path, readonly: bool, blob_dir: Path) -> None:
         self.conn = conn
         self.path = path
         self.readonly = readonly
+        self.blobs = BlobFiles(blob_dir)
+        self._pending_lock = threading.Lock()
+        # received since the last commit, not yet indexed: hash -> (size, height announced for, or None)
+        self._pending: dict[bytes, tuple[int, int | None]] = {}
+        self._legacy = False  # an old store with a `blobs` table still holding rows (read-only openers)
 
     @classmethod
-    def open(cls, path: Path, *, readonly: bool = False, genesis_hash: bytes | None = None) -> ChainStore:
+    def open(cls, path: Path, *, readonly: bool = False, genesis_hash: bytes | None = None,
+             blob_dir: Path | None = None) -> ChainStore:
         path = Path(path)
         try:
             if readonly:
@@ -59,7 +196,7 @@ class ChainStore:
             conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"cannot open chain store {path}: {exc}") from None
-        store = cls(conn, path, readonly)
+        store = cls(conn, path, readonly, blob_dir or default_blob_dir(path))
         if genesis_hash is not None:
             stored = store._meta("genesis_hash")
             if stored is None and not readonly:
@@ -67,6 +204,14 @@ class ChainStore:
             elif stored is not None and stored != genesis_hash:
                 conn.close()
                 raise StoreError(f"chain store {path} belongs to another genesis")
+        store._legacy = store._one("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'blobs'") is not None
+        if not readonly:
+            try:
+                store._migrate_legacy_blobs()
+                store._recover_blob_files()
+            except OSError as exc:
+                conn.close()
+                raise StoreError(f"cannot prepare blob directory {store.blobs.root}: {exc}") from None
         return store
 
     def close(self) -> None:
@@ -88,31 +233,65 @@ class ChainStore:
     def _set_meta(self, key: str, value: bytes) -> None:
         self.conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
 
+    def _transaction(self, body: Callable[[sqlite3.Connection], None]) -> None:
+        c = self.conn
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            body(c)
+            c.execute("COMMIT")
+        except BaseException:
+            c.execute("ROLLBACK")
+            raise
+
     # ---------------------------------------------------------------- heights
 
     def latest_height(self) -> int:
         return int(self._one("SELECT COALESCE(MAX(height), 0) FROM blocks") or 0)
 
     def commit_height(self, block: Block, cert: CommitCertificate, state: AppState, receipt: Receipt, model_blob: bytes) -> None:
-        """Block, certificate, state, receipt and model blob of one height: one fsync'd transaction."""
+        """Block, certificate, state, receipt and the index of this height's blobs: one fsync'd transaction, after
+        the model blob, the block's update blobs and every blob received since the last commit are durable."""
         h = block.height
         if state.height != h or cert.height != h or cert.block_hash != block.hash():
             raise StoreError(f"inconsistent commit for height {h}")
         if h != self.latest_height() + 1:
             raise StoreError(f"commit of height {h} after {self.latest_height()}")
-        c = self.conn
-        try:
-            c.execute("BEGIN IMMEDIATE")
+        model_hash = digest(model_blob)
+        if model_hash != state.model_hash:
+            raise StoreError(f"model blob of height {h} does not match the state's model hash")
+        self.blobs.write(model_hash, model_blob, sync=True)  # DiskFullError: nothing is committed
+        with self._pending_lock:
+            pending = dict(self._pending)
+        rows: list[tuple[bytes, int, int, str]] = []
+        orphans: list[tuple[bytes, int, int, str]] = []
+        in_block = {u.blob_hash for u in block.updates}
+        for bh in sorted(in_block | set(pending)):
+            if not self.blobs.fsync_file(bh):
+                continue  # not here (yet): indexed when it is put and a later height commits
+            size, announced = pending.get(bh, (os.path.getsize(self.blobs.path(bh)), None))
+            if bh in in_block:
+                rows.append((bh, size, max(h, announced or h), "update"))
+            elif announced is not None:
+                rows.append((bh, size, announced, "update"))
+            else:
+                orphans.append((bh, size, h, "update"))  # height unknown: keep one window from now
+        self.blobs.fsync_file(model_hash)
+        self.blobs.sync_dirs()
+
+        def body(c: sqlite3.Connection) -> None:
             c.execute("INSERT INTO blocks (height, hash, data) VALUES (?, ?, ?)", (h, block.hash(), block.encode()))
             c.execute("INSERT INTO certificates (height, data) VALUES (?, ?)", (h, cert.encode()))
             c.execute("INSERT INTO states (height, model_hash, data) VALUES (?, ?, ?)",
                       (h, state.model_hash, encode_state(state)))
             c.execute("INSERT INTO receipts (height, data) VALUES (?, ?)", (h, receipt.encode()))
-            c.execute("INSERT OR IGNORE INTO blobs (hash, data) VALUES (?, ?)", (digest(model_blob), model_blob))
-            c.execute("COMMIT")
-        except BaseException:
-            c.execute("ROLLBACK")
-            raise
+            c.executemany(UPSERT_INDEX, [*rows, (model_hash, len(model_blob), h, "model")])
+            c.executemany("INSERT OR IGNORE INTO blob_index (hash, size, height, kind) VALUES (?, ?, ?, ?)", orphans)
+
+        self._transaction(body)
+        with self._pending_lock:
+            for bh, entry in pending.items():
+                if self._pending.get(bh) == entry:
+                    del self._pending[bh]
 
     def get_block(self, h: int) -> Block | None:
         raw = self._one("SELECT data FROM blocks WHERE height = ?", h)
@@ -127,19 +306,37 @@ class ChainStore:
         return None if raw is None else self._decode(Receipt.decode, raw, f"receipt {h}")
 
     def get_state(self, h: int) -> AppState:
-        row = self.conn.execute("SELECT model_hash, data FROM states WHERE height = ?", (h,)).fetchone()
+        row = self.state_row(h)
         if row is None:
             raise StoreError(f"no state stored for height {h}")
-        blob = self.get_blob(bytes(row[0]))
+        blob = self.get_blob(row[0])
         if blob is None:
-            raise StoreError(f"model blob of height {h} is missing")
+            raise StoreError(f"model blob of height {h} is missing (pruned below height {self.blob_floor()}?)")
         try:
-            return decode_state(bytes(row[1]), decode_tensors(blob))
+            return decode_state(row[1], decode_tensors(blob))
+        except ProtocolError as exc:
+            raise StoreError(f"state of height {h} is corrupt: {exc}") from None
+
+    def light_state(self, h: int) -> AppState:
+        """The state after `h` without its model tensors (model = {}): balances, reputation, slashing and the app
+        hash, still there after the model blob is pruned."""
+        row = self.state_row(h)
+        if row is None:
+            raise StoreError(f"no state stored for height {h}")
+        try:
+            fields = unpack(row[1], max_size=1 << 22)
+            if not isinstance(fields, list) or len(fields) < 2:
+                raise ProtocolError("app state: not a list")
+            fields[1] = EMPTY_MODEL_HASH  # decode_state checks the model against it; the real one is put back
+            return replace(decode_state(pack(fields), {}), model_hash=row[0])
         except ProtocolError as exc:
             raise StoreError(f"state of height {h} is corrupt: {exc}") from None
 
     def state_row(self, h: int) -> tuple[bytes, bytes] | None:
-        row = self.conn.execute("SELECT model_hash, data FROM states WHERE height = ?", (h,)).fetchone()
+        try:
+            row = self.conn.execute("SELECT model_hash, data FROM states WHERE height = ?", (h,)).fetchone()
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"chain store {self.path}: {exc}") from None
         return None if row is None else (bytes(row[0]), bytes(row[1]))
 
     @staticmethod
@@ -151,17 +348,169 @@ class ChainStore:
 
     # ---------------------------------------------------------------- blobs
 
-    def put_blob(self, h: bytes, data: bytes) -> None:
+    def put_blob(self, h: bytes, data: bytes, height: int | None = None) -> None:
+        """Store a received blob; `height`: the height it was announced for (when it may be pruned). No fsync and
+        no SQLite write: the next commit_height makes it durable and indexes it. Safe from any thread.
+        Raises DiskFullError (disk or quota full) or BlobWriteError (any other OSError)."""
+        if self.readonly:
+            raise StoreError("read-only store")
         if digest(data) != h:
             raise StoreError("blob does not match its hash")
-        self.conn.execute("INSERT OR IGNORE INTO blobs (hash, data) VALUES (?, ?)", (h, data))
+        self.blobs.write(h, data, sync=False)
+        with self._pending_lock:
+            old = self._pending.get(h, (0, None))[1]
+            self._pending[h] = (len(data), height if old is None else max(old, height or old))
 
     def get_blob(self, h: bytes) -> bytes | None:
-        raw = self._one("SELECT data FROM blobs WHERE hash = ?", h)
-        return None if raw is None else bytes(raw)
+        """The blob, hash-checked: a corrupt file is deleted (by the writer) and reported missing."""
+        data = self.blobs.read(h)
+        if data is not None:
+            if digest(data) == h:
+                return data
+            if not self.readonly:
+                self.blobs.remove(h)
+                with self._pending_lock:
+                    self._pending.pop(h, None)
+            return None
+        return self._legacy_blob(h)
 
     def has_blob(self, h: bytes) -> bool:
-        return self._one("SELECT 1 FROM blobs WHERE hash = ?", h) is not None
+        """Whether a blob file exists: a stat, never a read (get_blob checks the content)."""
+        if self.blobs.exists(h):
+            return True
+        return self._legacy and self._legacy_blob(h, probe=True) is not None
+
+    def blob_path(self, h: bytes) -> Path | None:
+        """The blob's file for streaming readers, or None. Its content is not checked here: hash what you read."""
+        p = self.blobs.path(h)
+        return p if p.exists() else None
+
+    def open_blob(self, h: bytes) -> BinaryIO | None:
+        """The blob's file open for reading, or None (same caveat as blob_path)."""
+        try:
+            return open(self.blobs.path(h), "rb")
+        except FileNotFoundError:
+            return None
+
+    def blob_floor(self) -> int:
+        """Blobs of heights below this may be pruned; the model blob of this height and all later blobs are kept
+        (0: nothing was ever pruned)."""
+        raw = self._meta("blob_floor")
+        return int(raw.decode()) if raw else 0
+
+    def blob_index(self, h: bytes) -> tuple[int, int, str] | None:
+        """(size, height, kind) of an indexed blob."""
+        try:
+            row = self.conn.execute("SELECT size, height, kind FROM blob_index WHERE hash = ?", (h,)).fetchone()
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"chain store {self.path}: {exc}") from None
+        return None if row is None else (int(row[0]), int(row[1]), str(row[2]))
+
+    def prune_blobs(self, committed_height: int, retention: int, removed: list[bytes] | None = None) -> int:
+        """Delete the blobs of heights below committed_height - retention (retention 0: keep everything). The
+        model blob of that cut-off height and every later one stay, so state can be served and verify can
+        re-execute from there. Orphans (never in a block) go once their announced height is out of the window.
+        Returns how many blobs went; their hashes are appended to `removed` (to drop from caches)."""
+        if retention <= 0 or self.readonly:
+            return 0
+        cutoff = min(committed_height, self.latest_height()) - retention
+        if cutoff <= 0:
+            return 0
+        keep = "SELECT model_hash FROM states WHERE height >= ?"
+        gone = [bytes(r[0]) for r in self.conn.execute(
+            f"SELECT hash FROM blob_index WHERE height < ? AND hash NOT IN ({keep})", (cutoff, cutoff))]
+        with self._pending_lock:
+            stale = [bh for bh, (_, ah) in self._pending.items() if ah is not None and ah < cutoff]
+            for bh in stale:
+                del self._pending[bh]
+        floor = max(cutoff, self.blob_floor())
+
+        def body(c: sqlite3.Connection) -> None:
+            c.execute(f"DELETE FROM blob_index WHERE height < ? AND hash NOT IN ({keep})", (cutoff, cutoff))
+            c.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('blob_floor', ?)", (str(floor).encode(),))
+
+        self._transaction(body)  # index first: a reader never expects a blob that is already gone
+        for bh in (*gone, *stale):
+            self.blobs.remove(bh)
+        if removed is not None:
+            removed.extend((*gone, *stale))
+        return len(gone) + len(stale)
+
+    def blob_bytes(self) -> int:
+        """Bytes in blob files (a directory walk: for tests and tools, not the hot path)."""
+        return sum(p.stat().st_size for _, p in self.blobs.scan())
+
+    def _legacy_blob(self, h: bytes, probe: bool = False, check: bool = True) -> bytes | None:
+        """A blob from an old store's `blobs` table (read-only openers of a store not yet migrated)."""
+        if not self._legacy:
+            return None
+        try:
+            row = self.conn.execute(f"SELECT {'1' if probe else 'data'} FROM blobs WHERE hash = ?", (h,)).fetchone()
+        except sqlite3.DatabaseError:  # the writer migrated and dropped the table meanwhile
+            return None
+        if row is None:
+            return None
+        if probe:
+            return b""
+        data = bytes(row[0])
+        return data if not check or digest(data) == h else None
+
+    def _migrate_legacy_blobs(self) -> None:
+        """Move an old store's `blobs` table into files, in batches; each batch's files are fsync'd before the
+        transaction that indexes them and deletes their rows, so a crash anywhere just redoes the batch."""
+        if not self._legacy:
+            return
+        model_at = {bytes(r[0]): int(r[1]) for r in
+                    self.conn.execute("SELECT model_hash, MAX(height) FROM states GROUP BY model_hash")}
+        update_at: dict[bytes, int] = {}
+        for (raw,) in self.conn.execute("SELECT data FROM blocks ORDER BY height"):
+            block = self._decode(Block.decode, raw, "block")
+            for u in block.updates:
+                update_at[u.blob_hash] = block.height
+        top = self.latest_height()
+        sizes = [(bytes(r[0]), int(r[1])) for r in self.conn.execute("SELECT hash, length(data) FROM blobs")]
+        while sizes:
+            batch: list[bytes] = []
+            total = 0
+            while sizes and (not batch or total + sizes[-1][1] <= LEGACY_BATCH_BYTES):
+                bh, n = sizes.pop()
+                batch.append(bh)
+                total += n
+            rows = []
+            for bh in batch:
+                data = self._legacy_blob(bh, check=False)
+                if data is None or digest(data) != bh:
+                    continue  # corrupt: dropped, never served
+                self.blobs.write(bh, data, sync=True)
+                self.blobs.fsync_file(bh)  # it may have been there already, unsynced
+                kind = "model" if bh in model_at else "update"
+                rows.append((bh, len(data), max(model_at.get(bh, 0), update_at.get(bh, top)), kind))
+            self.blobs.sync_dirs()
+
+            def body(c: sqlite3.Connection, batch: list[bytes] = batch, rows: list[Any] = rows) -> None:
+                c.executemany(UPSERT_INDEX, rows)
+                c.executemany("DELETE FROM blobs WHERE hash = ?", [(bh,) for bh in batch])
+
+            self._transaction(body)
+        self.conn.execute("DROP TABLE blobs")
+        self._legacy = False
+
+    def _recover_blob_files(self) -> None:
+        """At open: drop temporary files, and re-hash blob files the index does not know (received after the last
+        commit, never fsync'd: after a power cut one may be torn). Good ones wait for the next commit."""
+        indexed = {bytes(r[0]) for r in self.conn.execute("SELECT hash FROM blob_index")}
+        for bh, p in self.blobs.scan():
+            if bh is None:
+                if p.name.startswith(BlobFiles.TMP):
+                    p.unlink(missing_ok=True)
+                continue
+            if bh in indexed:
+                continue
+            data = p.read_bytes()
+            if digest(data) != bh:
+                p.unlink(missing_ok=True)
+            else:
+                self._pending[bh] = (len(data), None)
 
     # ---------------------------------------------------------------- consensus records (the WAL of own votes)
 
