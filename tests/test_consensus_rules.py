@@ -44,7 +44,7 @@ from flnode.consensus import (
     ValueValidated,
     VoteReceived,
 )
-from flnode.consensus.machine import FUTURE_BUFFER
+from flnode.consensus.machine import FUTURE_BUFFER, MAX_ROUND_AHEAD
 from flnode.consensus.sim import fake_sign, fake_verify, make_block
 from flnode.node.chain.store import ChainStore
 from flnode.protocol.encoding import pack, unpack
@@ -225,6 +225,38 @@ TABLE: list[tuple[str, list[Event], Event, list[tuple[Any, ...]], tuple[Any, ...
      [("timeout", "rebroadcast", 0, 2000), ("prevote", 0, "A")], (1, 0, "PREVOTE", None, -1, None, -1)),
     ("a decided machine ignores further input", SAW_A + votes(PC, 0, A, OTHERS), TimeoutFired(PRECOMMIT, 1, 0), [],
      (1, 0, "PREVOTE", None, -1, None, -1)),
+    # Validation is asked for only when a rule can use the answer: a flood of proposals for rounds ahead costs no
+    # block fetch or execution.
+    ("a proposal for a later round is not validated on arrival", [], proposal(2, A), [],
+     (1, 0, "PROPOSE", None, -1, None, -1)),
+    ("a proposal for a later round is validated when the node reaches that round (L65 -> L11)", [proposal(1, A)],
+     TimeoutFired(PRECOMMIT, 1, 0), [T(REB, 1), ("validate", "A"), T(PROPOSE, 1)], (1, 1, "PROPOSE", None, -1, None, -1)),
+    ("a proposal for a later round is validated when L55 skips to that round",
+     [proposal(2, A), vote(PV, 2, None, OTHERS[0])], vote(PC, 2, None, OTHERS[1]),
+     [T(REB, 2), ("validate", "A"), T(PROPOSE, 2)], (1, 2, "PROPOSE", None, -1, None, -1)),
+    ("both proposals of an equivocating proposer are validated on reaching their round",
+     [proposal(1, A), proposal(1, B)], TimeoutFired(PRECOMMIT, 1, 0),
+     [T(REB, 1), ("validate", "A"), ("validate", "B"), T(PROPOSE, 1)], (1, 1, "PROPOSE", None, -1, None, -1)),
+    ("the validated later-round proposal is prevoted on arrival in its round (L22)", [proposal(1, A), valid(A)],
+     TimeoutFired(PRECOMMIT, 1, 0), [T(REB, 1), T(PROPOSE, 1), ("persist",), ("prevote", 1, "A")],
+     (1, 1, "PREVOTE", None, -1, None, -1)),
+    ("a proposal of an earlier round is not validated without 2f+1 precommits for it", TO_ROUND_1, proposal(0, A), [],
+     (1, 1, "PROPOSE", None, -1, None, -1)),
+    ("L49 asks to validate an earlier round's proposal once 2f+1 precommit it",
+     TO_ROUND_1 + [proposal(0, A)] + votes(PC, 0, A, OTHERS[:2]), vote(PC, 0, A, OTHERS[2]), [("validate", "A")],
+     (1, 1, "PROPOSE", None, -1, None, -1)),
+    ("L49 ... and decides it when the answer comes", TO_ROUND_1 + [proposal(0, A)] + votes(PC, 0, A, OTHERS),
+     valid(A), [("commit", "A", 0)], (1, 1, "PROPOSE", None, -1, None, -1)),
+    ("L49 the precommits came first, the earlier round's proposal last -> validate it", TO_ROUND_1 + votes(PC, 0, A, OTHERS),
+     proposal(0, A), [("validate", "A")], (1, 1, "PROPOSE", None, -1, None, -1)),
+    # L55 is tracked as votes arrive: the highest round with f+1 power, never a scan of the rounds ahead.
+    ("L55 f votes in each of 64 rounds ahead move nothing", [vote(PV, r, None, OTHERS[0]) for r in range(1, 64)],
+     vote(PC, 64, None, OTHERS[0]), [], (1, 0, "PROPOSE", None, -1, None, -1)),
+    ("L55 junk of one validator in every round ahead, a second validator in round 9 -> round 9",
+     [vote(PV, r, None, OTHERS[0]) for r in range(1, 65)], vote(PV, 9, None, OTHERS[1]),
+     [T(REB, 9), T(PROPOSE, 9)], (1, 9, "PROPOSE", None, -1, None, -1)),
+    ("L55 a round below the current one never pulls back", [vote(PV, 9, None, OTHERS[0]), vote(PV, 9, None, OTHERS[1]),
+     vote(PV, 5, None, OTHERS[0])], vote(PV, 5, None, OTHERS[1]), [], (1, 9, "PROPOSE", None, -1, None, -1)),
 ]
 
 
@@ -678,3 +710,90 @@ def test_future_height_messages_are_buffered_bounded_and_replayed() -> None:
         m.step(vote(PV, i % 60, None, OTHERS[i % 3], h=3))
     assert len(m._future) <= FUTURE_BUFFER
     assert m.step(TimeoutFired(PROPOSE, 3, 0)) == [] and len(m._future) <= FUTURE_BUFFER  # timeouts never buffered
+
+
+@pytest.mark.parametrize("n", [4, 10])
+def test_a_future_height_flood_fills_only_its_signers_share(n: int) -> None:
+    keys = [hashlib.sha256(b"validator-%d" % i).digest() for i in range(n)]
+    me, flooder, honest = keys[0], keys[1], keys[2:]
+    m = Tendermint(ValidatorSet({k: 1 for k in keys}), me, sign(me), TC)
+    m.step(StartHeight(1))
+    share = FUTURE_BUFFER // (n + 2)
+    slots = 2 * (MAX_ROUND_AHEAD + 1) * 2 * 2  # heights, rounds, vote types, two values each
+    junk = [make_block(2, flooder, i) for i in range(3)]
+    # every (height, round, type) and a third value each: at most two values per slot, at most `share` in all
+    for h in (2, 3):
+        for r in range(MAX_ROUND_AHEAD + 1):
+            for blk in junk:
+                m.step(vote(PV, r, blk, flooder, h=h))
+                m.step(vote(PC, r, blk, flooder, h=h))
+    assert len(m._future) == min(share, slots)
+    # the honest validators' messages for the next height are still kept, and replayed at StartHeight
+    for k in honest:
+        m.step(vote(PV, 0, None, k, h=2))
+        m.step(vote(PV, 0, None, k, h=2))  # a duplicate takes no room
+    assert len(m._future) == min(share, slots) + len(honest)
+    m.step(StartHeight(2))
+    assert m.votes[0].power_for(PV, None) == len(honest)
+    # the flooder's height-3 junk kept its place, counted again against its share
+    assert 0 < len(m._future) <= share
+
+
+def test_future_height_votes_beyond_max_round_ahead_are_dropped_when_buffered() -> None:
+    m = machine()
+    assert m.step(vote(PV, MAX_ROUND_AHEAD + 1, None, OTHERS[0], h=2)) == [] and m._future == []
+    assert m.step(vote(PV, -1, None, OTHERS[0], h=2)) == [] and m._future == []
+    m.step(vote(PV, MAX_ROUND_AHEAD, None, OTHERS[0], h=2))
+    assert len(m._future) == 1  # round MAX_ROUND_AHEAD is still within reach of round 0 at height 2
+    m.step(StartHeight(2))
+    assert m.votes[MAX_ROUND_AHEAD].power_any(PV) == 1
+
+
+def test_future_height_buffer_third_value_and_outsiders() -> None:
+    m = machine()
+    for blk in (A, B, None, A):
+        m.step(vote(PC, 0, blk, OTHERS[0], h=2))
+    assert len(m._future) == 2  # two values per (signer, height, round, type), as counted at that height
+    m.step(proposal(0, A, h=2))
+    m.step(proposal(0, B, h=2))
+    m.step(proposal(0, make_block(2, P[0], 9), h=2))
+    assert len(m._future) == 4
+    # signers outside the validator set share one bucket, however many keys they make up
+    share = FUTURE_BUFFER // (len(KEYS) + 2)
+    for i in range(share + 50):
+        m.step(vote(PV, 0, None, hashlib.sha256(b"sybil-%d" % i).digest(), h=2))
+    assert len(m._future) == 4 + share
+    m.step(vote(PV, 0, None, OTHERS[1], h=2))
+    assert len(m._future) == 5 + share  # an honest validator still gets its place
+    # the shell's own events (block sync, application answers) have their own share too
+    m.step(ValueValidated(2, 0, A.hash(), True))
+    assert len(m._future) == 6 + share
+
+
+class _NoScan(dict):  # type: ignore[type-arg]
+    """A dict the rule checks must not iterate: a flood's rounds ahead must not cost every event a scan."""
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        raise AssertionError("scanned")
+
+    def items(self):  # type: ignore[no-untyped-def]
+        raise AssertionError("scanned")
+
+    def keys(self):  # type: ignore[no-untyped-def]
+        raise AssertionError("scanned")
+
+
+def test_rule_checks_never_scan_the_rounds_ahead() -> None:
+    m = machine(SAW_A)
+    for r in range(1, MAX_ROUND_AHEAD + 1):  # one validator's junk in every round ahead, proposals included
+        m.step(vote(PV, r, None, OTHERS[0]))
+        m.step(vote(PC, r, B, OTHERS[0]))
+        if VS.proposer(1, r) != ME:
+            m.step(proposal(r, B))
+    assert len(m.votes) == MAX_ROUND_AHEAD + 1 and m.round == 0 and m._skip_round <= 0
+    m.votes, m.proposal_values = _NoScan(m.votes), _NoScan(m.proposal_values)
+    out = m.step(vote(PV, 0, A, OTHERS[1])) + m.step(vote(PV, 0, A, OTHERS[2]))
+    assert summary(out) == [T(PREVOTE, 0), ("persist",), ("precommit", 0, "A")]  # L34, L36 as before
+    out = m.step(vote(PC, 0, A, OTHERS[1])) + m.step(vote(PC, 0, A, OTHERS[2]))
+    assert summary(out) == [("commit", "A", 0)]  # L49
+    assert not any(isinstance(a, ValidateValue) for a in out)
