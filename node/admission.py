@@ -150,6 +150,7 @@ class AdmissionGate:
         self.budget = budget or PeerBudget()
         self.cache = ByteLRU(cache_bytes)
         self._log = RateLimitedLog()
+        self.last_reason: str | None = None  # why the last call to admit() refused
         # first admitted message per slot: one update per (author, height), two proposals per (height, round)
         self._update_slots: dict[tuple[bytes, int], bytes] = {}
         self._proposal_slots: dict[tuple[int, int], set[bytes]] = {}
@@ -256,6 +257,7 @@ class AdmissionGate:
         return "unexpected_type"
 
     def _reject(self, reason: str, detail: str, peer: str | None) -> None:
+        self.last_reason = reason
         self.metrics.inc(f"rejected_{reason}")
         if self._log.should_log(reason, self.clock()):
             log.info("rejected message", extra={"reason": reason, "detail": detail[:120], "peer": (peer or "")[:16]})

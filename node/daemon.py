@@ -70,6 +70,7 @@ from flnode.protocol.tensors import encode_tensors
 
 from .admission import AdmissionGate
 from .blobs import BLOB_PROTOCOL, BlobService
+from .net import ConsensusTransport
 from .signer import LastSignGuard, guarded
 from .store_worker import StoreWorker
 from .supervise import supervised
@@ -79,6 +80,7 @@ log = logging.getLogger("flnode.daemon")
 BLOCKS_PROTOCOL = "/flnode/blocks/1.0.0"
 STATUS_PROTOCOL = "/flnode/status/1.0.0"
 SYNC_BATCH = 32
+CUT_OFF_REASONS = {"malformed", "bad_signature", "unexpected_type", "wrong_topic"}
 EVENT_QUEUE = 1024  # consensus events waiting for the driver; producers wait when it is full
 
 
@@ -165,6 +167,9 @@ class Daemon:
             validator=self._validate_gossip,
             announce=list(config.announce) or None,
         )
+        self.validator_peers = {peer_id_of(v.key_bytes): v.key_bytes for v in genesis.validators}
+        # Consensus travels over direct streams between validators; a non-validator listens to every validator.
+        self.transport = ConsensusTransport(self.net, self.validator_peers, dial_all=not self.is_validator)
         self.worker = StoreWorker(store)
         self.blobs = BlobService(self.net, self.worker, self.metrics, max_blob_bytes=genesis.rules.max_blob_bytes)
         self.blobs.on_stored = self._on_blob_stored
@@ -250,6 +255,7 @@ class Daemon:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             await nursery.start(self.net.run)
+            await nursery.start(self.transport.run)
             log.info(
                 "node started",
                 extra={"height": self.state.height, "peer_id": self.net.peer_id, "addrs": ",".join(self.net.listen_addrs())},
@@ -258,6 +264,7 @@ class Daemon:
                 await nursery.start(serve_metrics, self.metrics, self.config.metrics_listen)
             nursery.start_soon(self._consensus_loop)  # fatal: an exception here stops the node
             self._supervise("inbound", self._inbound_loop)
+            self._supervise("consensus_inbound", self._consensus_inbound_loop)
             self._supervise("sync", self._sync_loop)
             self._supervise("status", self._status_loop)
             if self.data is not None:
@@ -299,6 +306,15 @@ class Daemon:
             if msg is None:
                 continue
             await self._on_message(msg, item.from_peer)
+
+    async def _consensus_inbound_loop(self) -> None:
+        async for peer, data in self.transport.inbound:
+            msg = self.gate.admit(self.topics.consensus, data, peer)
+            if msg is None:
+                if self.gate.last_reason in CUT_OFF_REASONS:  # a direct peer sent what no honest node sends
+                    self.transport.cut_off(peer, self.gate.last_reason or "")
+                continue
+            await self._on_message(msg, peer)
 
     async def _on_message(self, msg: Message, from_peer: str | None) -> None:
         self.metrics.inc("gossip_received")
@@ -362,7 +378,21 @@ class Daemon:
 
     # ---------------------------------------------------------------- consensus driver
 
+    async def _wait_for_quorum(self) -> None:
+        """The start-up gate: a validator starts its first height (after start or restart) only once it is
+        connected to peers that, with itself, hold more than 2/3 of the voting power, so round 0 is not wasted."""
+        if not self.is_validator:
+            return
+        vs = self.validator_set(self.state.height + 1) or self.validators
+        powers = {peer_id_of(k): p for k, p in vs.powers.items()}
+        own = powers.get(self.net.peer_id, 0)
+        if not self.transport.gate_open(powers, own):
+            log.info("waiting for peers holding more than 2/3 of the voting power")
+            await self.transport.wait_gate(powers, own)
+            log.info("start-up gate open", extra={"peers": len(self.transport.connected())})
+
     async def _consensus_loop(self) -> None:
+        await self._wait_for_quorum()
         self._height_started = self._now()
         self._sync_validators()
         await self._perform(self.machine.step(StartHeight(self.state.height + 1)))
@@ -383,7 +413,8 @@ class Daemon:
                 await self.worker.append_record(self.state.height + 1, a.record)  # durable before anything is sent
             elif isinstance(a, act.Broadcast):
                 self.metrics.inc("broadcast")
-                await self.net.publish(self.topics.consensus, encode_gossip(a.message))
+                m = a.message
+                self.transport.broadcast(encode_gossip(m), height=m.height, round=m.round)
             elif isinstance(a, act.ScheduleTimeout):
                 self._spawn("timer", self._timer, a)
             elif isinstance(a, act.GetValue):
@@ -399,7 +430,8 @@ class Daemon:
                 log.warning("equivocation evidence", extra={"validator": self.genesis.name_of(a.evidence.validator)})
                 self.metrics.inc("evidence")
                 self.pool.add_evidence(a.evidence)
-                await self.net.publish(self.topics.consensus, encode_gossip(a.evidence))
+                v = a.evidence.vote_a
+                self.transport.broadcast(encode_gossip(a.evidence), height=v.height, round=v.round)
 
     async def _timer(self, a: Any) -> None:
         await trio.sleep(a.duration_ms / 1000)
@@ -707,6 +739,9 @@ class Daemon:
             "peers": len(self.net.connected_peers()),
             "halted": self.halted,
             "counters": dict(self.metrics.counters),
+            "net": {**self.net.counters, **{f"consensus_{k}": v for k, v in self.transport.counters.items()},
+                    "consensus_frames_in": self.transport.counters.get("received", 0),
+                    "consensus_frames_out": self.transport.counters.get("sent", 0)},
         }
         tmp = self.status_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(status))

@@ -195,6 +195,7 @@ class _Session:
     budget: RateBudget
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     wakeup: trio.Event = field(default_factory=trio.Event)
+    subscriber: bool = False  # a non-validator that only listens (an observer, a trainer)
 
 
 class ConsensusTransport:
@@ -222,6 +223,8 @@ class ConsensusTransport:
         cutoff_backoff: float = 10.0,
         tick: float = 0.002,
         protocol_id: str = CONSENSUS_PROTOCOL,
+        max_subscribers: int = 8,
+        dial_all: bool = False,
     ) -> None:
         self.p2p = p2p
         self.peers = set(validator_peer_ids) - {p2p.peer_id}
@@ -235,6 +238,8 @@ class ConsensusTransport:
         self.cutoff_backoff = cutoff_backoff
         self.tick = tick
         self.protocol_id = protocol_id
+        self.max_subscribers = max_subscribers
+        self.dial_all = dial_all  # a listener (not a validator) dials every validator, whatever the id order
         self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
         self._inbound_send, self.inbound = trio.open_memory_channel[tuple[str, bytes]](inbound_buffer)
         self._delivered = SeenSet(65536, redeliver_after)
@@ -247,7 +252,10 @@ class ConsensusTransport:
     # ---------------------------------------------------------------- API
 
     def connected(self) -> set[str]:
-        return set(self._sessions)
+        return {p for p, s in self._sessions.items() if not s.subscriber}
+
+    def subscribers(self) -> set[str]:
+        return {p for p, s in self._sessions.items() if s.subscriber}
 
     def queued_bytes(self, peer: str) -> int:
         s = self._sessions.get(peer)
@@ -301,7 +309,7 @@ class ConsensusTransport:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 for peer in sorted(self.peers):
-                    if self.p2p.peer_id < peer:  # the lower id dials
+                    if self.dial_all or self.p2p.peer_id < peer:  # the lower id dials
                         nursery.start_soon(self._dial_loop, peer)
                 task_status.started()
                 await trio.sleep_forever()  # accepted sessions run in this nursery too
@@ -331,14 +339,19 @@ class ConsensusTransport:
 
     async def _accept(self, peer: str, stream: Stream) -> None:
         nursery = self._nursery
-        if nursery is None or peer not in self.peers or not peer < self.p2p.peer_id or self._banned(peer):
+        subscriber = peer not in self.peers
+        if subscriber:  # a non-validator may listen to what we broadcast, within a bounded number of slots
+            ok = len(self.subscribers()) < self.max_subscribers and peer not in self._sessions
+        else:
+            ok = peer < self.p2p.peer_id
+        if nursery is None or not ok or self._banned(peer):
             self.counters["rejected_streams"] += 1
             return  # host.py resets the stream
         done = trio.Event()
 
         async def owned() -> None:
             try:
-                await self._session(peer, stream)
+                await self._session(peer, stream, subscriber=subscriber)
             finally:
                 done.set()
 
@@ -347,9 +360,9 @@ class ConsensusTransport:
 
     # ---------------------------------------------------------------- one stream
 
-    async def _session(self, peer: str, stream: Stream) -> None:
+    async def _session(self, peer: str, stream: Stream, *, subscriber: bool = False) -> None:
         s = _Session(peer, stream, PeerQueue(self.max_queue_bytes, self.resend_after),
-                     RateBudget(self.max_msgs_per_sec, self.max_bytes_per_sec))
+                     RateBudget(self.max_msgs_per_sec, self.max_bytes_per_sec), subscriber=subscriber)
         try:
             with s.scope:
                 async with trio.open_nursery() as nursery:
@@ -421,6 +434,8 @@ class ConsensusTransport:
                             hello = True
                             hello_deadline.deadline = float("inf")
                             self._established(s)
+                        elif s.subscriber:
+                            raise _CutOff("a subscriber sends nothing after its hello")
                         else:
                             self._deliver(s.peer, frame)
         except FrameTooBig as exc:

@@ -23,7 +23,7 @@ CHUNK = 1 << 20
 MAX_REQUEST = 64 << 10
 
 Handler = Callable[[str, bytes], Awaitable[bytes]]
-Validator = Callable[[str, bytes], bool]
+Validator = Callable[[str, bytes, str | None], bool]  # (topic, data, forwarding peer id)
 StreamHandler = Callable[[str, "Stream"], Awaitable[None]]
 
 
@@ -286,7 +286,11 @@ class P2PNode:
             if self._validator is None:
                 return True
             try:
-                ok = bool(self._validator(topic, bytes(msg.data)))
+                try:
+                    forwarder: str | None = peer_id.to_base58()
+                except Exception:
+                    forwarder = None
+                ok = bool(self._validator(topic, bytes(msg.data), forwarder))
             except Exception as exc:  # a validator bug must not take the host down
                 log.warning("gossip validator raised", extra={"error": repr(exc)[:200]})
                 ok = False

@@ -1,0 +1,161 @@
+"""Scale: N real node processes on loopback run the digits demo task; each size is run several times and the worst
+run is reported (a stall in one run of three is a miss, not noise).
+
+Per run: time from start to the first commit on every node, median seconds per round, whether every node
+committed every height, and per node per height: CPU seconds, messages and bytes in and out, the duplicate ratio of
+consensus frames, peak RSS, and the longest store call (the event loop never waits for it: it runs on the store
+worker thread).
+
+    python -m bench.bench_scale [--quick] [--nodes 4,8,16,32,64] [--rounds 8] [--runs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from flnode.cli.demo import NodeView, free_ports, read_node, start_node, stop_nodes
+from flnode.cli.node_cmd import _task_and_rules, create_testnet
+
+from bench.common import print_table, write_json
+from bench.harness import peak_rss_mb
+
+TARGETS = {8: (5.0, 0.25), 16: (8.0, 0.8), 32: (20.0, 3.0)}  # first commit s, median s/round
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_s(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def status(home: Path) -> dict[str, Any]:
+    try:
+        return dict(json.loads((home / "data" / "status.json").read_text()))
+    except (OSError, ValueError):
+        return {}
+
+
+def one_run(n: int, rounds: int, timeout: float) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as d:
+        home = Path(d)
+        rules = _task_and_rules("logreg", "digits", "iid", 0.5, "fedavg", 0, 100.0, 1, 0.1, 2000)
+        create_testnet(home, n, chain_id="scale", listen_host="127.0.0.1", ports=free_ports(n), task_rules=rules,
+                       force=True)
+        views = [NodeView(f"node{i}", home / f"node{i}") for i in range(n)]
+        started = time.time()
+        procs = [start_node(v.home) for v in views]
+        peaks = [0.0] * n
+        cpu = [0.0] * n
+        t0 = time.monotonic()
+        finished = False
+        try:
+            while time.monotonic() - t0 < timeout:
+                for i, p in enumerate(procs):
+                    peaks[i] = max(peaks[i], peak_rss_mb(p.pid) or 0.0)
+                    cpu[i] = max(cpu[i], cpu_s(p.pid))
+                for v in views:
+                    read_node(v)
+                if all(v.height >= rounds for v in views):
+                    finished = True
+                    break
+                if any(p.poll() is not None for p in procs):
+                    break
+                time.sleep(0.25)
+            statuses = [status(v.home) for v in views]
+        finally:
+            stop_nodes(procs)
+        for v in views:
+            read_node(v)
+        from flnode.node.chain.store import ChainStore
+
+        first_commit: list[float] = []
+        round_times: list[float] = []
+        for v in views:
+            s = ChainStore.open(v.home / "data" / "chain.sqlite", readonly=True)
+            try:
+                m1 = s.get_metrics(1) or {}
+                if "time" in m1:
+                    first_commit.append(float(m1["time"]) - started)
+                for h in range(2, min(rounds, v.height) + 1):
+                    m = s.get_metrics(h) or {}
+                    if "round_time_s" in m:
+                        round_times.append(float(m["round_time_s"]))
+            finally:
+                s.close()
+        heights = [v.height for v in views]
+        hashes = {v.model_hash for v in views if v.height == min(heights)}
+        committed = max(1, min(heights))
+
+        def per_node_height(key: str) -> float | None:
+            vals = [float(st.get("net", {}).get(key, 0)) for st in statuses if st]
+            return round(statistics.mean(vals) / committed, 1) if vals else None
+
+        received = sum(float(st.get("net", {}).get("consensus_frames_in", 0)) for st in statuses)
+        dups = sum(float(st.get("net", {}).get("consensus_duplicates_in", 0)) for st in statuses)
+        store_ms = [float(st.get("counters", {}).get("store_max_call_ms", 0) or st.get("store_max_call_ms", 0) or 0)
+                    for st in statuses]
+        return {
+            "nodes": n,
+            "every_height": finished and len(hashes) == 1,
+            "heights_min": min(heights),
+            "first_commit_s": round(max(first_commit), 2) if len(first_commit) == n else None,
+            "median_round_s": round(statistics.median(round_times), 3) if round_times else None,
+            "cpu_s_per_node_height": round(statistics.mean(cpu) / committed, 4),
+            "msgs_out": per_node_height("consensus_frames_out"),
+            "msgs_in": per_node_height("consensus_frames_in"),
+            "kb_out": (lambda x: round(x / 1024, 1) if x is not None else None)(per_node_height("consensus_bytes_out")),
+            "kb_in": (lambda x: round(x / 1024, 1) if x is not None else None)(per_node_height("consensus_bytes_in")),
+            "dup_ratio": round(dups / received, 3) if received else None,
+            "peak_rss_mb": round(max(peaks), 1),
+            "store_max_call_ms": max(store_ms) if store_ms else None,
+        }
+
+
+def worst(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    def badness(r: dict[str, Any]) -> tuple[int, float, float]:
+        return (int(not r["every_height"]), r["median_round_s"] or 1e9, r["first_commit_s"] or 1e9)
+
+    w = dict(max(runs, key=badness))
+    w["runs"] = len(runs)
+    w["runs_ok"] = sum(1 for r in runs if r["every_height"])
+    t = TARGETS.get(w["nodes"])
+    if t:
+        w["target"] = f"<= {t[0]} s, <= {t[1]} s/round"
+        w["met"] = bool(w["every_height"] and w["first_commit_s"] is not None and w["first_commit_s"] <= t[0]
+                        and w["median_round_s"] is not None and w["median_round_s"] <= t[1])
+    return w
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--nodes", default="")
+    ap.add_argument("--rounds", type=int, default=0)
+    ap.add_argument("--runs", type=int, default=0)
+    ap.add_argument("--timeout", type=float, default=0)
+    a = ap.parse_args()
+    sizes = [int(x) for x in a.nodes.split(",") if x] or ([4, 8] if a.quick else [4, 8, 16, 32, 64])
+    rounds = a.rounds or (5 if a.quick else 8)
+    runs = a.runs or (1 if a.quick else 3)
+    rows, all_runs = [], []
+    for n in sizes:
+        timeout = a.timeout or (60 + 6 * n)
+        rs = [one_run(n, rounds, timeout) for _ in range(runs if n < 64 else 1)]
+        all_runs += rs
+        rows.append(worst(rs))
+        print_table(f"scale so far ({rounds} heights, worst of {len(rs)} runs)", rows)
+    write_json("scale", {"rounds": rounds, "rows": rows, "runs": all_runs})
+
+
+if __name__ == "__main__":
+    main()
