@@ -3,6 +3,8 @@
 SQLite calls (an fsync'd commit can take tens of milliseconds) never run on the event loop. One capacity-1
 limiter serialises them, so the single connection sees one caller at a time, in the order they were made.
 A call that was started finishes even if its caller is cancelled: a half-done write is never abandoned.
+Blob put/get/has touch only blob files (no SQLite), so they run beside it on their own threads: receiving or
+serving a large blob never delays a vote's fsync'd record.
 """
 
 from __future__ import annotations
@@ -17,17 +19,19 @@ import trio
 from .chain.store import ChainStore
 
 T = TypeVar("T")
+BLOB_THREADS = 4
 
 
 class StoreWorker:
     def __init__(self, store: ChainStore) -> None:
         self.store = store
         self._limiter = trio.CapacityLimiter(1)
+        self._blob_limiter = trio.CapacityLimiter(BLOB_THREADS)
         self.calls = 0
         self.busy_s = 0.0
         self.max_call_s = 0.0
 
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+    async def run(self, fn: Callable[..., T], *args: Any, limiter: trio.CapacityLimiter | None = None) -> T:
         def timed() -> T:
             t0 = time.perf_counter()
             try:
@@ -38,17 +42,21 @@ class StoreWorker:
                 self.busy_s += dt
                 self.max_call_s = max(self.max_call_s, dt)
 
-        return await trio.to_thread.run_sync(functools.partial(timed), limiter=self._limiter)
+        return await trio.to_thread.run_sync(functools.partial(timed), limiter=limiter or self._limiter)
 
     # the calls the daemon makes, typed
     async def append_record(self, height: int, data: bytes) -> None:
         await self.run(self.store.append_record, height, data)
 
-    async def put_blob(self, h: bytes, data: bytes) -> None:
-        await self.run(self.store.put_blob, h, data)
+    async def put_blob(self, h: bytes, data: bytes, height: int | None = None) -> None:
+        """Raises DiskFullError (a StoreError) when the disk is full: stop fetching, keep voting."""
+        await self.run(self.store.put_blob, h, data, height, limiter=self._blob_limiter)
 
     async def get_blob(self, h: bytes) -> bytes | None:
-        return await self.run(self.store.get_blob, h)
+        return await self.run(self.store.get_blob, h, limiter=self._blob_limiter)
 
     async def has_blob(self, h: bytes) -> bool:
-        return await self.run(self.store.has_blob, h)
+        return await self.run(self.store.has_blob, h, limiter=self._blob_limiter)
+
+    async def prune_blobs(self, committed_height: int, retention: int, removed: list[bytes] | None = None) -> int:
+        return await self.run(self.store.prune_blobs, committed_height, retention, removed)

@@ -99,8 +99,11 @@ class BlobFiles:
     def write(self, h: bytes, data: bytes, *, sync: bool) -> bool:
         """Write unless present; True if written. `sync`: fsync the data before the rename."""
         p = self.path(h)
-        if os.path.exists(p):
-            return False
+        try:
+            if os.stat(p).st_size == len(data):
+                return False
+        except FileNotFoundError:
+            pass  # a file of the wrong size is corrupt: replaced below
         tmp = p.parent / f"{self.TMP}{p.name}.{os.getpid()}.{threading.get_ident()}"
         try:
             if not p.parent.is_dir():
@@ -484,7 +487,8 @@ class ChainStore:
                 self.blobs.write(bh, data, sync=True)
                 self.blobs.fsync_file(bh)  # it may have been there already, unsynced
                 kind = "model" if bh in model_at else "update"
-                rows.append((bh, len(data), max(model_at.get(bh, 0), update_at.get(bh, top)), kind))
+                at = max(model_at.get(bh, 0), update_at.get(bh, 0)) or top  # an orphan: keep one window from now
+                rows.append((bh, len(data), at, kind))
             self.blobs.sync_dirs()
 
             def body(c: sqlite3.Connection, batch: list[bytes] = batch, rows: list[Any] = rows) -> None:
