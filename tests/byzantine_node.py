@@ -193,6 +193,10 @@ class ByzantineDaemon(Daemon):
         return encode_tensors({n: np.full(s, MALICIOUS_DELTA, np.float32) for n, s in param_spec(self.genesis)})
 
     async def _participant_loop(self) -> None:
+        with trio.move_on_after(10):  # a first update published before the mesh forms reaches no one
+            while len(self.net.connected_peers()) < len(self.genesis.validators) - 1:
+                await trio.sleep(0.1)
+        await trio.sleep(0.5)
         trained_for = 0
         while True:
             height = self.state.height + 1
