@@ -18,6 +18,7 @@ import os
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -65,6 +66,22 @@ class DiskFullError(BlobWriteError):
     """No space (or quota) left for a blob: stop fetching blobs, keep voting."""
 
 
+_POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="blob-fsync")
+
+
+def _fsync(path: Path) -> bool:
+    """fsync a file or directory; False if it is gone."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return True
+
+
 def default_blob_dir(db: Path) -> Path:
     """data/chain.sqlite -> data/blobs; any other name gets its own directory, so stores sharing a folder
     (tests, tools) never prune each other's files."""
@@ -80,7 +97,7 @@ class BlobFiles:
     def __init__(self, root: Path) -> None:
         self.root = root
         self._lock = threading.Lock()
-        self._dirty_dirs: set[Path] = set()  # renamed into since the last sync_dirs
+        self._dirty_dirs: set[Path] = set()  # renamed into since the last make_durable
 
     def path(self, h: bytes) -> Path:
         x = h.hex()
@@ -96,8 +113,8 @@ class BlobFiles:
         except FileNotFoundError:
             return None
 
-    def write(self, h: bytes, data: bytes, *, sync: bool) -> bool:
-        """Write unless present; True if written. `sync`: fsync the data before the rename."""
+    def write(self, h: bytes, data: bytes) -> bool:
+        """Write unless present; True if written. No fsync: make_durable does that when the height commits."""
         p = self.path(h)
         try:
             if os.stat(p).st_size == len(data):
@@ -115,8 +132,6 @@ class BlobFiles:
                 view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view):]
-                if sync:
-                    os.fsync(fd)
             finally:
                 os.close(fd)
             os.replace(tmp, p)
@@ -132,28 +147,15 @@ class BlobFiles:
     def remove(self, h: bytes) -> None:
         self.path(h).unlink(missing_ok=True)
 
-    def fsync_file(self, h: bytes) -> bool:
-        """fsync a blob's data; False if it is gone."""
-        try:
-            fd = os.open(self.path(h), os.O_RDONLY)
-        except FileNotFoundError:
-            return False
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        return True
-
-    def sync_dirs(self) -> None:
-        """Make every rename (and new fan-out directory) since the last call durable."""
+    def make_durable(self, hashes: Sequence[bytes]) -> list[bytes]:
+        """fsync these blobs' data and every directory renamed into since the last call, all in parallel (the
+        file system can share one journal commit among them); returns the hashes present. Data and directory
+        order does not matter here: nothing is indexed before all are done, and open() re-hashes what is not."""
         with self._lock:
             dirs, self._dirty_dirs = self._dirty_dirs, set()
-        for d in sorted(dirs, key=lambda p: len(p.parts), reverse=True):  # fan-out dirs before the root
-            fd = os.open(d, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        paths = [self.path(h) for h in hashes]
+        done = list(_POOL.map(_fsync, [*paths, *dirs]))
+        return [h for h, ok in zip(hashes, done, strict=False) if ok]
 
     def scan(self) -> Iterator[tuple[bytes | None, Path]]:
         """Every file: (hash, path), or (None, path) for a temporary or foreign name."""
@@ -262,15 +264,16 @@ class ChainStore:
         model_hash = digest(model_blob)
         if model_hash != state.model_hash:
             raise StoreError(f"model blob of height {h} does not match the state's model hash")
-        self.blobs.write(model_hash, model_blob, sync=True)  # DiskFullError: nothing is committed
+        self.blobs.write(model_hash, model_blob)  # DiskFullError: nothing is committed
         with self._pending_lock:
             pending = dict(self._pending)
         rows: list[tuple[bytes, int, int, str]] = []
         orphans: list[tuple[bytes, int, int, str]] = []
         in_block = {u.blob_hash for u in block.updates}
-        for bh in sorted(in_block | set(pending)):
-            if not self.blobs.fsync_file(bh):
-                continue  # not here (yet): indexed when it is put and a later height commits
+        present = set(self.blobs.make_durable(sorted(in_block | set(pending) | {model_hash})))
+        if model_hash not in present:
+            raise StoreError(f"model blob of height {h} vanished before its commit")
+        for bh in sorted(present & (in_block | set(pending))):  # absent ones: indexed once put
             size, announced = pending.get(bh, (os.path.getsize(self.blobs.path(bh)), None))
             if bh in in_block:
                 rows.append((bh, size, max(h, announced or h), "update"))
@@ -278,8 +281,6 @@ class ChainStore:
                 rows.append((bh, size, announced, "update"))
             else:
                 orphans.append((bh, size, h, "update"))  # height unknown: keep one window from now
-        self.blobs.fsync_file(model_hash)
-        self.blobs.sync_dirs()
 
         def body(c: sqlite3.Connection) -> None:
             c.execute("INSERT INTO blocks (height, hash, data) VALUES (?, ?, ?)", (h, block.hash(), block.encode()))
@@ -359,7 +360,7 @@ class ChainStore:
             raise StoreError("read-only store")
         if digest(data) != h:
             raise StoreError("blob does not match its hash")
-        self.blobs.write(h, data, sync=False)
+        self.blobs.write(h, data)
         with self._pending_lock:
             old = self._pending.get(h, (0, None))[1]
             self._pending[h] = (len(data), height if old is None else max(old, height or old))
@@ -484,12 +485,11 @@ class ChainStore:
                 data = self._legacy_blob(bh, check=False)
                 if data is None or digest(data) != bh:
                     continue  # corrupt: dropped, never served
-                self.blobs.write(bh, data, sync=True)
-                self.blobs.fsync_file(bh)  # it may have been there already, unsynced
+                self.blobs.write(bh, data)
                 kind = "model" if bh in model_at else "update"
                 at = max(model_at.get(bh, 0), update_at.get(bh, 0)) or top  # an orphan: keep one window from now
                 rows.append((bh, len(data), at, kind))
-            self.blobs.sync_dirs()
+            self.blobs.make_durable([r[0] for r in rows])
 
             def body(c: sqlite3.Connection, batch: list[bytes] = batch, rows: list[Any] = rows) -> None:
                 c.executemany(UPSERT_INDEX, rows)
