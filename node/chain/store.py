@@ -90,7 +90,9 @@ def default_blob_dir(db: Path) -> Path:
 
 class BlobFiles:
     """One file per blob at root/ab/abcdef… (hex digest). A blob is written under a temporary name in the same
-    directory and renamed: its hash name never shows a partial file, whatever the moment of a crash."""
+    directory and renamed, so after a process crash its hash name never shows a partial file. It is fsync'd only
+    when its height commits (make_durable, before the index row): after a power cut an un-indexed file may be
+    torn, which ChainStore.open re-hashes; reads hash-check anyway."""
 
     TMP = ".tmp-"
 
