@@ -52,7 +52,7 @@ async def gossip_latency(n: int, messages: int) -> dict[str, object]:
     lat: list[float] = []
     async with trio.open_nursery() as nursery:
         nodes = []
-        for i in range(n):
+        for _i in range(n):
             boot = [x.listen_addrs()[0] for x in nodes]
             node = P2PNode(NodeKey.generate().seed, LOCAL, topics=["t"], bootstrap=boot)
             await nursery.start(node.run)

@@ -43,7 +43,7 @@ def main() -> None:
     rounds = a.rounds or (8 if a.quick else 20)
     with tempfile.TemporaryDirectory() as d:
         home = Path(d)
-        run = run_testnet(home, a.nodes, rounds, _task_and_rules("logreg", "digits", "iid", 0.5, "fedavg", 0, 100.0,
+        run_testnet(home, a.nodes, rounds, _task_and_rules("logreg", "digits", "iid", 0.5, "fedavg", 0, 100.0,
                                                                    1, 0.1, 2000))
         g = Genesis.load(home / "node0" / "genesis.json")
         keys = [NodeKey.load(home / f"node{i}" / "node_key.json") for i in range(a.nodes)]

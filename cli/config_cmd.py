@@ -33,7 +33,7 @@ def _display(value: Any) -> str:
         return "\n".join(value) if value else "(none)"
     if isinstance(value, bool):
         return "true" if value else "false"
-    return value if value != "" else "(empty)"
+    return str(value) if value != "" else "(empty)"
 
 
 @config_app.command("show")

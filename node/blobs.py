@@ -15,6 +15,7 @@ import trio
 from flnode.protocol.hashing import digest, short
 from flnode.protocol.messages import BlobRequest
 
+from .chain.store import BlobWriteError
 from .metrics import Metrics
 from .net import NetError, P2PNode
 from .store_worker import StoreWorker
@@ -41,6 +42,7 @@ class BlobService:
         self._held: set[bytes] = set()
         self._fetching: dict[bytes, trio.Event] = {}
         self.on_stored: Callable[[bytes], None] = lambda h: None
+        self._last_write_error = -1e9
 
     def holds(self, h: bytes) -> bool:
         """Known to be stored (no I/O). False means 'not known', not 'absent'."""
@@ -57,12 +59,23 @@ class BlobService:
     async def get(self, h: bytes) -> bytes | None:
         return await self.worker.get_blob(h)
 
-    async def put(self, h: bytes, data: bytes) -> None:
+    async def put(self, h: bytes, data: bytes, height: int | None = None) -> bool:
+        """Store a blob (for the update of `height`, which decides when it may be pruned). False when the disk
+        refused it: fetching stops being useful, consensus goes on (the error is logged and counted once a minute)."""
         if h in self._held:
-            return
-        await self.worker.put_blob(h, data)
+            return True
+        try:
+            await self.worker.put_blob(h, data, height)
+        except BlobWriteError as exc:
+            self.metrics.inc("blob_write_failures")
+            now = trio.current_time()
+            if now - self._last_write_error > 60:
+                self._last_write_error = now
+                log.error("cannot store blobs", extra={"error": str(exc)[:200]})
+            return False
         self._held.add(h)
         self.on_stored(h)
+        return True
 
     def forget(self, hashes: Sequence[bytes]) -> None:
         self._held.difference_update(hashes)
@@ -71,7 +84,7 @@ class BlobService:
         req = BlobRequest.decode(request)
         return await self.get(req.blob_hash) or b""
 
-    async def fetch(self, h: bytes, holders: Sequence[str], size: int) -> bool:
+    async def fetch(self, h: bytes, holders: Sequence[str], size: int, height: int | None = None) -> bool:
         """One attempt over `holders` (in order of preference); True once the blob is stored here."""
         if await self.has(h):
             return True
@@ -84,7 +97,8 @@ class BlobService:
             data = await self._race(h, [p for p in holders if p != self.net.peer_id], size)
             if data is None:
                 return False
-            await self.put(h, data)
+            if not await self.put(h, data, height):
+                return False
             self.metrics.inc("blobs_fetched")
             return True
         finally:
@@ -92,12 +106,13 @@ class BlobService:
             done.set()
 
     async def fetch_until(
-        self, h: bytes, holders: Callable[[], Sequence[str]], size: int, give_up: Callable[[], bool]
+        self, h: bytes, holders: Callable[[], Sequence[str]], size: int, give_up: Callable[[], bool],
+        height: int | None = None,
     ) -> bool:
         """Keep trying (with back-off) until stored, or until `give_up()` says the blob is no longer needed."""
         attempt = 0
         while not give_up():
-            if await self.fetch(h, holders(), size):
+            if await self.fetch(h, holders(), size, height):
                 return True
             attempt += 1
             if attempt == 3:

@@ -328,7 +328,7 @@ class Daemon:
                 self._mark("proposal_t")
             await self._events_send.send(ProposalReceived(msg))
         elif isinstance(msg, UpdateBundle):
-            await self.blobs.put(msg.announcement.blob_hash, msg.blob)
+            await self.blobs.put(msg.announcement.blob_hash, msg.blob, msg.announcement.height)
             self._on_announcement(msg.announcement, from_peer)
         elif isinstance(msg, UpdateAnnouncement):
             self._on_announcement(msg, from_peer)
@@ -354,7 +354,8 @@ class Daemon:
             return holders + [p for p in self.net.connected_peers() if p not in holders]
 
         await self.blobs.fetch_until(
-            ann.blob_hash, candidates, ann.blob_size, give_up=lambda: self.state.height >= ann.height
+            ann.blob_hash, candidates, ann.blob_size, give_up=lambda: self.state.height >= ann.height,
+            height=ann.height,
         )
 
     # ---------------------------------------------------------------- serving peers
@@ -522,7 +523,9 @@ class Daemon:
         async with trio.open_nursery() as n:
             for h in missing:
                 n.start_soon(
-                    lambda h=h: self.blobs.fetch_until(h, lambda: self._holders(block, h), size[h], give_up)
+                    lambda h=h: self.blobs.fetch_until(
+                        h, lambda: self._holders(block, h), size[h], give_up, height=block.height
+                    )
                 )
         return all(self.blobs.holds(h) for h in missing)
 
@@ -580,6 +583,10 @@ class Daemon:
         model_blob = await trio.to_thread.run_sync(encode_tensors, new_state.model)
         await self.worker.run(self.store.commit_height, block, cert, new_state, receipt, model_blob)
         await self.worker.run(self.store.prune_records, new_state.height + 1)
+        if self.config.blob_retention_heights:
+            removed: list[bytes] = []
+            await self.worker.prune_blobs(new_state.height, self.config.blob_retention_heights, removed)
+            self.blobs.forget(removed)
         round_time = self._now() - self._height_started
         self._last_commit = self._now()
         self._mark("commit_t")
@@ -645,7 +652,8 @@ class Daemon:
             if self.gate.admit(self.topics.updates, data, None) is None:
                 log.warning("own update not admitted", extra={"height": height})
                 continue
-            await self.blobs.put(ann.blob_hash, blob)
+            if not await self.blobs.put(ann.blob_hash, blob, height):
+                continue  # the disk refused it: no update this round
             self.pool.add(ann, height)
             self._check_updates_complete()
             self._notify()

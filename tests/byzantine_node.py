@@ -95,6 +95,8 @@ class ByzantineDaemon(Daemon):
             self._own_out.clear()
             self._own_out.add(digest(data))
         await self.net.publish(topic, data)
+        if topic == self.topics.consensus:  # and down the direct validator streams, the path honest nodes use
+            self.transport.broadcast(data, height=self.state.height + 1, round=self.consensus_round())
 
     def _validate_gossip(self, topic: str, data: bytes, peer: str | None = None) -> bool:
         if digest(data) in self._own_out:
