@@ -102,8 +102,7 @@ def one_run(n: int, rounds: int, timeout: float) -> dict[str, Any]:
 
         received = sum(float(st.get("net", {}).get("consensus_frames_in", 0)) for st in statuses)
         dups = sum(float(st.get("net", {}).get("consensus_duplicates_in", 0)) for st in statuses)
-        store_ms = [float(st.get("counters", {}).get("store_max_call_ms", 0) or st.get("store_max_call_ms", 0) or 0)
-                    for st in statuses]
+        store_ms = [float(st.get("gauges", {}).get("store_max_call_ms", 0)) for st in statuses]
         return {
             "nodes": n,
             "every_height": finished and len(hashes) == 1,
@@ -118,6 +117,8 @@ def one_run(n: int, rounds: int, timeout: float) -> dict[str, Any]:
             "dup_ratio": round(dups / received, 3) if received else None,
             "peak_rss_mb": round(max(peaks), 1),
             "store_max_call_ms": max(store_ms) if store_ms else None,
+            "loop_lag_max_ms": max((float(st.get("gauges", {}).get("loop_lag_max_ms", 0)) for st in statuses),
+                                   default=None),
         }
 
 

@@ -267,6 +267,7 @@ class Daemon:
             self._supervise("consensus_inbound", self._consensus_inbound_loop)
             self._supervise("sync", self._sync_loop)
             self._supervise("status", self._status_loop)
+            self._supervise("loop_lag", self._loop_lag_monitor)
             if self.data is not None:
                 self._supervise("participant", self._participant_loop)
             task_status.started()
@@ -724,6 +725,19 @@ class Daemon:
 
     # ---------------------------------------------------------------- status
 
+    async def _loop_lag_monitor(self) -> None:
+        """How late a 10 ms sleep wakes up: how long something held the event loop (a blocking call would show)."""
+        worst = 0.0
+        while True:
+            t0 = self._now()
+            await trio.sleep(0.01)
+            lag = self._now() - t0 - 0.01
+            if lag > worst:
+                worst = lag
+                self.metrics.set("loop_lag_max_ms", round(worst * 1000, 1))
+            if lag > 0.25:
+                self.metrics.inc("loop_stalls")
+
     async def _status_loop(self) -> None:
         while True:
             self._write_status()
@@ -747,6 +761,7 @@ class Daemon:
             "peers": len(self.net.connected_peers()),
             "halted": self.halted,
             "counters": dict(self.metrics.counters),
+            "gauges": dict(self.metrics.gauges),
             "net": {**self.net.counters, **{f"consensus_{k}": v for k, v in self.transport.counters.items()},
                     "consensus_frames_in": self.transport.counters.get("received", 0),
                     "consensus_frames_out": self.transport.counters.get("sent", 0)},
