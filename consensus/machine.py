@@ -7,7 +7,9 @@ order in which messages arrive never matters, only the set that has arrived.
 Crash safety: before any own signed message leaves, the machine emits `Persist(record)`; the shell must fsync it
 before performing the following actions. `Tendermint.restore` rebuilds the round, the lock and every message
 already signed at that height from those records, so a restarted node re-sends what it signed and never signs a
-different value for the same (height, round, type). Only the last record may be torn (the crash hit its write,
+different value for the same (height, round, type). The first record a node writes in a round r > 0 also keeps the
+others' votes that moved it there (the 2f+1 precommits of r-1, or the f+1 votes of r): a restarted node resumes r and
+can still relay them to peers left behind in r-1. Only the last record may be torn (the crash hit its write,
 so nothing after it happened); the shell deletes it at startup (`check_records`) before appending new ones, and
 an unreadable record anywhere else is a `RestoreError`: the node refuses to start rather than forget a signature.
 
@@ -142,6 +144,13 @@ class Tendermint:
         self.rebroadcasts = 0
         self.started_round = False
         self.polka: tuple[int, bytes] | None = None  # (round, block hash) of the latest polka for a value
+        # The others' votes that moved this node into its current round: the 2f+1 precommits of the round before
+        # (L65) or the f+1 votes of the round (L55). Written into the first record the node persists in the round and
+        # counted again on restore: a restarted node that resumes round r must still be able to relay why it left
+        # r-1, or peers still in r-1 may never leave it (the votes it saw may have come from validators that have
+        # moved on to the next height, or from a Byzantine one that never sends them again).
+        self._entry: list[Vote] = []
+        self._entry_saved = True
 
     def _round_votes(self, r: int) -> RoundVotes:
         rv = self.votes.get(r)
@@ -373,7 +382,9 @@ class Tendermint:
             return False
         if ev.kind == TimeoutKind.PRECOMMIT:  # L65
             self._rebroadcast(out)
-            self._start_round(self.round + 1, out)
+            rv = self.votes.get(self.round)
+            entry = [] if rv is None else [v for v in rv.by_type[PC].values() if v.validator != self.me]
+            self._start_round(self.round + 1, out, entry)
             return True
         if ev.kind == TimeoutKind.REBROADCAST:
             # Keep re-sending while this round is stuck, backing off exponentially: the re-sends themselves must not
@@ -420,7 +431,9 @@ class Tendermint:
         # L55: f+1 power in a higher round -> skip to it (the highest such round: the rounds between would be
         # started only to be left again at once).
         if self._skip_round > r:
-            self._start_round(self._skip_round, out)
+            rv = self.votes[self._skip_round]
+            entry = {v.validator: v for t in (PC, PV) for v in rv.by_type[t].values() if v.validator != self.me}
+            self._start_round(self._skip_round, out, list(entry.values()))
             return True
 
         p = self.proposals.get(r)
@@ -479,8 +492,10 @@ class Tendermint:
     def _timeout(self, kind: TimeoutKind) -> ScheduleTimeout:
         return ScheduleTimeout(kind, self.height, self.round, self.timeouts.duration(kind, self.round))
 
-    def _start_round(self, r: int, out: list[Action]) -> None:  # L11
+    def _start_round(self, r: int, out: list[Action], entry: list[Vote] | None = None) -> None:  # L11
         self.round = r
+        if entry is not None:
+            self._entry, self._entry_saved = entry, not entry
         self.current_step = Step.PROPOSE
         self.started_round = True
         self.rebroadcasts = 0
@@ -512,7 +527,7 @@ class Tendermint:
             self.sign_refusals += 1
             return
         self.proposed[r] = p
-        out.append(Persist(_record("proposal", self.height, r, p.encode())))
+        out.append(Persist(_record("proposal", self.height, r, p.encode(), entry=self._take_entry())))
         out.append(Broadcast(p))
         self._on_proposal(p, out)
 
@@ -536,23 +551,35 @@ class Tendermint:
                 lock = self.locked_value.encode()
                 rv_lock = self.votes.get(self.locked_round)
                 polka = [x.encode() for x in rv_lock.votes_for(VoteType.PREVOTE, bh)] if rv_lock else []
-            out.append(Persist(_record("vote", self.height, self.round, v.encode(), lock, polka)))
+            out.append(Persist(_record("vote", self.height, self.round, v.encode(), lock, polka, self._take_entry())))
         out.append(Broadcast(v))
         rv = self._round_votes(self.round)
         rv.add(v)
         if rv.changed:
             self._counted(rv, v)
 
+    def _take_entry(self) -> list[bytes] | None:
+        """The votes that moved us into this round, for the first record written in it (None once written)."""
+        if self._entry_saved:
+            return None
+        self._entry_saved = True
+        return [v.encode() for v in self._entry]
+
     def _relay_previous_round(self, out: list[Action]) -> None:
         """A peer still in round r-1 (it lost precommits of r-1 before GST) may never reach 2f+1 precommits there
         (L47) nor see f+1 messages of round r (L55) when few nodes are ahead, and the nodes ahead may need it for
         their quorum: a deadlock. So while round r is stuck, re-send the precommits of round r-1 that moved us on:
-        ours and the ones we counted. A peer further behind skips to r-1 on them (L55), then counts them (L47)."""
+        ours and the ones we counted. A peer further behind skips to r-1 on them (L55), then counts them (L47). If we
+        came to r by L55 instead, relay the others' votes of r that took us there (a peer behind skips on them too).
+        Both survive a restart: the first record written in a round keeps them (`_entry`)."""
         if self.round == 0:
             return
         rv = self.votes.get(self.round - 1)
         if rv is not None:
-            for vote in rv.by_type[int(VoteType.PRECOMMIT)].values():
+            for vote in rv.by_type[PC].values():
+                out.append(Broadcast(vote))
+        for vote in self._entry:
+            if vote.round == self.round:
                 out.append(Broadcast(vote))
 
     def _rebroadcast(self, out: list[Action]) -> None:
@@ -621,9 +648,17 @@ class Tendermint:
         because the shell performs nothing after a Persist until the fsync returned. Raises RestoreError where
         `check_records` does."""
         m = cls(validators, me, sign, timeouts)
-        for kind, height, r, body, lock, polka in map(_parse_record, records[: cls.check_records(records)]):
+        for kind, height, r, body, lock, polka, entry in map(_parse_record, records[: cls.check_records(records)]):
             if m.height == 0:
                 m._reset_height(height)
+            if entry:  # the votes that moved the node into round r (verified by the shell before they were counted)
+                m._entry = [v for v in entry if v.height == m.height and v.round in (r - 1, r)]
+                for v in m._entry:
+                    if v.validator in validators.powers:
+                        rv = m._round_votes(v.round)
+                        rv.add(v)
+                        if rv.changed:
+                            m._counted(rv, v)
             if kind == "vote":
                 assert isinstance(body, Vote)
                 v = body
@@ -656,7 +691,7 @@ class _TornRecord(Exception):
 
 
 _UNREADABLE = (ProtocolError, ValueError, TypeError, KeyError, IndexError)
-ParsedRecord = tuple[str, int, int, Vote | Proposal, Block | None, list[Vote]]
+ParsedRecord = tuple[str, int, int, Vote | Proposal, Block | None, list[Vote], list[Vote]]
 
 
 def _parse_record(raw: bytes) -> ParsedRecord:
@@ -670,6 +705,8 @@ def _parse_record(raw: bytes) -> ParsedRecord:
         raise _TornRecord(str(exc)) from None
     kind, height, r, body, lock = fields[:5]
     polka = fields[5] if len(fields) > 5 else None  # records written before polkas were kept have 5 fields
+    # the votes that moved the node into round r: only in the first record of a round (and not in older records)
+    entry = [Vote.decode(x) for x in fields[6] or ()] if len(fields) > 6 else []
     if not isinstance(height, int) or not isinstance(r, int):
         raise ValueError("height and round must be integers")
     if kind == "vote":
@@ -677,18 +714,20 @@ def _parse_record(raw: bytes) -> ParsedRecord:
         if (v.height, v.round) != (height, r):
             raise ValueError("vote does not match its record's height and round")
         block = None if lock is None else Block.decode(lock)
-        return kind, height, r, v, block, [Vote.decode(x) for x in polka or ()]
+        return kind, height, r, v, block, [Vote.decode(x) for x in polka or ()], entry
     if kind == "proposal":
         p = Proposal.decode(body)
         if (p.height, p.round) != (height, r):
             raise ValueError("proposal does not match its record's height and round")
-        return kind, height, r, p, None, []
+        return kind, height, r, p, None, [], entry
     raise ValueError(f"unknown record kind {kind!r}")
 
 
 def _record(kind: str, height: int, r: int, body: bytes, lock: bytes | None = None,
-            polka: list[bytes] | None = None) -> bytes:
-    return pack([kind, height, r, body, lock, polka])
+            polka: list[bytes] | None = None, entry: list[bytes] | None = None) -> bytes:
+    if entry:
+        return pack([kind, height, r, body, lock, polka, entry])
+    return pack([kind, height, r, body, lock, polka])  # the 6-field record (most records: no round entered)
 
 
 def _event_height(ev: Event) -> int:

@@ -627,6 +627,70 @@ def test_store_deletes_a_torn_last_record_at_startup(tmp_path: Path) -> None:
     store.close()
 
 
+def relays(actions: Sequence[object]) -> set[tuple[Any, ...]]:
+    return {s for s in summary(actions) if s[-1] == "relay"}
+
+
+def six_fields(record: bytes) -> bytes:
+    """The record as written before it kept the votes that moved the node into its round."""
+    return pack(unpack(record)[:6])
+
+
+# (case, what ME saw and did before the crash, the round it resumes, the others' votes it must relay after restart)
+ENTRY_TABLE: list[tuple[str, list[Event], int, set[tuple[Any, ...]]]] = [
+    # The fuzz find (seed 8095365494332110361663249527507540696, n=4, "split"): ME prevoted nil in round 0, counted
+    # 2f+1 precommits (two honest ones for A, the Byzantine one for B), left round 0 by L65, signed in round 1 and
+    # restarted. The two honest peers, restarted too, were still in round 0 with only their own precommits for A;
+    # the Byzantine validator had decided A (it had all three) and moved to the next height. ME's relay of the
+    # round-0 precommits (L47 for the peers) was the only way out, and it had forgotten the Byzantine one.
+    ("L65: the 2f+1 precommits of round 0",
+     [TimeoutFired(PROPOSE, 1, 0), vote(PC, 0, A, OTHERS[0]), vote(PC, 0, A, OTHERS[1]), vote(PC, 0, B, OTHERS[2]),
+      TimeoutFired(PRECOMMIT, 1, 0), TimeoutFired(PROPOSE, 1, 1)],
+     1, {("precommit", 0, "A", "relay"), ("precommit", 0, "B", "relay")}),
+    # L55: f+1 votes of round 2 pulled ME there; after a restart it relays them, so peers behind skip too (L55)
+    ("L55: the f+1 votes of round 2",
+     [vote(PV, 0, None, OTHERS[0]), vote(PV, 2, None, OTHERS[0]), vote(PC, 2, B, OTHERS[1]),
+      TimeoutFired(PROPOSE, 1, 2)],
+     2, {("prevote", 2, None, "relay"), ("precommit", 2, "B", "relay")}),
+]
+
+
+@pytest.mark.parametrize("case, before, resumed, relayed", ENTRY_TABLE, ids=[e[0] for e in ENTRY_TABLE])
+def test_restore_relays_the_votes_that_moved_the_node_into_its_round(
+        case: str, before: list[Event], resumed: int, relayed: set[tuple[Any, ...]]) -> None:
+    records: list[bytes] = []
+    m = Tendermint(VS, ME, sign(ME), TC)
+    for ev in [StartHeight(1), *before]:
+        perform(m.step(ev), records, [])
+    assert m.round == resumed and relays(m.step(TimeoutFired(REB, 1, resumed))) >= relayed
+    r = Tendermint.restore(VS, ME, sign(ME), TC, records)
+    r.step(StartHeight(1))
+    assert r.round == resumed
+    assert relays(r.step(TimeoutFired(REB, 1, resumed))) >= relayed  # before the fix: only the honest A ones / none
+    # the entry is written once, in the first record of the round, and records without it restore as before
+    assert sum(len(unpack(rec)) == 7 for rec in records) == 1
+    old = Tendermint.restore(VS, ME, sign(ME), TC, [six_fields(rec) for rec in records])
+    old.step(StartHeight(1))
+    assert old.round == resumed and old.signed == r.signed
+
+
+def test_peers_left_behind_in_round_0_follow_the_restarted_node() -> None:
+    """The other half of the fuzz find: a peer locked on A in round 0 with only the two honest precommits leaves
+    round 0 once the restarted node relays the third (Byzantine) precommit."""
+    records: list[bytes] = []
+    m = Tendermint(VS, ME, sign(ME), TC)
+    for ev in [StartHeight(1), *ENTRY_TABLE[0][1]]:
+        perform(m.step(ev), records, [])
+    r = Tendermint.restore(VS, ME, sign(ME), TC, records)
+    r.step(StartHeight(1))
+    relayed = [a.message for a in r.step(TimeoutFired(REB, 1, 1)) if isinstance(a, Broadcast)]
+    peer_key = OTHERS[0]
+    peer = machine([proposal(0, A), valid(A), *votes(PV, 0, A, OTHERS[1:]), vote(PC, 0, A, OTHERS[1])], me=peer_key)
+    assert state(peer)[:3] == (1, 0, "PRECOMMIT")
+    out = [a for msg in relayed for a in peer.step(VoteReceived(msg))]
+    assert ("timeout", "precommit", 0, TC.duration(PRECOMMIT, 0)) in summary(out, peer_key)  # L47
+
+
 OPS = ["propA", "propB", "propA_pol", "validA", "validB", "invalidB", "t_propose", "t_prevote", "t_precommit",
        "t_rebroadcast", "pvA", "pvB", "pvNil", "pcA", "pcB", "pcNil", "polkaA", "polkaB", "polkaNil", "crash",
        "crash_torn"]
