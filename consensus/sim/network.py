@@ -634,6 +634,13 @@ class Simulation:
             node.tear_next = False
             if node.up:
                 return
+            # A restarted process has no timers and no pending application answers of its previous life: a timer
+            # the old machine set (say the precommit timeout of L47, after 2f+1 precommits the restart forgot) must
+            # not fire in the new one. Messages still in flight to it are kept (the network delivers them).
+            q = self.queue
+            if any(i == node.idx and type(it) is not tuple for _, _, i, it in q):
+                self.queue = [e for e in q if e[2] != node.idx or type(e[3]) is tuple]
+                heapq.heapify(self.queue)
             records = list(node.records)
             if node.torn:  # the store drops the torn tail at open, after the machine has been shown it
                 node.records.pop()
