@@ -146,3 +146,37 @@ Network.TestCase.settings = settings(
     max_examples=examples(200), stateful_step_count=60, deadline=None, suppress_health_check=list(HealthCheck)
 )
 TestNetwork = Network.TestCase
+
+
+class _Draws:
+    """Stands in for st.data() when a test replays a pinned schedule: hands out the recorded draws in order."""
+
+    def __init__(self, *values: object) -> None:
+        self.values = list(values)
+
+    def draw(self, strategy: object) -> object:
+        return self.values.pop(0)
+
+
+def test_pinned_restart_in_a_later_round_relays_why_it_left_the_earlier_one() -> None:
+    """Fuzz find (seed 8095365494332110361663249527507540696, shrunk by hand-run delta debugging): n=4, validator 3
+    "split". At height 3 the honest 0 and 2 precommit A in round 0 and 3 decides A on the three precommits (then it
+    moves to height 4 and never sends height 3 again; no honest node decided, so block sync has nothing to offer).
+    1 restarts, counts 0's and 2's precommits and 3's one (for the other value 3 showed its half), leaves round 0 by
+    L65 without a round-0 precommit of its own, signs in round 1 and crashes again. After GST 0 and 2 sit in round 0
+    with two precommits (no L47) and one validator in round 1 (no L55); 1 sits alone in round 1. Only 1's relay of
+    the round-0 precommits it counted frees them, and before the fix its restart had forgotten 3's: now the first
+    record it writes in round 1 keeps them."""
+    net = Network()
+    net.setup(n=4, allow_twin=False, mode="split")
+    steps = [
+        lambda: net.deliver(k=39), lambda: net.duplicate(pick=19), lambda: net.deliver(k=39),
+        lambda: net.deliver(k=15), lambda: net.duplicate(pick=48), lambda: net.crash(data=_Draws(0), torn=False),
+        lambda: net.duplicate(pick=50), lambda: net.drop(pick=29), lambda: net.crash(data=_Draws(1), torn=False),
+        lambda: net.restart(data=_Draws(1)), lambda: net.deliver(k=27), lambda: net.deliver(k=15),
+        lambda: net.deliver(k=19), lambda: net.crash(data=_Draws(1), torn=False),
+    ]
+    for step in steps:
+        step()
+        net.safe()
+    net.teardown()
