@@ -155,15 +155,16 @@ class AdmissionGate:
         self._update_slots: dict[tuple[bytes, int], bytes] = {}
         self._proposal_slots: dict[tuple[int, int], set[bytes]] = {}
 
-    def admit(self, topic: str, data: bytes, peer: str | None) -> Message | None:
-        """The decoded message if it may be acted upon and relayed, else None (rejection counted)."""
+    def admit(self, topic: str | None, data: bytes, peer: str | None) -> Message | None:
+        """The decoded message if it may be acted upon and relayed, else None (rejection counted). `topic` None
+        means a direct validator stream, which carries consensus messages and update announcements alike."""
         h = digest(data)
         cached = self.cache.get(h)
         if cached is not None:
             return cached
-        cap = self.max_bytes.get(topic)
+        cap = max(self.max_bytes.values()) if topic is None else self.max_bytes.get(topic)
         if cap is None:
-            self._reject("unknown_topic", topic, peer)
+            self._reject("unknown_topic", str(topic), peer)
             return None
         if len(data) > cap:
             self._reject("oversize", f"{len(data)} bytes on {topic}", peer)
@@ -176,6 +177,9 @@ class AdmissionGate:
         except ProtocolError as exc:
             self._reject("malformed", str(exc), peer)
             return None
+        if topic is None:
+            updates = isinstance(msg, UpdateAnnouncement | UpdateBundle)
+            topic = self.updates_topic if updates else self.consensus_topic
         reason = self._check(topic, msg)
         if reason is not None:
             self._reject(reason, type(msg).__name__, peer)

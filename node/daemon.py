@@ -163,7 +163,9 @@ class Daemon:
             key.seed,
             list(config.listen),
             bootstrap=list(config.bootstrap),
-            topics=[self.topics.consensus, self.topics.updates],
+            # Validators exchange consensus messages and their own update announcements over direct streams;
+            # gossip carries only announcements from and to non-validators (trainers, observers).
+            topics=[self.topics.updates],
             validator=self._validate_gossip,
             announce=list(config.announce) or None,
         )
@@ -310,7 +312,7 @@ class Daemon:
 
     async def _consensus_inbound_loop(self) -> None:
         async for peer, data in self.transport.inbound:
-            msg = self.gate.admit(self.topics.consensus, data, peer)
+            msg = self.gate.admit(None, data, peer)
             if msg is None:
                 if self.gate.last_reason in CUT_OFF_REASONS:  # a direct peer sent what no honest node sends
                     self.transport.cut_off(peer, self.gate.last_reason or "")
@@ -662,7 +664,14 @@ class Daemon:
                 "published update",
                 extra={"height": height, "samples": ann.num_samples, "loss": round(result.loss, 4), "blob": short(ann.blob_hash)},
             )
-            await self.net.publish(self.topics.updates, data)
+            if self.is_validator:
+                self.transport.broadcast(data, height=height, round=0)
+            if not self.is_validator or self.transport.subscribers() or self._gossip_peers_beyond_validators():
+                await self.net.publish(self.topics.updates, data)
+
+    def _gossip_peers_beyond_validators(self) -> bool:
+        """Someone who is not a validator is connected (a trainer or observer): announcements go on gossip too."""
+        return any(p not in self.validator_peers for p in self.net.connected_peers())
 
     # ---------------------------------------------------------------- sync
 

@@ -17,8 +17,9 @@ import pytest
 import trio
 from flnode.cli.demo import NodeView, free_ports, start_node, stop_nodes
 from flnode.cli.node_cmd import _task_and_rules, create_testnet
+from flnode.node.app.limits import update_blob_size
 from flnode.node.daemon import BLOB_PROTOCOL, BLOCKS_PROTOCOL, STATUS_PROTOCOL, Topics
-from flnode.node.net import NetError, P2PNode
+from flnode.node.net import CONSENSUS_PROTOCOL, NetError, P2PNode, encode_frames
 from flnode.protocol.crypto import NodeKey
 from flnode.protocol.encoding import pack
 from flnode.protocol.genesis import Genesis
@@ -51,6 +52,7 @@ async def _attack(
     stranger = NodeKey(attacker._seed)
     member = genesis.validators[1].key_bytes
     sent = {"gossip": 0, "requests": 0}
+    size = update_blob_size(genesis)
     z = b"\x11" * 32
     for _ in range(30):
         h = max(_heights(views)) + 1  # current heights, so the stale-height filter does not catch them first
@@ -59,9 +61,13 @@ async def _attack(
             for junk in (os.urandom(64), pack([7, [1, 2, 3]]), pack([2, ["x"] * 6]), b"\xc1" * 10):
                 await attacker.publish(topic, junk)
                 sent["gossip"] += 1
-        # forged: claims to be a member, signed by a stranger
-        forged = UpdateAnnouncement(h, z, z, 100, 10, 0, 0, member).signed(stranger, genesis.chain_id)
+        # forged: claims to be a member, on the right base model and size, signed by a stranger
+        base = bytes.fromhex(json.loads((views[0].home / "data" / "status.json").read_text())["model_hash"])
+        forged = UpdateAnnouncement(h, base, z, size, 10, 0, 0, member).signed(stranger, genesis.chain_id)
         await attacker.publish(topics.updates, encode_gossip(forged))
+        # well signed by a stranger that is not a participant
+        outsider = UpdateAnnouncement(h, base, z, size, 10, 0, 0, stranger.public_key).signed(stranger, genesis.chain_id)
+        await attacker.publish(topics.updates, encode_gossip(outsider))
         # well signed, but the signer is not a member
         vote = Vote(VoteType.PREVOTE, h, 0, z, stranger.public_key).signed(stranger, genesis.chain_id)
         await attacker.publish(topics.consensus, encode_gossip(vote))
@@ -73,7 +79,16 @@ async def _attack(
         # replays of real traffic seen earlier
         for data in captured[:20]:
             await attacker.publish(topics.consensus, data)
-        sent["gossip"] += 4 + min(20, len(captured))
+        sent["gossip"] += 5 + min(20, len(captured))
+        # the direct consensus stream: a non-validator may listen, but one that talks is cut off
+        try:
+            stream = await attacker.open_stream(victim, CONSENSUS_PROTOCOL, timeout=2.0)
+            await stream.write(encode_frames([b"", os.urandom(80)]))
+            with trio.move_on_after(0.5):
+                await stream.read(1024)
+            await stream.reset()
+        except Exception:
+            pass
         # request/response protocols: garbage frames, absurd sizes, requests for unknown blobs
         for proto in (BLOB_PROTOCOL, BLOCKS_PROTOCOL, STATUS_PROTOCOL, "/flnode/nonexistent/1"):
             for payload in (os.urandom(40), b"", pack([10**6, 10**6]), b"\xff" * 5000):
@@ -143,7 +158,9 @@ async def test_hostile_peer_does_not_crash_or_stall_anyone(tmp_path: Path) -> No
         rejected = {k: v for k, v in counters.items() if k.startswith("rejected_")}
         assert rejected.get("rejected_malformed", 0) > 0, rejected
         assert rejected.get("rejected_bad_signature", 0) > 0, rejected
-        assert rejected.get("rejected_not_member", 0) > 0, rejected
+        assert rejected.get("rejected_not_participant", 0) > 0, rejected
+        net = json.loads((tmp_path / "node0" / "data" / "status.json").read_text())["net"]
+        assert net["consensus_cut_off"] + net["consensus_rejected_streams"] > 0, net
     finally:
         stop_nodes(procs)
     assert len(model_hashes_at(views, min(_heights(views)))) == 1
