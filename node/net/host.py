@@ -340,6 +340,10 @@ class P2PNode:
             info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
             if info.peer_id.to_base58() == self.peer_id:
                 return True
+            # (p25) one failed dial puts the peer in libp2p's 60 s negative cache; our loop has its own back-off
+            unblock = getattr(self._host.get_network(), "unblock_peer", None)
+            if unblock is not None:
+                unblock(info.peer_id)
             with trio.fail_after(timeout):
                 await self._host.connect(info)
             return True
