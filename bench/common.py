@@ -33,7 +33,7 @@ def print_table(title: str, rows: list[dict[str, Any]]) -> None:
         t.add_column(c)
     for r in rows:
         t.add_row(*[_fmt(r.get(c)) for c in cols])
-    Console(width=max(120, Console().width)).print(t)
+    Console(width=max(220, Console().width)).print(t)
 
 
 def _fmt(v: Any) -> str:

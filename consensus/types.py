@@ -27,10 +27,15 @@ class TimeoutConfig:
     prevote_delta_ms: int = 500
     precommit_ms: int = 1000
     precommit_delta_ms: int = 500
+    # 0: re-send on the prevote schedule (lossy gossip). Over reliable streams a shell sets it longer: a round that
+    # finishes in time then re-sends nothing, and each re-send relays 2f+1 votes to every peer.
+    rebroadcast_ms: int = 0
 
     def duration(self, kind: TimeoutKind, round: int) -> int:
         if kind == TimeoutKind.PROPOSE:
             return self.propose_ms + self.propose_delta_ms * round
         if kind == TimeoutKind.PRECOMMIT:
             return self.precommit_ms + self.precommit_delta_ms * round
-        return self.prevote_ms + self.prevote_delta_ms * round  # PREVOTE, and REBROADCAST uses the prevote schedule
+        if kind == TimeoutKind.REBROADCAST and self.rebroadcast_ms:
+            return self.rebroadcast_ms + self.prevote_delta_ms * round
+        return self.prevote_ms + self.prevote_delta_ms * round  # PREVOTE, and REBROADCAST by default

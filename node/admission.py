@@ -44,7 +44,10 @@ class ChainView(Protocol):
 
     def validator_set(self, height: int) -> ValidatorSet | None: ...
 
-    def announcement_problem(self, ann: UpdateAnnouncement) -> str | None: ...
+    def announcement_problem(self, ann: UpdateAnnouncement) -> str | None:
+        """Why `ann` is refused, or None. For the next height (the one being decided) this includes the
+        signature; for the one after, only what can be checked before that height's base model is known."""
+        ...
 
 
 @dataclass
@@ -254,7 +257,7 @@ class AdmissionGate:
             first = self._update_slots.get((msg.author, msg.height))
             if first is not None and first != msg.hash():
                 return "second_update"
-            if not msg.verify(self.chain_id):
+            if msg.height != current and not msg.verify(self.chain_id):  # the view checked the next height's
                 return "bad_signature"
             self._update_slots[(msg.author, msg.height)] = msg.hash()
             return None

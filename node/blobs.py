@@ -9,6 +9,7 @@ reading a blob.
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
 import trio
@@ -34,12 +35,19 @@ def fetch_timeout(size: int) -> float:
 
 
 class BlobService:
-    def __init__(self, net: P2PNode, worker: StoreWorker, metrics: Metrics, *, max_blob_bytes: int) -> None:
+    def __init__(
+        self, net: P2PNode, worker: StoreWorker, metrics: Metrics, *, max_blob_bytes: int, cache_bytes: int = 64 << 20
+    ) -> None:
         self.net = net
         self.worker = worker
         self.metrics = metrics
         self.max_blob_bytes = max_blob_bytes
         self._held: set[bytes] = set()
+        # the latest blobs in memory (bounded in bytes): a height's updates are read again at validation, building
+        # and execution, and each disk read is a thread hop that costs more than the read on a busy machine
+        self._recent: OrderedDict[bytes, bytes] = OrderedDict()
+        self._recent_bytes = 0
+        self.cache_bytes = cache_bytes
         self._fetching: dict[bytes, trio.Event] = {}
         self.on_stored: Callable[[bytes], None] = lambda h: None
         self._last_write_error = -1e9
@@ -56,8 +64,37 @@ class BlobService:
             return True
         return False
 
+    def _remember(self, h: bytes, data: bytes) -> None:
+        if len(data) > self.cache_bytes // 4 or h in self._recent:
+            return
+        self._recent[h] = data
+        self._recent_bytes += len(data)
+        while self._recent_bytes > self.cache_bytes:
+            _, old = self._recent.popitem(last=False)
+            self._recent_bytes -= len(old)
+
     async def get(self, h: bytes) -> bytes | None:
-        return await self.worker.get_blob(h)
+        data = self._recent.get(h)
+        if data is not None:
+            return data
+        data = await self.worker.get_blob(h)
+        if data is not None:
+            self._remember(h, data)
+        return data
+
+    async def get_many(self, hashes: Sequence[bytes]) -> dict[bytes, bytes]:
+        """The blobs we hold among `hashes`: from memory, the rest in one store call."""
+        out = {h: d for h in hashes if (d := self._recent.get(h)) is not None}
+        rest = [h for h in hashes if h not in out]
+        if rest:
+            read = await self.worker.run(
+                lambda: {h: d for h in rest if (d := self.worker.store.get_blob(h)) is not None},
+                limiter=self.worker.blob_limiter,
+            )
+            for h, d in read.items():
+                self._remember(h, d)
+            out.update(read)
+        return out
 
     async def put(self, h: bytes, data: bytes, height: int | None = None) -> bool:
         """Store a blob (for the update of `height`, which decides when it may be pruned). False when the disk
@@ -74,11 +111,16 @@ class BlobService:
                 log.error("cannot store blobs", extra={"error": str(exc)[:200]})
             return False
         self._held.add(h)
+        self._remember(h, data)
         self.on_stored(h)
         return True
 
     def forget(self, hashes: Sequence[bytes]) -> None:
         self._held.difference_update(hashes)
+        for h in hashes:
+            data = self._recent.pop(h, None)
+            if data is not None:
+                self._recent_bytes -= len(data)
 
     async def serve(self, peer: str, request: bytes) -> bytes:
         req = BlobRequest.decode(request)

@@ -110,6 +110,9 @@ def timeouts_from(genesis: Genesis) -> TimeoutConfig:
         prevote_delta_ms=r.timeout_prevote_delta_ms,
         precommit_ms=r.timeout_precommit_ms,
         precommit_delta_ms=r.timeout_precommit_delta_ms,
+        # consensus streams are reliable while connected (a reconnect re-sends): re-send only when a round is
+        # clearly stuck, after the propose timeout, not after the prevote one
+        rebroadcast_ms=max(r.timeout_propose_ms, r.timeout_prevote_ms),
     )
 
 
@@ -135,6 +138,7 @@ class Daemon:
         self.metrics = Metrics()
         self.topics = Topics.for_chain(genesis.chain_id)
         self._sets: dict[tuple[tuple[bytes, int], ...], ValidatorSet] = {}
+        self._set_at: dict[int, tuple[AppState, ValidatorSet]] = {}
         self.is_validator = self.me in genesis.powers
         self.pool = UpdatePool()
 
@@ -171,7 +175,11 @@ class Daemon:
         )
         self.validator_peers = {peer_id_of(v.key_bytes): v.key_bytes for v in genesis.validators}
         # Consensus travels over direct streams between validators; a non-validator listens to every validator.
-        self.transport = ConsensusTransport(self.net, self.validator_peers, dial_all=not self.is_validator)
+        # A stream delivers in order while it lives, so the same bytes are never sent twice on one connection
+        # (a reconnect starts afresh and the machine's rebroadcast re-sends what matters).
+        self.transport = ConsensusTransport(
+            self.net, self.validator_peers, dial_all=not self.is_validator, resend_after=float("inf")
+        )
         self.worker = StoreWorker(store)
         self.blobs = BlobService(self.net, self.worker, self.metrics, max_blob_bytes=genesis.rules.max_blob_bytes)
         self.blobs.on_stored = self._on_blob_stored
@@ -191,7 +199,8 @@ class Daemon:
         self._last_commit = 0.0
         self._applying: int | None = None  # height of a committed block being applied
         self.halted: str | None = None  # why consensus cannot go on (a committed block we cannot execute)
-        self.collect_passes = 0  # proposer collection-loop passes, for the no-spin regression test
+        self.collect_passes = 0
+        self._trace = log.isEnabledFor(logging.DEBUG)  # proposer collection-loop passes, for the no-spin regression test
         self._nursery: trio.Nursery | None = None
         self.data = None
         self.participant_index = -1
@@ -215,6 +224,9 @@ class Daemon:
             return None
         if height < self.state.height:
             return None  # older heights are never asked for by the live path
+        cached = self._set_at.get(height)
+        if cached is not None and cached[0] is self.state:
+            return cached[1]  # asked for every message: computed once per (state, height)
         powers = validator_powers(self.genesis, self.state, height)
         key = tuple(sorted(powers.items()))
         vs = self._sets.get(key)
@@ -222,6 +234,9 @@ class Daemon:
             if len(self._sets) > 16:
                 self._sets.clear()
             vs = self._sets[key] = ValidatorSet(powers)
+        if len(self._set_at) > 8:
+            self._set_at.clear()
+        self._set_at[height] = (self.state, vs)
         return vs
 
     def _sync_validators(self) -> None:
@@ -409,6 +424,9 @@ class Daemon:
                     self._sync_validators()
                     await self._perform(self.machine.step(StartHeight(self.state.height + 1)))
                 continue
+            if self._trace and not isinstance(event, VoteReceived):
+                log.debug("event", extra={"what": type(event).__name__, "t": round(self._now() - self._height_started, 3),
+                                          "detail": str(event)[:80]})
             await self._perform(self.machine.step(event))
 
     async def _perform(self, actions: list[Any]) -> None:
@@ -419,6 +437,9 @@ class Daemon:
                 self.metrics.inc("broadcast")
                 m = a.message
                 self.transport.broadcast(encode_gossip(m), height=m.height, round=m.round)
+                if self._trace:
+                    log.debug("sent", extra={"what": type(m).__name__, "type": getattr(m, "type", None),
+                                             "h": m.height, "r": m.round, "t": round(self._now() - self._height_started, 3)})
             elif isinstance(a, act.ScheduleTimeout):
                 self._spawn("timer", self._timer, a)
             elif isinstance(a, act.GetValue):
@@ -451,14 +472,10 @@ class Daemon:
         }
 
     async def _ready_updates(self, height: int) -> list[tuple[UpdateAnnouncement, bytes]]:
-        out = []
-        for ann in self.pool.for_height(height):
-            if ann.base_model_hash != self.state.model_hash or not self.blobs.holds(ann.blob_hash):
-                continue
-            blob = await self.blobs.get(ann.blob_hash)
-            if blob is not None:
-                out.append((ann, blob))
-        return out
+        anns = [a for a in self.pool.for_height(height)
+                if a.base_model_hash == self.state.model_hash and self.blobs.holds(a.blob_hash)]
+        blobs = await self.blobs.get_many([a.blob_hash for a in anns])
+        return [(a, blobs[a.blob_hash]) for a in anns if a.blob_hash in blobs]
 
     async def _build_value(self, height: int, round_: int) -> None:
         """Proposer: wait until enough updates (with blobs) are here, or the collection timeout, then build."""
@@ -519,7 +536,10 @@ class Daemon:
 
     async def _await_blobs(self, block: Block, give_up: Any) -> bool:
         """Fetch every blob the block names (in parallel, proposer first); True once all are here."""
-        missing = [h for h in missing_blobs(block, self.blobs.holds) if not await self.blobs.has(h)]
+        unknown = missing_blobs(block, self.blobs.holds)
+        if not unknown:
+            return True
+        missing = [h for h in unknown if not await self.blobs.has(h)]
         if not missing:
             return True
         size = {u.blob_hash: u.blob_size for u in block.updates}
@@ -539,11 +559,7 @@ class Daemon:
         state, prev = self.state, self.last_block_hash
         if block.height != state.height + 1:
             return None
-        blobs = {}
-        for u in block.updates:
-            b = await self.blobs.get(u.blob_hash)
-            if b is not None:
-                blobs[u.blob_hash] = b
+        blobs = await self.blobs.get_many([u.blob_hash for u in block.updates])
         t0 = self._now()
         try:
             result = await trio.to_thread.run_sync(
@@ -583,9 +599,11 @@ class Daemon:
         self.metrics.set("halted", 0)
         new_state, receipt = result
         t0 = self._now()
-        model_blob = await trio.to_thread.run_sync(encode_tensors, new_state.model)
-        await self.worker.run(self.store.commit_height, block, cert, new_state, receipt, model_blob)
-        await self.worker.run(self.store.prune_records, new_state.height + 1)
+        def store_height() -> None:  # one trip to the store thread: a hop costs more than the work when busy
+            self.store.commit_height(block, cert, new_state, receipt, encode_tensors(new_state.model))
+            self.store.prune_records(new_state.height + 1)
+
+        await self.worker.run(store_height)
         if self.config.blob_retention_heights:
             removed: list[bytes] = []
             await self.worker.prune_blobs(new_state.height, self.config.blob_retention_heights, removed)

@@ -26,7 +26,7 @@ class StoreWorker:
     def __init__(self, store: ChainStore) -> None:
         self.store = store
         self._limiter = trio.CapacityLimiter(1)
-        self._blob_limiter = trio.CapacityLimiter(BLOB_THREADS)
+        self.blob_limiter = trio.CapacityLimiter(BLOB_THREADS)
         self.calls = 0
         self.busy_s = 0.0
         self.max_call_s = 0.0
@@ -50,13 +50,13 @@ class StoreWorker:
 
     async def put_blob(self, h: bytes, data: bytes, height: int | None = None) -> None:
         """Raises DiskFullError (a StoreError) when the disk is full: stop fetching, keep voting."""
-        await self.run(self.store.put_blob, h, data, height, limiter=self._blob_limiter)
+        await self.run(self.store.put_blob, h, data, height, limiter=self.blob_limiter)
 
     async def get_blob(self, h: bytes) -> bytes | None:
-        return await self.run(self.store.get_blob, h, limiter=self._blob_limiter)
+        return await self.run(self.store.get_blob, h, limiter=self.blob_limiter)
 
     async def has_blob(self, h: bytes) -> bool:
-        return await self.run(self.store.has_blob, h, limiter=self._blob_limiter)
+        return await self.run(self.store.has_blob, h, limiter=self.blob_limiter)
 
     async def prune_blobs(self, committed_height: int, retention: int, removed: list[bytes] | None = None) -> int:
         return await self.run(self.store.prune_blobs, committed_height, retention, removed)

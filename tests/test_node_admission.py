@@ -117,7 +117,11 @@ class View:
         return self.vs
 
     def announcement_problem(self, ann: UpdateAnnouncement) -> str | None:
-        return None if ann.author in self.genesis.powers else "not_participant"
+        if ann.author not in self.genesis.powers:
+            return "not_participant"
+        if ann.height == self.height and not ann.verify(self.genesis.chain_id):
+            return "bad_signature"
+        return None
 
 
 def _gate(genesis: Genesis, clock: list[float], **kw: object) -> tuple[AdmissionGate, Metrics]:

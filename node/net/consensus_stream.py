@@ -128,6 +128,10 @@ class PeerQueue:
                 result.queued = False
         return result
 
+    def mark_sent(self, h: bytes, now: float) -> None:
+        """The peer already has `h` (it sent it to us)."""
+        self._sent.add(h, now)
+
     def take_all(self) -> list[bytes]:
         out = [data for _, data in self._items.values()]
         self._items.clear()
@@ -450,6 +454,9 @@ class ConsensusTransport:
 
     def _deliver(self, peer: str, frame: bytes) -> None:
         h, now = digest(frame), trio.current_time()
+        s = self._sessions.get(peer)
+        if s is not None:
+            s.queue.mark_sent(h, now)  # it has this one: never relay it back on this connection
         if self._delivered.seen(h, now):
             self.counters["duplicates_in"] += 1
             return
