@@ -26,6 +26,7 @@ from flnode.consensus import (
     Tendermint,
     TimeoutConfig,
     TimeoutFired,
+    TimeoutKind,
     ValidatorSet,
     ValueReady,
     ValueValidated,
@@ -180,6 +181,8 @@ class Daemon:
         self.transport = ConsensusTransport(
             self.net, self.validator_peers, dial_all=not self.is_validator, resend_after=float("inf")
         )
+        self.transport.on_connect = self._on_validator_connected
+        self._own_update: tuple[int, bytes] | None = None  # (height, encoded announcement) of our latest update
         self.worker = StoreWorker(store)
         self.blobs = BlobService(self.net, self.worker, self.metrics, max_blob_bytes=genesis.rules.max_blob_bytes)
         self.blobs.on_stored = self._on_blob_stored
@@ -200,6 +203,7 @@ class Daemon:
         self._applying: int | None = None  # height of a committed block being applied
         self.halted: str | None = None  # why consensus cannot go on (a committed block we cannot execute)
         self.collect_passes = 0
+        self._gate_open = trio.Event()  # set once the start-up gate opened: updates sent before reach too few
         self._trace = log.isEnabledFor(logging.DEBUG)  # proposer collection-loop passes, for the no-spin regression test
         self._nursery: trio.Nursery | None = None
         self.data = None
@@ -325,6 +329,19 @@ class Daemon:
                 continue
             await self._on_message(msg, item.from_peer)
 
+    def _on_validator_connected(self, peer: str) -> None:
+        """Bring a validator that just connected up to date: our update of this height and, through the machine's
+        rebroadcast, what we signed in this round (the same bytes are sent once per connection, so only the new
+        peer gets them)."""
+        if self._own_update is not None and self._own_update[0] == self.state.height + 1:
+            self.transport.broadcast(self._own_update[1], height=self._own_update[0], round=0)
+        h, r = getattr(self.machine, "height", 0), getattr(self.machine, "round", -1)
+        if h == self.state.height + 1 and r >= 0:
+            try:
+                self._events_send.send_nowait(TimeoutFired(TimeoutKind.REBROADCAST, h, r))
+            except trio.WouldBlock:
+                pass  # busy: the scheduled rebroadcast will do it
+
     async def _consensus_inbound_loop(self) -> None:
         async for peer, data in self.transport.inbound:
             msg = self.gate.admit(None, data, peer)
@@ -412,6 +429,7 @@ class Daemon:
 
     async def _consensus_loop(self) -> None:
         await self._wait_for_quorum()
+        self._gate_open.set()
         self._height_started = self._now()
         self._sync_validators()
         await self._perform(self.machine.step(StartHeight(self.state.height + 1)))
@@ -651,6 +669,7 @@ class Daemon:
     # ---------------------------------------------------------------- participant
 
     async def _participant_loop(self) -> None:
+        await self._gate_open.wait()  # an update sent before the validators are connected reaches almost no one
         trained_for = 0
         while True:
             height = self.state.height + 1
@@ -683,6 +702,7 @@ class Daemon:
                 extra={"height": height, "samples": ann.num_samples, "loss": round(result.loss, 4), "blob": short(ann.blob_hash)},
             )
             if self.is_validator:
+                self._own_update = (height, data)
                 self.transport.broadcast(data, height=height, round=0)
             if not self.is_validator or self.transport.subscribers() or self._gossip_peers_beyond_validators():
                 await self.net.publish(self.topics.updates, data)

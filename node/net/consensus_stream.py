@@ -16,7 +16,7 @@ import hashlib
 import heapq
 import logging
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -251,6 +251,8 @@ class ConsensusTransport:
         self._banned_until: dict[str, float] = {}
         self._changed = trio.Event()
         self._nursery: trio.Nursery | None = None
+        # called when a validator's stream is up: what was sent before it connected never reached it
+        self.on_connect: Callable[[str], None] | None = None
         p2p.set_stream_handler(protocol_id, self._accept)
 
     # ---------------------------------------------------------------- API
@@ -389,6 +391,8 @@ class ConsensusTransport:
         self._sessions[s.peer] = s
         self.counters["connects"] += 1
         self._notify()
+        if self.on_connect is not None and not s.subscriber:
+            self.on_connect(s.peer)
 
     def _notify(self) -> None:
         self._changed.set()
