@@ -23,7 +23,7 @@ fuzz: $(STAMP)
 	@seed="$(SEED)"; [ -n "$$seed" ] || seed=$$(od -An -N4 -tu4 /dev/urandom | tr -d ' '); \
 	factor=$${FLNODE_FUZZ_FACTOR:-20}; \
 	echo "fuzz: hypothesis seed $$seed, $${factor}x examples (replay: make fuzz SEED=$$seed)"; \
-	FLNODE_FUZZ_FACTOR=$$factor FLNODE_HYPOTHESIS_ONLY=1 $(BIN)/python -m pytest -q -p no:cacheprovider tests \
+	FLNODE_FUZZ_FACTOR=$$factor FLNODE_HYPOTHESIS_ONLY=1 $(BIN)/python -m pytest -q -p no:cacheprovider tests --hypothesis-show-statistics \
 		--hypothesis-profile=fuzz --hypothesis-seed=$$seed
 
 lint: $(STAMP)

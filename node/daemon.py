@@ -65,6 +65,7 @@ from flnode.protocol.messages import (
     UpdateAnnouncement,
     UpdateBundle,
     Vote,
+    VoteType,
     encode_gossip,
 )
 from flnode.protocol.tensors import encode_tensors
@@ -182,6 +183,9 @@ class Daemon:
             self.net, self.validator_peers, dial_all=not self.is_validator, resend_after=float("inf")
         )
         self.transport.on_connect = self._on_validator_connected
+        self._peer_of = {k: p for p, k in self.validator_peers.items()}  # validator key -> peer id
+        self._peer_height: dict[str, int] = {}
+        self._peer_polka: dict[str, tuple[int, int, bytes | None]] = {}
         self._own_update: tuple[int, bytes] | None = None  # (height, encoded announcement) of our latest update
         self.worker = StoreWorker(store)
         self.blobs = BlobService(self.net, self.worker, self.metrics, max_blob_bytes=genesis.rules.max_blob_bytes)
@@ -329,6 +333,32 @@ class Daemon:
                 continue
             await self._on_message(msg, item.from_peer)
 
+    def _note_peer_position(self, msg: Message) -> None:
+        """What a validator's own signed messages prove it has seen (a light form of CometBFT's peer round
+        state): the height it reached, and the polka behind its latest precommit for a block."""
+        who = msg.validator if isinstance(msg, Vote) else msg.proposer if isinstance(msg, Proposal) else None
+        peer = self._peer_of.get(who) if who is not None else None
+        if peer is None:
+            return
+        assert isinstance(msg, Vote | Proposal)
+        if msg.height > self._peer_height.get(peer, 0):
+            self._peer_height[peer] = msg.height
+        if isinstance(msg, Vote) and msg.type == VoteType.PRECOMMIT and msg.block_hash is not None:
+            self._peer_polka[peer] = (msg.height, msg.round, msg.block_hash)
+
+    def _past(self, vote: Vote) -> Any:
+        """For a relayed vote, the peers that need it no more: its signer, a peer at a later height (it decided),
+        and, for a prevote, a peer whose precommit for that block in that round shows it saw that polka. A peer
+        merely at a later round is not skipped: it may need the polka to accept a re-proposal (L28)."""
+        signer = self._peer_of.get(vote.validator)
+        polka = (vote.height, vote.round, vote.block_hash) if vote.type == VoteType.PREVOTE else None
+
+        def has_it(peer: str) -> bool:
+            return (peer == signer or self._peer_height.get(peer, 0) > vote.height
+                    or (polka is not None and self._peer_polka.get(peer) == polka))
+
+        return has_it
+
     def _on_validator_connected(self, peer: str) -> None:
         """Bring a validator that just connected up to date: our update of this height and, through the machine's
         rebroadcast, what we signed in this round (the same bytes are sent once per connection, so only the new
@@ -353,6 +383,7 @@ class Daemon:
 
     async def _on_message(self, msg: Message, from_peer: str | None) -> None:
         self.metrics.inc("gossip_received")
+        self._note_peer_position(msg)
         if getattr(msg, "height", 0) > self.state.height + 1 and not self._ahead_seen:
             self._ahead_seen = True  # someone is past our height: ask for blocks now
             self._behind.set()
@@ -454,7 +485,8 @@ class Daemon:
             elif isinstance(a, act.Broadcast):
                 self.metrics.inc("broadcast")
                 m = a.message
-                self.transport.broadcast(encode_gossip(m), height=m.height, round=m.round)
+                skip = self._past(m) if isinstance(m, Vote) and m.validator != self.me else None
+                self.transport.broadcast(encode_gossip(m), height=m.height, round=m.round, skip=skip)
                 if self._trace:
                     log.debug("sent", extra={"what": type(m).__name__, "type": getattr(m, "type", None),
                                              "h": m.height, "r": m.round, "t": round(self._now() - self._height_started, 3)})

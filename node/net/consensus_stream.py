@@ -34,7 +34,7 @@ HELLO = b""  # the first frame each side sends; a session counts as connected on
 COUNTERS = (
     "sent", "received", "bytes_in", "bytes_out", "writes", "dropped", "cut_off", "duplicates_in",
     "duplicates_out", "inbound_overflow", "oversize", "connects", "disconnects", "dial_failed",
-    "write_timeouts", "rejected_streams",
+    "write_timeouts", "rejected_streams", "skipped_peer_has_it",
 )
 
 
@@ -267,14 +267,18 @@ class ConsensusTransport:
         s = self._sessions.get(peer)
         return s.queue.nbytes if s else 0
 
-    def broadcast(self, data: bytes, *, height: int, round: int) -> None:
-        """Never blocks: queue `data` for every connected validator (not for those offline: rebroadcast)."""
+    def broadcast(self, data: bytes, *, height: int, round: int, skip: Callable[[str], bool] | None = None) -> None:
+        """Never blocks: queue `data` for every connected validator (not for those offline: rebroadcast), except
+        the peers `skip` says already have it."""
         if len(data) > self.max_frame:
             self.counters["oversize"] += 1
             log.warning("not sending an oversize consensus message", extra={"size": len(data)})
             return
         h, now = digest(data), trio.current_time()
         for s in self._sessions.values():
+            if skip is not None and skip(s.peer):
+                self.counters["skipped_peer_has_it"] += 1
+                continue
             r = s.queue.push(data, h, height, round, now)
             self.counters["dropped"] += r.dropped
             self.counters["duplicates_out"] += r.duplicate
