@@ -154,7 +154,7 @@ async def test_p9_slow_consumer_loses_nothing() -> None:
 
 
 async def test_p14_validator_false_or_raising_drops_the_message() -> None:
-    def validator(topic: str, data: bytes) -> bool:
+    def validator(topic: str, data: bytes, peer: str | None) -> bool:
         if data.startswith(b"raise"):
             raise ValueError("validator bug")
         return not data.startswith(b"bad")
