@@ -1,4 +1,4 @@
-"""Our libp2p adapter against the py-libp2p 0.8.1 pitfalls measured in LIBP2P_NOTES.md: one test each (pN)."""
+"""Our libp2p adapter against the py-libp2p 0.8.1 pitfalls listed in docs/LIBP2P.md: one test each (pN)."""
 
 from __future__ import annotations
 
