@@ -98,3 +98,37 @@ async def test_committed_block_that_cannot_be_executed_halts_without_crashing(
     assert daemon.metrics.counters["commit_failures"] >= 1
     assert daemon.store.latest_height() == 0  # nothing wrong was stored
     daemon.store.close()
+
+
+async def test_a_block_whose_blobs_are_missing_is_not_judged_invalid(
+    net: tuple[Path, Genesis, list[NodeKey]], tmp_path: Path  # noqa: F811
+) -> None:
+    """valid / invalid / not yet: missing data gives no answer (never a cached 'invalid'); the answer comes when
+    the data lands."""
+    from flnode.consensus import ValueValidated
+
+    d, genesis, keys = net
+    ups = _updates(genesis, keys)
+    block = _proposal(genesis, keys, ups).block
+    daemon = _daemon(d, genesis, tmp_path)
+    answers: list[ValueValidated] = []
+
+    async def listen() -> None:
+        async for ev in daemon._events_recv:
+            if isinstance(ev, ValueValidated):
+                answers.append(ev)
+
+    async with trio.open_nursery() as n:
+        daemon._nursery = n
+        n.start_soon(listen)
+        n.start_soon(daemon._validate_value, 1, 0, block)
+        await trio.sleep(1.5)  # several fetch attempts fail: no holder is reachable
+        assert answers == [] and daemon.metrics.counters["blob_fetch_retries"] >= 1
+        for ann, blob in ups:
+            await daemon.blobs.put(ann.blob_hash, blob)
+        with trio.fail_after(15):
+            while not answers:
+                await trio.sleep(0.05)
+        n.cancel_scope.cancel()
+    assert answers == [ValueValidated(1, 0, block.hash(), True)]
+    daemon.store.close()
