@@ -74,23 +74,14 @@ class BlobService:
             self._recent_bytes -= len(old)
 
     async def get(self, h: bytes) -> bytes | None:
-        data = self._recent.get(h)
-        if data is not None:
-            return data
-        data = await self.worker.get_blob(h)
-        if data is not None:
-            self._remember(h, data)
-        return data
+        return (await self.get_many([h])).get(h)
 
     async def get_many(self, hashes: Sequence[bytes]) -> dict[bytes, bytes]:
         """The blobs we hold among `hashes`: from memory, the rest in one store call."""
         out = {h: d for h in hashes if (d := self._recent.get(h)) is not None}
         rest = [h for h in hashes if h not in out]
         if rest:
-            read = await self.worker.run(
-                lambda: {h: d for h in rest if (d := self.worker.store.get_blob(h)) is not None},
-                limiter=self.worker.blob_limiter,
-            )
+            read = await self.worker.get_blobs(rest)
             for h, d in read.items():
                 self._remember(h, d)
             out.update(read)

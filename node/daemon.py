@@ -206,9 +206,9 @@ class Daemon:
         self._last_commit = 0.0
         self._applying: int | None = None  # height of a committed block being applied
         self.halted: str | None = None  # why consensus cannot go on (a committed block we cannot execute)
-        self.collect_passes = 0
+        self.collect_passes = 0  # proposer collection-loop passes, for the no-spin regression test
         self._gate_open = trio.Event()  # set once the start-up gate opened: updates sent before reach too few
-        self._trace = log.isEnabledFor(logging.DEBUG)  # proposer collection-loop passes, for the no-spin regression test
+        self._trace = log.isEnabledFor(logging.DEBUG)
         self._nursery: trio.Nursery | None = None
         self.data = None
         self.participant_index = -1
@@ -264,8 +264,6 @@ class Daemon:
             return "not_participant"
         if self.state.excluded(ann.author, self.genesis.rules.rewards.exclude_below):
             return "excluded"
-        if ann.height == self.state.height + 1 and ann.base_model_hash != self.state.model_hash:
-            return "wrong_base_model"
         if ann.blob_size > self.genesis.rules.max_blob_bytes:
             return "oversize"
         return None
@@ -415,12 +413,13 @@ class Daemon:
                 holders = [peer_id_of(ann.author)] + ([from_peer] if from_peer else [])
                 self._spawn("fetch", self._fetch_announced, ann, holders)
 
-    async def _fetch_announced(self, ann: UpdateAnnouncement, holders: list[str]) -> None:
-        def candidates() -> list[str]:
-            return holders + [p for p in self.net.connected_peers() if p not in holders]
+    def _then_connected(self, first: list[str]) -> list[str]:
+        """`first` (the likeliest holders, in order), then every other connected peer, each once."""
+        return list(dict.fromkeys(first + self.net.connected_peers()))
 
+    async def _fetch_announced(self, ann: UpdateAnnouncement, holders: list[str]) -> None:
         await self.blobs.fetch_until(
-            ann.blob_hash, candidates, ann.blob_size, give_up=lambda: self.state.height >= ann.height,
+            ann.blob_hash, lambda: self._then_connected(holders), ann.blob_size, give_up=lambda: self.state.height >= ann.height,
             height=ann.height,
         )
 
@@ -514,16 +513,16 @@ class Daemon:
 
     # ---------------------------------------------------------------- proposer
 
+    def _ready_announcements(self, height: int) -> list[UpdateAnnouncement]:
+        """Updates for `height` on the current model whose blob we hold (no I/O)."""
+        return [a for a in self.pool.for_height(height)
+                if a.base_model_hash == self.state.model_hash and self.blobs.holds(a.blob_hash)]
+
     def _ready_authors(self, height: int) -> set[bytes]:
-        """Authors whose update for `height` is on the current model and whose blob we hold (no I/O)."""
-        return {
-            a.author for a in self.pool.for_height(height)
-            if a.base_model_hash == self.state.model_hash and self.blobs.holds(a.blob_hash)
-        }
+        return {a.author for a in self._ready_announcements(height)}
 
     async def _ready_updates(self, height: int) -> list[tuple[UpdateAnnouncement, bytes]]:
-        anns = [a for a in self.pool.for_height(height)
-                if a.base_model_hash == self.state.model_hash and self.blobs.holds(a.blob_hash)]
+        anns = self._ready_announcements(height)
         blobs = await self.blobs.get_many([a.blob_hash for a in anns])
         return [(a, blobs[a.blob_hash]) for a in anns if a.blob_hash in blobs]
 
@@ -578,11 +577,7 @@ class Daemon:
     def _holders(self, block: Block, blob_hash: bytes) -> list[str]:
         first = [peer_id_of(block.header.proposer)]
         first += [peer_id_of(u.author) for u in block.updates if u.blob_hash == blob_hash]
-        seen: list[str] = []
-        for p in first + self.net.connected_peers():
-            if p not in seen:
-                seen.append(p)
-        return seen
+        return self._then_connected(first)
 
     async def _await_blobs(self, block: Block, give_up: Any) -> bool:
         """Fetch every blob the block names (in parallel, proposer first); True once all are here."""
@@ -718,26 +713,29 @@ class Daemon:
             self._mark("train_s", self._now() - t0)
             if self.state.height + 1 != height:
                 continue  # the chain moved on while we trained
-            # Small updates travel inline (one gossip message instead of n - 1 blob requests).
-            out = UpdateBundle(ann, blob) if len(blob) <= UpdateBundle.INLINE_MAX else ann
-            data = encode_gossip(out)
-            if self.gate.admit(self.topics.updates, data, None) is None:
-                log.warning("own update not admitted", extra={"height": height})
-                continue
-            if not await self.blobs.put(ann.blob_hash, blob, height):
-                continue  # the disk refused it: no update this round
-            self.pool.add(ann, height)
-            self._check_updates_complete()
-            self._notify()
-            log.info(
-                "published update",
-                extra={"height": height, "samples": ann.num_samples, "loss": round(result.loss, 4), "blob": short(ann.blob_hash)},
-            )
-            if self.is_validator:
-                self._own_update = (height, data)
-                self.transport.broadcast(data, height=height, round=0)
-            if not self.is_validator or self.transport.subscribers() or self._gossip_peers_beyond_validators():
-                await self.net.publish(self.topics.updates, data)
+            await self._publish_update(height, ann, blob, result.loss)
+
+    async def _publish_update(self, height: int, ann: UpdateAnnouncement, blob: bytes, loss: float) -> None:
+        # Small updates travel inline (one message instead of n - 1 blob requests).
+        out = UpdateBundle(ann, blob) if len(blob) <= UpdateBundle.INLINE_MAX else ann
+        data = encode_gossip(out)
+        if self.gate.admit(self.topics.updates, data, None) is None:
+            log.warning("own update not admitted", extra={"height": height})
+            return
+        if not await self.blobs.put(ann.blob_hash, blob, height):
+            return  # the disk refused it: no update this round
+        self.pool.add(ann, height)
+        self._check_updates_complete()
+        self._notify()
+        log.info(
+            "published update",
+            extra={"height": height, "samples": ann.num_samples, "loss": round(loss, 4), "blob": short(ann.blob_hash)},
+        )
+        if self.is_validator:
+            self._own_update = (height, data)
+            self.transport.broadcast(data, height=height, round=0)
+        if not self.is_validator or self.transport.subscribers() or self._gossip_peers_beyond_validators():
+            await self.net.publish(self.topics.updates, data)
 
     def _gossip_peers_beyond_validators(self) -> bool:
         """Someone who is not a validator is connected (a trainer or observer): announcements go on gossip too."""

@@ -9,7 +9,6 @@ serving a large blob never delays a vote's fsync'd record.
 
 from __future__ import annotations
 
-import functools
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -42,7 +41,7 @@ class StoreWorker:
                 self.busy_s += dt
                 self.max_call_s = max(self.max_call_s, dt)
 
-        return await trio.to_thread.run_sync(functools.partial(timed), limiter=limiter or self._limiter)
+        return await trio.to_thread.run_sync(timed, limiter=limiter or self._limiter)
 
     # the calls the daemon makes, typed
     async def append_record(self, height: int, data: bytes) -> None:
@@ -52,8 +51,12 @@ class StoreWorker:
         """Raises DiskFullError (a StoreError) when the disk is full: stop fetching, keep voting."""
         await self.run(self.store.put_blob, h, data, height, limiter=self.blob_limiter)
 
-    async def get_blob(self, h: bytes) -> bytes | None:
-        return await self.run(self.store.get_blob, h, limiter=self.blob_limiter)
+    async def get_blobs(self, hashes: list[bytes]) -> dict[bytes, bytes]:
+        """The blobs we hold among `hashes`, in one trip to a blob thread."""
+        def read() -> dict[bytes, bytes]:
+            return {h: d for h in hashes if (d := self.store.get_blob(h)) is not None}
+
+        return await self.run(read, limiter=self.blob_limiter)
 
     async def has_blob(self, h: bytes) -> bool:
         return await self.run(self.store.has_blob, h, limiter=self.blob_limiter)

@@ -34,7 +34,6 @@ from typing import Any
 import numpy as np
 import trio
 from flnode.consensus import actions as act
-from flnode.node.app import make_update
 from flnode.node.app.limits import param_spec, samples_cap
 from flnode.node.daemon import Daemon
 from flnode.node.net import peer_id_of
@@ -199,38 +198,26 @@ class ByzantineDaemon(Daemon):
             while len(self.net.connected_peers()) < len(self.genesis.validators) - 1:
                 await trio.sleep(0.1)
         await trio.sleep(0.5)
-        trained_for = 0
-        while True:
-            height = self.state.height + 1
-            if height <= trained_for:
-                await self._changed.wait()
-                continue
-            state = self.state
-            assert self.data is not None
-            ann, blob, _ = await trio.to_thread.run_sync(
-                make_update, self.genesis, self.key, state, self.data, self.participant_index
-            )
-            trained_for = height
-            if self.state.height + 1 != height:
-                continue
-            if "inflate" in self.attacks:
-                # odd heights: 2^40 samples, refused at admission; even heights: the cap, so only the norm bound
-                # stands in the way (heights 1 and 2 come before any penalty can get us excluded)
-                blob = self._malicious_blob()
-                samples = INFLATED_SAMPLES if height % 2 == 1 else samples_cap(self.genesis, self.me)
-                ann = replace(ann, blob_hash=digest(blob), blob_size=len(blob), num_samples=samples,
-                              signature=b"").signed(self.key, self.chain_id)
-                self.metrics.inc("byz_inflated")
-            self._own_blobs.add(ann.blob_hash)
-            await self.blobs.put(ann.blob_hash, blob)
-            if self.gate.admit(self.topics.updates, encode_gossip(ann), None) is not None:
-                self.pool.add(ann, height)  # an update our own proposals may carry
-                self._notify()
-            withhold = "withhold" in self.attacks
-            out = ann if withhold or len(blob) > UpdateBundle.INLINE_MAX else UpdateBundle(ann, blob)
-            log.info("published update", extra={"height": height, "samples": ann.num_samples,
-                                                 "inline": not withhold})
-            await self._publish_raw(self.topics.updates, encode_gossip(out))
+        await super()._participant_loop()
+
+    async def _publish_update(self, height: int, ann: UpdateAnnouncement, blob: bytes, loss: float) -> None:
+        if "inflate" in self.attacks:
+            # odd heights: 2^40 samples, refused at admission; even heights: the cap, so only the norm bound
+            # stands in the way (heights 1 and 2 come before any penalty can get us excluded)
+            blob = self._malicious_blob()
+            samples = INFLATED_SAMPLES if height % 2 == 1 else samples_cap(self.genesis, self.me)
+            ann = replace(ann, blob_hash=digest(blob), blob_size=len(blob), num_samples=samples,
+                          signature=b"").signed(self.key, self.chain_id)
+            self.metrics.inc("byz_inflated")
+        self._own_blobs.add(ann.blob_hash)
+        await self.blobs.put(ann.blob_hash, blob)
+        if self.gate.admit(self.topics.updates, encode_gossip(ann), None) is not None:
+            self.pool.add(ann, height)  # an update our own proposals may carry
+            self._notify()
+        withhold = "withhold" in self.attacks
+        out = ann if withhold or len(blob) > UpdateBundle.INLINE_MAX else UpdateBundle(ann, blob)
+        log.info("published update", extra={"height": height, "samples": ann.num_samples, "inline": not withhold})
+        await self._publish_raw(self.topics.updates, encode_gossip(out))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -231,13 +231,18 @@ def test_corrupt_store_is_a_typed_error(tmp_path: Path) -> None:
         ChainStore.open(tmp_path / "absent.sqlite", readonly=True)
 
 
-def test_chain_cli(tmp_path: Path, chain: tuple) -> None:  # type: ignore[type-arg]
-    g, blocks, blobs = chain
-    home = tmp_path / "home"
+def home_with_chain(home: Path, g: Genesis, blocks: list, blobs: dict[bytes, bytes]) -> Path:  # type: ignore[type-arg]
+    """A node home (genesis, config) whose store holds `blocks`, for the chain CLI."""
     home.mkdir()
     g.save(home / "genesis.json")
     write_config(home, NodeConfig())
     store_chain(home / "data" / "chain.sqlite", g, blocks, blobs)
+    return home
+
+
+def test_chain_cli(tmp_path: Path, chain: tuple) -> None:  # type: ignore[type-arg]
+    g, blocks, blobs = chain
+    home = home_with_chain(tmp_path / "home", g, blocks, blobs)
     runner = CliRunner()
     res = runner.invoke(app, ["chain", "verify", "--home", str(home)])
     assert res.exit_code == 0 and "4 blocks verified" in res.output
@@ -322,11 +327,7 @@ def test_slashed_validator_stops_counting_from_h_plus_2(tmp_path: Path) -> None:
     check_block(g, s1, b2_by_bad, blobs, prev_block_hash=blocks[0][0].hash())  # type: ignore[arg-type]
 
     # chain show lists the slashing at the block that carried the evidence
-    home = tmp_path / "home"
-    home.mkdir()
-    g.save(home / "genesis.json")
-    write_config(home, NodeConfig())
-    store_chain(home / "data" / "chain.sqlite", g, blocks, blobs)
+    home = home_with_chain(tmp_path / "home", g, blocks, blobs)
     runner = CliRunner()
     shown = json.loads(runner.invoke(app, ["chain", "show", "--home", str(home), "--json"]).output)
     slashed = {b["height"]: b["slashed"] for b in shown["blocks"]}
