@@ -114,6 +114,22 @@ def accuracy_chart(acc: list[float], width: int = 60, height: int = 10) -> str:
     return "\n".join(rows)
 
 
+def enable_web(node_home: Path, port: int = 26680) -> str:
+    """Turn on node0's read-only web explorer (127.0.0.1 only): the default port if free, else any free one."""
+    from dataclasses import replace
+
+    from flnode.node.config import load_config, write_config
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            port = free_ports(1)[0]
+    cfg = load_config(node_home).config
+    write_config(node_home, replace(cfg, http_listen=f"127.0.0.1:{port}"))
+    return f"http://127.0.0.1:{port}/"
+
+
 @user_errors
 def demo(
     nodes: Annotated[int, typer.Option("--nodes", min=1, max=32, help="Number of node processes.")] = 4,
@@ -142,6 +158,8 @@ def demo(
     task_rules = _task_and_rules(model, "digits", partition, 0.5, aggregator, 0, 100.0, 1, 0.1, 2000)
     create_testnet(home, nodes, chain_id="flnode-demo", host="127.0.0.1", listen_host="127.0.0.1", ports=ports,
                    task_rules=task_rules, force=True)
+    web_url = enable_web(home / "node0")
+    console.print(f"live explorer of node0: [bold]{web_url}[/bold] (open it in a browser while the demo runs)")
     views = [NodeView(f"node{i}", home / f"node{i}") for i in range(nodes)]
     limit = timeout or (60.0 + 5.0 * rounds)
     t0 = time.monotonic()

@@ -41,6 +41,7 @@ class NodeConfig:
     bootstrap: tuple[str, ...] = ()  # full multiaddrs with /p2p/<peer id>
     data_dir: str = "data"  # relative to home unless absolute
     metrics_listen: str = ""  # e.g. "127.0.0.1:26660"; empty = off
+    http_listen: str = ""  # web explorer + API + /metrics, e.g. "127.0.0.1:26680"; empty = off
     log_level: str = "info"
     log_format: str = "text"  # text | json
     data_path: str = ""  # optional own .npz (x, y) instead of the genesis data set shard
@@ -178,6 +179,12 @@ FIELDS: dict[str, FieldSpec] = {
             _v_nonempty,
         ),
         _spec("metrics_listen", str, "host:port of the Prometheus text endpoint; empty = off.", _v_metrics),
+        _spec(
+            "http_listen",
+            str,
+            "host:port of the read-only web explorer, JSON API and /metrics; empty = off (keep it on 127.0.0.1).",
+            _v_metrics,
+        ),
         _spec("log_level", str, "debug | info | warning | error | critical.", _v_choice(LOG_LEVELS)),
         _spec("log_format", str, "text | json (one JSON object per line).", _v_choice(LOG_FORMATS)),
         _spec(

@@ -285,6 +285,10 @@ class Daemon:
             )
             if self.config.metrics_listen:
                 await nursery.start(serve_metrics, self.metrics, self.config.metrics_listen)
+            if self.config.http_listen:  # read-only explorer, JSON API and /metrics (node/web)
+                from flnode.node.web import serve_web
+
+                await nursery.start(serve_web, self, self.config.http_listen)
             nursery.start_soon(self._consensus_loop)  # fatal: an exception here stops the node
             self._supervise("inbound", self._inbound_loop)
             self._supervise("consensus_inbound", self._consensus_inbound_loop)

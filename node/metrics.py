@@ -1,20 +1,30 @@
-"""Counters and gauges, served as Prometheus text on an optional HTTP endpoint (off by default)."""
+"""Counters and gauges, exposed in the Prometheus text format by prometheus_client.
+
+The node keeps its own plain counters (cheap ``inc``/``set`` on the hot path, also written to status.json); a
+custom collector turns them into Prometheus families only when someone scrapes. HTTP is served by the web server
+(hypercorn, node/web): on ``http_listen`` beside the explorer, or alone on ``metrics_listen``.
+"""
 
 from __future__ import annotations
 
-import logging
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 import trio
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
-log = logging.getLogger("flnode.metrics")
+PREFIX = "flnode_"
 
 
 class Metrics:
     def __init__(self) -> None:
         self.counters: Counter[str] = Counter()
         self.gauges: dict[str, float] = {}
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_Collector(self))
 
     def inc(self, name: str, by: int = 1) -> None:
         self.counters[name] += by
@@ -23,33 +33,27 @@ class Metrics:
         self.gauges[name] = value
 
     def render(self) -> str:
-        lines = []
-        for name in sorted(self.counters):
-            lines += [f"# TYPE flnode_{name} counter", f"flnode_{name} {self.counters[name]}"]
-        for name in sorted(self.gauges):
-            lines += [f"# TYPE flnode_{name} gauge", f"flnode_{name} {self.gauges[name]}"]
-        return "\n".join(lines) + "\n"
+        """The Prometheus text exposition (counters get the conventional ``_total`` suffix)."""
+        return generate_latest(self.registry).decode()
+
+    content_type = CONTENT_TYPE_LATEST
+
+
+class _Collector(Collector):
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        # Copies: the collector may run while the event loop mutates the dicts.
+        for name, value in sorted(dict(self.metrics.counters).items()):
+            yield CounterMetricFamily(PREFIX + name, f"flnode counter {name}", value=value)
+        for name, fvalue in sorted(dict(self.metrics.gauges).items()):
+            yield GaugeMetricFamily(PREFIX + name, f"flnode gauge {name}", value=fvalue)
 
 
 async def serve_metrics(metrics: Metrics, listen: str, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-    host, _, port = listen.rpartition(":")
+    """Serve only ``/metrics`` on ``listen`` (the ``metrics_listen`` setting) with the web server."""
+    from flnode.node.web.app import metrics_only_app
+    from flnode.node.web.server import serve_asgi
 
-    async def handle(stream: trio.SocketStream) -> None:
-        try:
-            with trio.move_on_after(5):
-                await stream.receive_some(4096)
-                body = metrics.render().encode()
-                head = (
-                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n"
-                    f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-                ).encode()
-                await stream.send_all(head + body)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            pass
-        finally:
-            await stream.aclose()
-
-    listeners = await trio.open_tcp_listeners(int(port), host=host or None)
-    log.info("metrics endpoint listening", extra={"listen": listen})
-    task_status.started()
-    await trio.serve_listeners(handle, listeners)
+    await serve_asgi(metrics_only_app(metrics), listen, task_status=task_status)

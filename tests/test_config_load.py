@@ -59,6 +59,12 @@ CASES: dict[str, tuple[Any, str, Any, tuple[Any, Any, Any]]] = {
         "[::1]:9",
         ("127.0.0.1:26660", "0.0.0.0:9100", "[::1]:9"),
     ),
+    "http_listen": (
+        "127.0.0.1:26680",
+        "127.0.0.1:8080",
+        "[::1]:80",
+        ("127.0.0.1:26680", "127.0.0.1:8080", "[::1]:80"),
+    ),
     "log_level": ("warning", "DEBUG", "error", ("warning", "debug", "error")),
     "log_format": ("json", "text", "json", ("json", "text", "json")),
     "data_path": ("mine.npz", "/data/site.npz", "x.npz", ("mine.npz", "/data/site.npz", "x.npz")),

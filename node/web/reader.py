@@ -1,0 +1,244 @@
+"""What the explorer shows, read from the chain store's read-only path.
+
+Every method here is blocking SQLite work and runs on a worker thread (``ChainReader.run``): the node's own store
+connection and its store thread are never touched, so a page load never queues behind a consensus write. The row
+and detail dicts have the schema of ``flnode chain show --json`` (tests/test_web_api.py compares them), plus a few
+keys the block page needs (``signers``, ``evidence_validators``).
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import trio
+from flnode.node.chain.store import ChainStore, StoreError
+from flnode.protocol.genesis import Genesis
+
+T = TypeVar("T")
+
+MAX_PAGE = 100  # heights per /api/blocks call
+CHART_HEIGHTS = 300  # heights drawn on the overview charts
+
+
+class ChainReader:
+    """A small pool of read-only connections to one chain store, plus caches of what cannot change."""
+
+    def __init__(self, db: Path, genesis: Genesis, *, connections: int = 2) -> None:
+        self.db = db
+        self.genesis = genesis
+        self._pool: queue.SimpleQueue[ChainStore] = queue.SimpleQueue()
+        self._opened: list[ChainStore] = []
+        self._open_lock = threading.Lock()
+        self._size = connections
+        # At most `connections` reads at once; more requests wait here (in trio), not in a thread.
+        self.limiter = trio.CapacityLimiter(connections)
+        self._rows: OrderedDict[int, dict[str, Any]] = OrderedDict()  # committed rows are immutable once complete
+        self._details: OrderedDict[int, dict[str, Any]] = OrderedDict()
+        self._counts_at = 0  # accepted/rejected counts summed over heights 1.._counts_at
+        self._accepted: dict[bytes, int] = {}
+        self._rejected: dict[bytes, int] = {}
+        self._cache_lock = threading.Lock()
+
+    # ---------------------------------------------------------------- plumbing
+
+    def _take(self) -> ChainStore:
+        try:
+            return self._pool.get_nowait()
+        except queue.Empty:
+            pass
+        with self._open_lock:  # the limiter keeps this at `connections` opens at most
+            store = ChainStore.open(self.db, readonly=True)
+            self._opened.append(store)
+            return store
+
+    def _with_store(self, fn: Callable[[ChainStore], T]) -> T:
+        store = self._take()
+        try:
+            return fn(store)
+        finally:
+            self._pool.put(store)
+
+    async def run(self, fn: Callable[[ChainStore], T]) -> T:
+        """Run ``fn(store)`` on a worker thread with a read-only connection; at most ``connections`` at once."""
+        return await trio.to_thread.run_sync(self._with_store, fn, limiter=self.limiter)
+
+    def close(self) -> None:
+        with self._open_lock:
+            for s in self._opened:
+                s.close()
+            self._opened.clear()
+
+    # ---------------------------------------------------------------- the chain show schema
+
+    @staticmethod
+    def latest(store: ChainStore) -> int:
+        try:
+            return store.latest_height()
+        except StoreError:
+            return 0  # the node has not created its tables yet
+
+    def _slashed_by(self, store: ChainStore, block: Any) -> list[dict[str, Any]]:
+        from flnode.node.app import slash_height
+
+        if not block.evidence:
+            return []
+        state = store.light_state(block.height)
+        start = slash_height(block.height)
+        return [
+            {"validator": self.genesis.name_of(v), "public_key": v.hex(), "from_height": start}
+            for v in sorted({e.validator for e in block.evidence}) if state.slashed.get(v) == start
+        ]
+
+    def height_row(self, store: ChainStore, h: int) -> dict[str, Any]:
+        """One row of ``flnode chain show --json``'s ``blocks``."""
+        with self._cache_lock:
+            cached = self._rows.get(h)
+        if cached is not None:
+            return cached
+        g = self.genesis
+        block = store.get_block(h)
+        if block is None:
+            raise KeyError(h)
+        cert = store.get_certificate(h)
+        receipt = store.get_receipt(h)
+        metrics = store.get_metrics(h) or {}
+        row = {
+            "height": h,
+            "round": cert.round if cert else None,
+            "proposer": g.name_of(block.header.proposer),
+            "accepted": len(receipt.accepted) if receipt else 0,
+            "rejected": len(receipt.rejected) if receipt else 0,
+            "aggregator": receipt.aggregator if receipt else "",
+            "model_hash": block.header.model_hash.hex(),
+            "block_hash": block.hash().hex(),
+            "test_accuracy": metrics.get("test_accuracy"),
+            "round_time_s": metrics.get("round_time_s"),
+            "rewards": sum(receipt.rewards.values()) if receipt else 0,
+            "slashed": self._slashed_by(store, block),
+        }
+        if row["test_accuracy"] is not None:  # metrics land just after the commit; cache only the final row
+            self._remember(self._rows, h, row, 4096)
+        return row
+
+    def blocks(self, store: ChainStore, start: int, end: int) -> dict[str, Any]:
+        """``flnode chain show --json`` for heights start..end (clipped to the committed height)."""
+        top = self.latest(store)
+        rows = [self.height_row(store, h) for h in range(max(1, start), min(end, top) + 1)]
+        return {"chain_id": self.genesis.chain_id, "height": top, "blocks": rows}
+
+    def block(self, store: ChainStore, h: int) -> dict[str, Any] | None:
+        """``flnode chain show --height h --json`` plus signers and evidence; None if h is not committed."""
+        with self._cache_lock:
+            cached = self._details.get(h)
+        if cached is not None:
+            return cached
+        g = self.genesis
+        block = store.get_block(h)
+        if block is None:
+            return None
+        receipt = store.get_receipt(h)
+        cert = store.get_certificate(h)
+        state = store.light_state(h)
+        row = self.height_row(store, h)
+        outcome = {a: "accepted" for a in receipt.accepted} if receipt else {}
+        by_hash = {ah: reason for _, ah, reason in receipt.rejected} if receipt else {}
+        updates = [
+            {
+                "author": g.name_of(u.author),
+                "samples": u.num_samples,
+                "local_loss": u.loss_ppm / 1e6,
+                "outcome": f"rejected: {by_hash[u.hash()]}" if u.hash() in by_hash else outcome.get(u.author, "?"),
+                "reward": receipt.rewards.get(u.author, 0) if receipt else 0,
+                "penalty": receipt.penalties.get(u.author, 0) if receipt else 0,
+            }
+            for u in block.updates
+        ]
+        threshold = g.rules.rewards.exclude_below
+        participants = [
+            {"name": g.name_of(k), "public_key": k.hex(), "balance": state.balances.get(k, 0),
+             "reputation": state.reputation.get(k, 0), "excluded": state.reputation.get(k, 0) < threshold,
+             "slashed_from": state.slashed.get(k)}
+            for k in g.participant_keys
+        ]
+        detail = {
+            **row,
+            "prev_block_hash": block.header.prev_block_hash.hex(),
+            "app_hash": block.header.app_hash.hex(),
+            "evidence": len(block.evidence),
+            "updates": updates,
+            "participants": participants,
+            # beyond chain show: who signed the commit, and whom the evidence names
+            "signers": [g.name_of(v) for v, _ in cert.signatures] if cert else [],
+            "evidence_validators": [g.name_of(e.validator) for e in block.evidence],
+        }
+        if row["test_accuracy"] is not None:
+            self._remember(self._details, h, detail, 256)
+        return detail
+
+    def participants(self, store: ChainStore) -> dict[str, Any]:
+        """Every participant after the latest block, with updates accepted/rejected over the whole chain."""
+        g = self.genesis
+        top = self.latest(store)
+        with self._cache_lock:
+            start = self._counts_at
+        acc: dict[bytes, int] = {}
+        rej: dict[bytes, int] = {}
+        for h in range(start + 1, top + 1):  # receipts are immutable: count each height once
+            receipt = store.get_receipt(h)
+            if receipt is None:
+                continue
+            for a in receipt.accepted:
+                acc[a] = acc.get(a, 0) + 1
+            for a, _, _ in receipt.rejected:
+                rej[a] = rej.get(a, 0) + 1
+        with self._cache_lock:
+            if self._counts_at == start:  # another thread may have counted the same heights meanwhile
+                for k, n in acc.items():
+                    self._accepted[k] = self._accepted.get(k, 0) + n
+                for k, n in rej.items():
+                    self._rejected[k] = self._rejected.get(k, 0) + n
+                self._counts_at = top
+            accepted, rejected, counted = dict(self._accepted), dict(self._rejected), self._counts_at
+        state = store.light_state(counted) if counted > 0 else None
+        threshold = g.rules.rewards.exclude_below
+        rows = []
+        for k in g.participant_keys:
+            rep = state.reputation.get(k, 0) if state else 0
+            rows.append({
+                "name": g.name_of(k), "public_key": k.hex(),
+                "balance": state.balances.get(k, 0) if state else 0,
+                "reputation": rep, "excluded": state is not None and rep < threshold,
+                "slashed_from": state.slashed.get(k) if state else None,
+                "accepted": accepted.get(k, 0), "rejected": rejected.get(k, 0),
+            })
+        return {"chain_id": g.chain_id, "height": counted, "participants": rows}
+
+    def series(self, store: ChainStore, last: int = CHART_HEIGHTS) -> dict[str, Any]:
+        """Per-height test accuracy, test loss and round time of the last ``last`` heights (for the charts)."""
+        top = self.latest(store)
+        start = max(1, top - last + 1)
+        try:
+            rows = store.conn.execute(
+                "SELECT height, data FROM metrics WHERE height BETWEEN ? AND ? ORDER BY height", (start, top)
+            ).fetchall()
+        except Exception:  # noqa: BLE001 - no metrics table yet: nothing to draw
+            rows = []
+        out: dict[str, Any] = {"height": top, "heights": [], "test_accuracy": [], "test_loss": [], "round_time_s": []}
+        for h, raw in rows:
+            m = json.loads(raw)
+            out["heights"].append(h)
+            for k in ("test_accuracy", "test_loss", "round_time_s"):
+                out[k].append(m.get(k))
+        return out
+
+    def _remember(self, cache: OrderedDict[int, dict[str, Any]], h: int, value: dict[str, Any], size: int) -> None:
+        with self._cache_lock:
+            cache[h] = value
+            while len(cache) > size:
+                cache.popitem(last=False)

@@ -1,0 +1,94 @@
+"""The HTTP server: hypercorn's trio worker inside the node's own nursery, with tight limits.
+
+It runs on the node's event loop, so every handler must stay short: chain reads go to worker threads
+(ChainReader.run), rendering is small, and hypercorn bounds what a client can make us hold (header bytes, idle and
+read timeouts, queued body chunks).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Protocol
+
+import trio
+from hypercorn.config import Config
+from hypercorn.trio import serve
+
+from .app import Live, WebApp
+
+log = logging.getLogger("flnode.web")
+
+MAX_HEADER_BYTES = 8 * 1024  # request line + headers; beyond this h11 answers 400 and closes
+READ_TIMEOUT_S = 10  # a client that sends nothing for this long is dropped (slowloris)
+KEEP_ALIVE_S = 5
+
+
+def hypercorn_config(listen: str) -> Config:
+    config = Config()
+    config.bind = [listen]
+    config.h11_max_incomplete_size = MAX_HEADER_BYTES
+    config.h2_max_header_list_size = MAX_HEADER_BYTES
+    config.h2_max_concurrent_streams = 16
+    config.read_timeout = READ_TIMEOUT_S
+    config.keep_alive_timeout = KEEP_ALIVE_S
+    config.max_app_queue_size = 4  # body chunks buffered per request; we read none
+    config.graceful_timeout = 1.0
+    config.backlog = 128
+    config.include_server_header = False
+    config.accesslog = None
+    config.errorlog = logging.getLogger("flnode.web.hypercorn")
+    config.alpn_protocols = ["http/1.1"]  # no TLS here: a reverse proxy terminates it (see README)
+    return config
+
+
+async def serve_asgi(app: Any, listen: str, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve ``app`` on ``listen`` (host:port) until cancelled; ``task_status.started`` gets the bound URLs."""
+    config = hypercorn_config(listen)
+    await serve(app, config, task_status=task_status, mode="asgi")
+
+
+class NodeLike(Protocol):
+    """What the web view reads from a running Daemon (attribute reads on the event loop, no I/O)."""
+
+    genesis: Any
+    store: Any
+    state: Any
+    net: Any
+    transport: Any
+    machine: Any
+    metrics: Any
+    validator_peers: dict[str, bytes]
+    is_validator: bool
+    halted: str | None
+    config: Any
+
+
+def live_from(node: NodeLike) -> Live:
+    def live() -> dict[str, Any]:
+        connected = node.transport.connected()
+        online = sum(1 for p in node.validator_peers if p in connected) + (1 if node.is_validator else 0)
+        return {
+            "moniker": node.config.moniker,
+            "peer_id": node.net.peer_id,
+            "height": node.state.height,
+            "model_hash": node.state.model_hash.hex(),
+            "consensus_height": getattr(node.machine, "height", None),
+            "consensus_round": getattr(node.machine, "round", None),
+            "peers": len(node.net.connected_peers()),
+            "validators": len(node.validator_peers),
+            "validators_online": online,
+            "halted": node.halted,
+        }
+
+    return live
+
+
+async def serve_web(node: NodeLike, listen: str, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    """The explorer, JSON API and /metrics of a running node, on ``listen``."""
+    app = WebApp(Path(node.store.path), node.genesis, live=live_from(node), metrics=node.metrics)
+    try:
+        log.info("web explorer listening", extra={"url": f"http://{listen}/"})
+        await serve_asgi(app, listen, task_status=task_status)
+    finally:
+        app.reader.close()
