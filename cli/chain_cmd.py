@@ -110,10 +110,12 @@ def show(
             for p in detail["participants"]:
                 t.add_row(p["name"], str(p["balance"]), str(p["reputation"]), "yes" if p["excluded"] else "")
             c.print(t)
+            _print_privacy(genesis, detail["privacy"])
             return
         rows = [_height_row(genesis, store, h) for h in range(max(1, top - last + 1), top + 1)]
+        dp = _privacy(genesis, store, top)
         if as_json:
-            typer.echo(json.dumps({"chain_id": genesis.chain_id, "height": top, "blocks": rows}))
+            typer.echo(json.dumps({"chain_id": genesis.chain_id, "height": top, "blocks": rows, "privacy": dp}))
             return
         t = Table(title=f"{genesis.chain_id}: {top} blocks ({genesis.rules.aggregator}, {genesis.task.model} on {genesis.task.dataset})")
         for col in ("height", "round", "proposer", "accepted", "rejected", "model", "test acc", "round s", "rewards",
@@ -128,8 +130,36 @@ def show(
                 ", ".join(f"{x['validator']} (from {x['from_height']})" for x in r["slashed"]),
             )
         Console().print(t)
+        _print_privacy(genesis, dp)
     finally:
         store.close()
+
+
+def _privacy(genesis: Any, store: Any, h: int) -> list[dict[str, Any]]:
+    """Epsilon spent and left per participant after height h (empty when DP is off)."""
+    from flnode.node.app import privacy
+
+    return privacy.report(genesis, store.light_state(h)) if h >= 1 else []
+
+
+def _print_privacy(genesis: Any, rows: list[dict[str, Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    if not rows:
+        return
+    r = genesis.rules
+    how = ("record-level DP-SGD, declared by each trainer (not verifiable)" if r.dp_mode == "record"
+           else "participant-level: clip checked by validators, noise declared")
+    t = Table(title=f"differential privacy: {how}; C={r.dp_clip} z={r.dp_noise} delta={r.dp_delta:g}")
+    for col in ("participant", "rounds", "epsilon spent", "budget", "left", ""):
+        t.add_column(col)
+    for p in rows:
+        t.add_row(p["name"], str(p["rounds"]), f"{p['epsilon_spent']:.3f}",
+                  "unlimited" if p["epsilon_budget"] is None else f"{p['epsilon_budget']:g}",
+                  "" if p["epsilon_left"] is None else f"{p['epsilon_left']:.3f}",
+                  "[red]budget spent[/red]" if p["exhausted"] else "")
+    Console().print(t)
 
 
 def _detail(genesis: Any, store: Any, h: int) -> dict[str, Any]:
@@ -163,6 +193,7 @@ def _detail(genesis: Any, store: Any, h: int) -> dict[str, Any]:
         "evidence": len(block.evidence),
         "updates": updates,
         "participants": participants,
+        "privacy": _privacy(genesis, store, h),
     }
 
 

@@ -138,14 +138,35 @@ def testnet_init(
     learning_rate: Annotated[float, typer.Option()] = 0.1,
     collect_timeout_ms: Annotated[int, typer.Option(help="Proposer waits this long for updates at most.")] = 2000,
     force: Annotated[bool, typer.Option(help="Overwrite existing homes.")] = False,
+    dp_mode: Annotated[str, typer.Option(help="Differential privacy: off | record (DP-SGD) | participant.")] = "off",
+    dp_clip: Annotated[float, typer.Option(help="DP clip norm C (per example, or per update).")] = 1.0,
+    dp_noise: Annotated[float, typer.Option(help="DP noise multiplier z.")] = 1.0,
+    dp_sample_rate: Annotated[float, typer.Option(help="Record-level DP-SGD sampling rate q.")] = 0.05,
+    dp_sampling: Annotated[str, typer.Option(help="poisson | fixed")] = "poisson",
+    dp_delta: Annotated[float, typer.Option(help="DP delta.")] = 1e-5,
+    dp_epsilon: Annotated[float, typer.Option(help="Every participant's epsilon budget (0: unlimited).")] = 0.0,
+    dp_budget: Annotated[list[str] | None, typer.Option(help="NAME=EPSILON budget of one node (repeatable).")] = None,
+    dp_participants: Annotated[int, typer.Option(help="Participants sharing the noise (0: all).")] = 0,
 ) -> None:
     """Write N homes with one shared genesis and each other's addresses as bootstrap peers."""
+    task, rules = _task_and_rules(model, dataset, partition, alpha, aggregator, seed, norm_bound, local_epochs,
+                                  learning_rate, collect_timeout_ms)
+    if dp_mode != "off":  # docs/PRIVACY.md
+        budgets = {}
+        for item in dp_budget or []:
+            name, sep, eps = item.partition("=")
+            try:
+                budgets[name.strip()] = float(eps)
+            except ValueError:
+                fail(f"--dp-budget {item!r}: expected NAME=EPSILON")
+            if not sep:
+                fail(f"--dp-budget {item!r}: expected NAME=EPSILON")
+        rules.update(dp_mode=dp_mode, dp_clip=dp_clip, dp_noise=dp_noise, dp_sample_rate=dp_sample_rate,
+                     dp_sampling=dp_sampling, dp_delta=dp_delta, dp_epsilon_budget=dp_epsilon, dp_budgets=budgets,
+                     dp_participants=dp_participants)
     info = create_testnet(
         directory, nodes, chain_id=chain_id, host=host, hosts=_csv(hosts), hostnames=_csv(hostnames),
-        listen_host=listen_host, base_port=base_port, same_port=same_port,
-        task_rules=_task_and_rules(model, dataset, partition, alpha, aggregator, seed, norm_bound, local_epochs,
-                                   learning_rate, collect_timeout_ms),
-        force=force,
+        listen_host=listen_host, base_port=base_port, same_port=same_port, task_rules=(task, rules), force=force,
     )
     for name, addr in info:
         typer.echo(f"{name}: {addr}")

@@ -205,6 +205,7 @@ class Daemon:
         self._ahead_seen = False
         self._last_commit = 0.0
         self._applying: int | None = None  # height of a committed block being applied
+        self._privacy_stopped = False  # logged once: our epsilon budget allows no further round
         self.halted: str | None = None  # why consensus cannot go on (a committed block we cannot execute)
         self.collect_passes = 0  # proposer collection-loop passes, for the no-spin regression test
         self._gate_open = trio.Event()  # set once the start-up gate opened: updates sent before reach too few
@@ -709,6 +710,9 @@ class Daemon:
                 continue
             state = self.state
             assert self.data is not None
+            if not await self._privacy_allows(state):  # one more round would exceed our epsilon budget
+                trained_for = height
+                continue
             t0 = self._now()
             ann, blob, result = await trio.to_thread.run_sync(
                 make_update, self.genesis, self.key, state, self.data, self.participant_index
@@ -718,6 +722,23 @@ class Daemon:
             if self.state.height + 1 != height:
                 continue  # the chain moved on while we trained
             await self._publish_update(height, ann, blob, result.loss)
+
+    async def _privacy_allows(self, state: AppState) -> bool:
+        """Differential privacy: train only while one more round keeps this node within its epsilon budget."""
+        from flnode.node.app import privacy
+
+        if self.genesis.rules.dp_mode == "off":
+            return True
+        me = self.key.public_key
+        if await trio.to_thread.run_sync(privacy.may_spend_round, self.genesis, state, me):
+            return True
+        if not self._privacy_stopped:
+            self._privacy_stopped = True
+            eps = privacy.epsilon_micro(self.genesis, me, state.dp_rounds.get(me, 0)) / privacy.MICRO
+            log.warning("privacy budget spent: training stopped",
+                        extra={"height": state.height + 1, "epsilon_spent": eps,
+                               "epsilon_budget": privacy.budget(self.genesis.rules, self.genesis.name_of(me))})
+        return False
 
     async def _publish_update(self, height: int, ann: UpdateAnnouncement, blob: bytes, loss: float) -> None:
         # Small updates travel inline (one message instead of n - 1 blob requests).

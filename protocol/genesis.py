@@ -82,9 +82,20 @@ class Rules:
     max_samples_per_update: int = 0
     # A weight is clipped to this multiple of the lower median declared count of the block's updates (0: off).
     weight_median_multiple: int = 2
+    # Differential privacy (docs/PRIVACY.md); "off" leaves every other dp_ field unused.
+    dp_mode: str = "off"  # "off" | "record" (DP-SGD in local training) | "participant" (clipped, noised updates)
+    dp_clip: float = 1.0  # C: per-example (record) or per-update (participant) L2 clip norm
+    dp_noise: float = 1.0  # z: noise multiplier; the noise of one step (record) or of the aggregate is z * C
+    dp_sample_rate: float = 0.01  # q: record-level sampling rate of one DP-SGD step
+    dp_sampling: str = "poisson"  # "poisson" | "fixed" (batches of round(q * n) without replacement)
+    dp_delta: float = 1e-5
+    dp_participants: int = 0  # m: expected participants sharing the aggregate's noise (0: every validator)
+    dp_epsilon_budget: float = 0.0  # every participant's epsilon budget (0: unlimited)...
+    dp_budgets: dict[str, float] = field(default_factory=dict, hash=False)  # ...unless named here (validator name -> budget)
 
 
-LATER_RULES = ("max_samples_per_update", "weight_median_multiple")
+LATER_RULES = ("max_samples_per_update", "weight_median_multiple", "dp_mode", "dp_clip", "dp_noise",
+               "dp_sample_rate", "dp_sampling", "dp_delta", "dp_participants", "dp_epsilon_budget", "dp_budgets")
 
 
 @dataclass(frozen=True)
@@ -196,6 +207,28 @@ class Genesis:
             raise GenesisError(f"genesis: unknown aggregator {self.rules.aggregator!r}")
         if self.rules.max_samples_per_update < 0 or self.rules.weight_median_multiple < 0:
             raise GenesisError("genesis: max_samples_per_update and weight_median_multiple must be >= 0")
+        self._check_dp()
+
+    def _check_dp(self) -> None:
+        r = self.rules
+        if r.dp_mode not in ("off", "record", "participant"):
+            raise GenesisError(f"genesis: unknown dp_mode {r.dp_mode!r} (off | record | participant)")
+        if r.dp_mode == "off":
+            return
+        if not (r.dp_clip > 0 and r.dp_noise > 0 and 0 < r.dp_delta < 1 and 0 < r.dp_sample_rate <= 1):
+            raise GenesisError("genesis: DP needs dp_clip > 0, dp_noise > 0, 0 < dp_delta < 1, 0 < dp_sample_rate <= 1")
+        if r.dp_sampling not in ("poisson", "fixed"):
+            raise GenesisError(f"genesis: unknown dp_sampling {r.dp_sampling!r} (poisson | fixed)")
+        if r.dp_participants < 0 or r.dp_epsilon_budget < 0:
+            raise GenesisError("genesis: dp_participants and dp_epsilon_budget must be >= 0")
+        if not isinstance(r.dp_budgets, dict):
+            raise GenesisError("genesis: rules.dp_budgets must map validator names to budgets")
+        names = {v.name for v in self.validators}
+        for name, eps in r.dp_budgets.items():
+            if name not in names:
+                raise GenesisError(f"genesis: dp_budgets names {name!r}, not a validator")
+            if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps < 0:
+                raise GenesisError(f"genesis: dp_budgets[{name!r}] must be a number >= 0")
 
 
 def _build(cls: type, raw: Any, what: str, **extra: Any) -> Any:

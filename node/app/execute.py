@@ -12,6 +12,7 @@ from flnode.protocol.hashing import digest, short
 from flnode.protocol.messages import DuplicateVoteEvidence, UpdateAnnouncement
 from flnode.protocol.tensors import tensors_hash
 
+from . import privacy
 from .aggregation import WeightedUpdate, aggregate, sample_weights
 from .powers import slash_height
 from .state import AppState
@@ -99,6 +100,9 @@ def execute(
         if by_author[ann.author] > 1:
             rejected.append((ann.author, h, str(Reason.EQUIVOCATION)))
             continue
+        if privacy.refusal(genesis, state, ann.author):
+            rejected.append((ann.author, h, str(Reason.PRIVACY_BUDGET_SPENT)))
+            continue
         tensors, why = check_update(genesis, state, ann, blob)
         if why is not None or tensors is None:
             rejected.append((ann.author, h, str(why)))
@@ -170,5 +174,6 @@ def execute(
         last_receipt_hash=receipt.hash(),
         punished=frozenset(punished),
         slashed=slashed,
+        dp_rounds=privacy.charge(genesis, state, set(by_author), rejected),
     )
     return new_state, receipt

@@ -8,17 +8,21 @@ from flnode.protocol.hashing import digest
 from flnode.protocol.messages import UpdateAnnouncement
 from flnode.protocol.tensors import encode_tensors
 
+from . import dp
 from .data import Dataset
 from .limits import samples_cap
 from .state import AppState
 from .tasks import TrainResult, local_seed, task_for
 
 
-def train_update(genesis: Genesis, state: AppState, data: Dataset, participant_index: int) -> TrainResult:
+def train_update(genesis: Genesis, state: AppState, data: Dataset, participant_index: int,
+                 noise_seed: int | None = None) -> TrainResult:
     spec = genesis.task
+    seed = local_seed(spec, participant_index, state.height + 1)
+    if genesis.rules.dp_mode != "off":  # differential privacy (node/app/dp.py)
+        return dp.train_builtin(task_for(spec), genesis, state.model, data, seed=seed, noise_seed=noise_seed)
     return task_for(spec).train(
-        state.model, data, lr=spec.learning_rate, epochs=spec.local_epochs, batch_size=spec.batch_size,
-        seed=local_seed(spec, participant_index, state.height + 1),
+        state.model, data, lr=spec.learning_rate, epochs=spec.local_epochs, batch_size=spec.batch_size, seed=seed,
     )
 
 
@@ -43,6 +47,7 @@ def sign_update(genesis: Genesis, key: NodeKey, state: AppState, result: TrainRe
 def make_update(
     genesis: Genesis, key: NodeKey, state: AppState, data: Dataset, participant_index: int
 ) -> tuple[UpdateAnnouncement, bytes, TrainResult]:
-    result = train_update(genesis, state, data, participant_index)
+    noise = dp.noise_seed(key.seed, genesis.chain_id, state.height + 1)  # secret: derived from the private key
+    result = train_update(genesis, state, data, participant_index, noise)
     ann, blob = sign_update(genesis, key, state, result)
     return ann, blob, result

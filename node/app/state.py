@@ -28,10 +28,14 @@ class AppState:
     punished: frozenset[tuple[bytes, int, int, int]] = frozenset()
     # Proven equivocators: validator -> first height at which its voting power is zero.
     slashed: dict[bytes, int] = field(default_factory=dict)
+    # Differential privacy: rounds charged per participant (node/app/privacy.py); empty while DP is off.
+    dp_rounds: dict[bytes, int] = field(default_factory=dict)
 
     def _canonical(self) -> list[object]:
         # The slashed map is appended only when non-empty: states without slashing keep their old bytes and hash.
-        tail = [[[k, self.slashed[k]] for k in sorted(self.slashed)]] if self.slashed else []
+        tail = [[[k, self.slashed[k]] for k in sorted(self.slashed)]] if self.slashed or self.dp_rounds else []
+        if self.dp_rounds:  # likewise appended only when non-empty (then after the slashed map, even if empty)
+            tail.append([[k, self.dp_rounds[k]] for k in sorted(self.dp_rounds)])
         return [
             self.height,
             self.model_hash,
@@ -67,8 +71,8 @@ def encode_state(state: AppState) -> bytes:
 
 def decode_state(data: bytes, model: Tensors) -> AppState:
     fields = unpack(data, max_size=1 << 22)
-    if not isinstance(fields, list) or len(fields) not in (6, 7):
-        raise DecodeError("app state: expected 6 or 7 fields")
+    if not isinstance(fields, list) or len(fields) not in (6, 7, 8):
+        raise DecodeError("app state: expected 6 to 8 fields")
     h, mh, bal, rep, lrh, pun = fields[:6]
 
     def pairs(v: object, what: str) -> dict[bytes, int]:
@@ -87,11 +91,14 @@ def decode_state(data: bytes, model: Tensors) -> AppState:
         v, ph, pr, pt = expect_list(item, 4, "punished")
         punished.add((expect_bytes(v, "validator", 32), expect_int(ph, "height"), expect_int(pr, "round"),
                       expect_int(pt, "type", 1, 2)))
-    slashed = pairs(fields[6], "slashed") if len(fields) == 7 else {}
+    slashed = pairs(fields[6], "slashed") if len(fields) >= 7 else {}
+    dp_rounds = pairs(fields[7], "dp rounds") if len(fields) == 8 else {}
+    if len(fields) == 8 and not dp_rounds:
+        raise DecodeError("app state: an empty dp rounds map is not encoded")
     if len(fields) == 7 and not slashed:
         raise DecodeError("app state: an empty slashed map is not encoded")
     mh = expect_bytes(mh, "model hash", 32)
     if tensors_hash(model) != mh:
         raise DecodeError("app state: model blob does not match the model hash")
     return AppState(expect_int(h, "height"), model, mh, pairs(bal, "balances"), pairs(rep, "reputation"),
-                    expect_bytes(lrh, "receipt hash", 32), frozenset(punished), slashed)
+                    expect_bytes(lrh, "receipt hash", 32), frozenset(punished), slashed, dp_rounds)

@@ -11,6 +11,7 @@ from flnode.protocol.genesis import Genesis
 from flnode.protocol.messages import UpdateAnnouncement
 from flnode.protocol.tensors import decode_tensors
 
+from .dp import update_bound_for as dp_update_bound
 from .limits import param_spec, samples_cap, update_blob_size
 from .state import AppState
 
@@ -33,12 +34,14 @@ class Reason(StrEnum):
     NORM_BOUND = "norm_bound"
     EQUIVOCATION = "equivocation"
     OUTLIER = "outlier"
+    DP_CLIP_BOUND = "dp_clip_bound"  # participant-level DP: norm above the clip norm plus the noise's bound
+    PRIVACY_BUDGET_SPENT = "privacy_budget_spent"  # one more round would exceed the author's epsilon budget
 
 
 # The author's fault, provable from its signature and the blob: these cost reputation.
 PENALISED = frozenset(
     {Reason.SIZE_MISMATCH, Reason.MALFORMED_BLOB, Reason.WRONG_SHAPE, Reason.NON_FINITE, Reason.NORM_BOUND,
-     Reason.EQUIVOCATION, Reason.OUTLIER}
+     Reason.EQUIVOCATION, Reason.OUTLIER, Reason.DP_CLIP_BOUND, Reason.PRIVACY_BUDGET_SPENT}
 )
 
 def check_announcement(
@@ -111,6 +114,9 @@ def check_update(genesis: Genesis, state: AppState, ann: UpdateAnnouncement, blo
         return None, Reason.WRONG_SHAPE
     if not all(np.isfinite(t).all() for t in tensors.values()):
         return None, Reason.NON_FINITE
-    if l2_norm_exact(tensors) > genesis.rules.norm_bound:
+    norm = l2_norm_exact(tensors)
+    if norm > genesis.rules.norm_bound:
         return None, Reason.NORM_BOUND
+    if norm > dp_update_bound(genesis):
+        return None, Reason.DP_CLIP_BOUND
     return tensors, None

@@ -212,12 +212,19 @@ def participants_table(rows: list[dict[str, Any]]) -> str:
     body = "".join(
         f'<tr data-name="{_e(p["name"])}"><td>{_e(p["name"])}</td><td>{p["balance"]}</td><td>{p["reputation"]}</td>'
         f'<td>{"yes" if p["excluded"] else ""}</td><td>{p["accepted"]}</td><td>{p["rejected"]}</td>'
-        f'<td>{_e(p["slashed_from"] or "")}</td><td class=hash>{_e(p["public_key"][:16])}</td></tr>'
+        f'<td>{_e(p["slashed_from"] or "")}</td><td>{_eps(p)}</td><td class=hash>{_e(p["public_key"][:16])}</td></tr>'
         for p in rows
     )
     return ("<table id=participants><thead><tr><th>participant</th><th>balance</th><th>reputation</th>"
             "<th>excluded</th><th>updates accepted</th><th>updates rejected</th><th>slashed from</th>"
-            f"<th>public key</th></tr></thead><tbody>{body}</tbody></table>")
+            f"<th>ε spent</th><th>public key</th></tr></thead><tbody>{body}</tbody></table>")
+
+
+def _eps(p: dict[str, Any]) -> str:
+    if p.get("epsilon_spent") is None:
+        return "–"  # no differential privacy on this chain
+    budget = p.get("epsilon_budget")
+    return f'{p["epsilon_spent"]:.3f}' + ("" if budget is None else f" of {budget:g}")
 
 
 def participants_page(chain_id: str, height: int, table: str) -> str:

@@ -95,6 +95,15 @@ class ChainReader:
             for v in sorted({e.validator for e in block.evidence}) if state.slashed.get(v) == start
         ]
 
+    def privacy(self, store: ChainStore, h: int) -> list[dict[str, Any]] | None:
+        """Epsilon spent per participant after h, as `chain show` reports it; None in a build without DP."""
+        try:
+            from flnode.node.app import privacy  # type: ignore[attr-defined,unused-ignore]
+        except ImportError:  # differential privacy (issue 14) not in this build: chain show has no such key
+            return None
+        report: list[dict[str, Any]] = privacy.report(self.genesis, store.light_state(h)) if h >= 1 else []
+        return report
+
     def height_row(self, store: ChainStore, h: int) -> dict[str, Any]:
         """One row of ``flnode chain show --json``'s ``blocks``."""
         with self._cache_lock:
@@ -130,7 +139,11 @@ class ChainReader:
         """``flnode chain show --json`` for heights start..end (clipped to the committed height)."""
         top = self.latest(store)
         rows = [self.height_row(store, h) for h in range(max(1, start), min(end, top) + 1)]
-        return {"chain_id": self.genesis.chain_id, "height": top, "blocks": rows}
+        out = {"chain_id": self.genesis.chain_id, "height": top, "blocks": rows}
+        dp = self.privacy(store, top)
+        if dp is not None:
+            out["privacy"] = dp
+        return out
 
     def block(self, store: ChainStore, h: int) -> dict[str, Any] | None:
         """``flnode chain show --height h --json`` plus signers and evidence; None if h is not committed."""
@@ -173,6 +186,7 @@ class ChainReader:
             "evidence": len(block.evidence),
             "updates": updates,
             "participants": participants,
+            **({} if (dp := self.privacy(store, h)) is None else {"privacy": dp}),
             # beyond chain show: who signed the commit, and whom the evidence names
             "signers": [g.name_of(v) for v, _ in cert.signatures] if cert else [],
             "evidence_validators": [g.name_of(e.validator) for e in block.evidence],
@@ -217,6 +231,11 @@ class ChainReader:
                 "slashed_from": state.slashed.get(k) if state else None,
                 "accepted": accepted.get(k, 0), "rejected": rejected.get(k, 0),
             })
+        dp = {p["name"]: p for p in self.privacy(store, counted) or []}
+        for row in rows:
+            spent = dp.get(row["name"])
+            row["epsilon_spent"] = spent["epsilon_spent"] if spent else None
+            row["epsilon_budget"] = spent["epsilon_budget"] if spent else None
         return {"chain_id": g.chain_id, "height": counted, "participants": rows}
 
     def series(self, store: ChainStore, last: int = CHART_HEIGHTS) -> dict[str, Any]:
