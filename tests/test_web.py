@@ -29,7 +29,6 @@ import pytest
 import trio
 from flnode.cli.demo import NodeView, enable_web, free_ports, start_node, stop_nodes
 from flnode.cli.node_cmd import _task_and_rules, create_testnet
-from netutil import heights
 
 pytestmark = pytest.mark.slow
 HTTP_TIMEOUT = 10.0
