@@ -140,6 +140,7 @@ def demo(
     aggregator: Annotated[str, typer.Option(help="fedavg | median | trimmed_mean | multi_krum")] = "fedavg",
     model: Annotated[str, typer.Option(help="logreg | mlp")] = "logreg",
     partition: Annotated[str, typer.Option(help="iid | dirichlet")] = "iid",
+    trainer: Annotated[str, typer.Option("--trainer", help="Own client, 'pkg.module:make_client'.")] = "",
     timeout: Annotated[float, typer.Option(help="Give up after this many seconds.")] = 0.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON summary instead of the live view.")] = False,
 ) -> None:
@@ -155,7 +156,7 @@ def demo(
     if home.exists() and any(home.iterdir()) and not (home / "node0").exists():
         fail(f"{home} exists and is not a demo home; choose another --home")
     ports = free_ports(nodes)
-    task_rules = _task_and_rules(model, "digits", partition, 0.5, aggregator, 0, 100.0, 1, 0.1, 2000)
+    task_rules = _task_and_rules(model, "digits", partition, 0.5, aggregator, 0, 100.0, 1, 0.1, 2000, trainer)
     create_testnet(home, nodes, chain_id="flnode-demo", host="127.0.0.1", listen_host="127.0.0.1", ports=ports,
                    task_rules=task_rules, force=True)
     web_url = enable_web(home / "node0")

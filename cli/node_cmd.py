@@ -30,6 +30,7 @@ from .options import (
 )
 
 HomeOpt = Annotated[Path, typer.Option("--home", help="Node home directory.")]
+TrainerOpt = Annotated[str, typer.Option("--trainer", help="Own client, 'pkg.module:make_client' (Flower NumPyClient shape).")]
 
 testnet_app = typer.Typer(help="Make a local or multi-host test network.", no_args_is_help=True)
 
@@ -55,6 +56,13 @@ def make_genesis(
     from flnode.protocol.tensors import tensors_hash
 
     task = replace(TaskSpec(), **task_overrides)
+    if task.trainer and not task.params:  # a participant-supplied model: its names, shapes and initial values
+        from flnode.node.app.tasks import trainer_task_spec
+
+        try:
+            task = trainer_task_spec(task, len(validators))
+        except Exception as exc:  # noqa: BLE001 - user code: one line, not a traceback
+            fail(f"trainer {task.trainer}: {str(exc).splitlines()[-1] if str(exc) else type(exc).__name__}")
     overrides = dict(rule_overrides)
     if isinstance(overrides.get("rewards"), dict):
         overrides["rewards"] = replace(RewardRules(), **overrides["rewards"])
@@ -73,12 +81,14 @@ def make_genesis(
 
 def _task_and_rules(
     model: str, dataset: str, partition: str, alpha: float, aggregator: str, seed: int, norm_bound: float,
-    local_epochs: int, learning_rate: float, collect_timeout_ms: int,
+    local_epochs: int, learning_rate: float, collect_timeout_ms: int, trainer: str = "",
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     task = {
         "model": model, "dataset": dataset, "partition": partition, "dirichlet_alpha": alpha, "seed": seed,
         "local_epochs": local_epochs, "learning_rate": learning_rate,
     }
+    if trainer:  # the genesis records the trainer's parameters (make_genesis); "model" names it custom
+        task.update(model="custom", trainer=trainer)
     rules = {"aggregator": aggregator, "norm_bound": norm_bound, "collect_timeout_ms": collect_timeout_ms}
     return task, rules
 
@@ -137,6 +147,7 @@ def testnet_init(
     local_epochs: Annotated[int, typer.Option()] = 1,
     learning_rate: Annotated[float, typer.Option()] = 0.1,
     collect_timeout_ms: Annotated[int, typer.Option(help="Proposer waits this long for updates at most.")] = 2000,
+    trainer: TrainerOpt = "",
     force: Annotated[bool, typer.Option(help="Overwrite existing homes.")] = False,
     dp_mode: Annotated[str, typer.Option(help="Differential privacy: off | record (DP-SGD) | participant.")] = "off",
     dp_clip: Annotated[float, typer.Option(help="DP clip norm C (per example, or per update).")] = 1.0,
@@ -150,7 +161,7 @@ def testnet_init(
 ) -> None:
     """Write N homes with one shared genesis and each other's addresses as bootstrap peers."""
     task, rules = _task_and_rules(model, dataset, partition, alpha, aggregator, seed, norm_bound, local_epochs,
-                                  learning_rate, collect_timeout_ms)
+                                  learning_rate, collect_timeout_ms, trainer)
     if dp_mode != "off":  # docs/PRIVACY.md
         budgets = {}
         for item in dp_budget or []:
@@ -286,9 +297,11 @@ def start(
     log_level: LogLevelOpt = None,
     log_format: LogFormatOpt = None,
     data_path: DataPathOpt = None,
+    trainer: Annotated[str | None, typer.Option("--trainer", help="Own client, 'pkg.module:make_client'.")] = None,
 ) -> None:
     """Run a node: join the network through its bootstrap peers and take part in every round."""
     import trio
+    from flnode.node.app.participant import TrainerError
     from flnode.node.chain.store import ChainStore
     from flnode.node.config import home_paths, load_config
     from flnode.node.daemon import Daemon
@@ -300,7 +313,7 @@ def start(
     if not home.is_dir():
         fail(f"home {home} does not exist (run `flnode init --home {home}` first)")
     flags = config_flags(bootstrap=bootstrap, listen=listen, announce=announce, metrics_listen=metrics_listen,
-                         log_level=log_level, log_format=log_format, data_path=data_path)
+                         log_level=log_level, log_format=log_format, data_path=data_path, trainer=trainer)
     eff = load_config(home, flags, os.environ)
     cfg = eff.config
     paths = home_paths(home, cfg)
@@ -311,8 +324,11 @@ def start(
         _check_ports_free(cfg.listen)
         store = ChainStore.open(paths.chain_db, genesis_hash=genesis.hash())
         try:
-            daemon = Daemon(genesis, key, cfg, store, status_path=paths.status, data_file=paths.data_file,
-                            sign_state_path=paths.sign_state)
+            try:
+                daemon = Daemon(genesis, key, cfg, store, status_path=paths.status, data_file=paths.data_file,
+                                sign_state_path=paths.sign_state)
+            except TrainerError as exc:
+                fail(f"cannot load the trainer: {exc.line}")
 
             async def main() -> None:
                 async with trio.open_nursery() as nursery:

@@ -46,6 +46,7 @@ class NodeConfig:
     log_format: str = "text"  # text | json
     data_path: str = ""  # optional own .npz (x, y) instead of the genesis data set shard
     participate: bool = True  # train and publish updates (validators may opt out)
+    trainer: str = ""  # "pkg.module:make_client" (a Flower-style client); empty = the genesis' trainer or built-in
     # Heights of update/model blobs kept; 0 = all. Default 0: there is no state sync yet, so a node joining later
     # replays from genesis and needs every old blob from some peer; prune only where others keep them.
     blob_retention_heights: int = 0
@@ -141,6 +142,12 @@ def _v_retention(v: Any) -> None:
         raise ValueError(f"{v} must be 0 (keep all) or a number of heights")
 
 
+def _v_trainer(v: Any) -> None:
+    module, sep, attr = v.partition(":")
+    if v and not (sep and module and attr.isidentifier()):
+        raise ValueError(f"{v!r} is not 'package.module:factory'")
+
+
 @dataclass(frozen=True)
 class FieldSpec:
     name: str
@@ -193,6 +200,12 @@ FIELDS: dict[str, FieldSpec] = {
             "Own .npz (x, y) to train on instead of the genesis data set shard; empty = shard.",
         ),
         _spec("participate", bool, "Train and publish updates each round (a validator may opt out)."),
+        _spec(
+            "trainer",
+            str,
+            "Own training code, 'pkg.module:make_client' (a Flower-style NumPyClient); empty = the genesis' trainer.",
+            _v_trainer,
+        ),
         _spec(
             "blob_retention_heights",
             int,

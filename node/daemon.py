@@ -38,8 +38,14 @@ from flnode.node.app import (
     check_announcement_admission,
     genesis_state,
     make_update,
-    participant_data,
     validator_powers,
+)
+from flnode.node.app.participant import (
+    Participant,
+    TrainerError,
+    global_metrics,
+    load_participant,
+    trainer_record,
 )
 from flnode.node.app.powers import SLASH_DELAY
 from flnode.node.chain.execution import build_block, certificate_powers, check_block, missing_blobs
@@ -211,12 +217,12 @@ class Daemon:
         self._gate_open = trio.Event()  # set once the start-up gate opened: updates sent before reach too few
         self._trace = log.isEnabledFor(logging.DEBUG)
         self._nursery: trio.Nursery | None = None
-        self.data = None
+        self.data: Participant | None = None  # the node's trainer (its client), if it participates
         self.participant_index = -1
         if config.participate and self.me in genesis.powers:
             self.participant_index = genesis.index_of(self.me)
-            self.data = participant_data(
-                genesis.task, len(genesis.validators), self.participant_index, str(data_file) if data_file else None
+            self.data = load_participant(
+                genesis, self.participant_index, str(data_file) if data_file else None, config.trainer
             )
 
     # ---------------------------------------------------------------- ChainView (for the admission gate)
@@ -687,12 +693,15 @@ class Daemon:
         from flnode.node.app import load_dataset, make_task
 
         def evaluate() -> dict[str, Any]:
+            if self.genesis.task.params:  # a participant's own model: only its client can evaluate it
+                return global_metrics(self.data, state)
             _, test = load_dataset(self.genesis.task)
             task = make_task(self.genesis.task, test.x.shape[1], test.n_classes)
             m = task.evaluate(state.model, test)
             return {"test_accuracy": float(m.accuracy), "test_loss": float(m.loss)}
 
         info = await trio.to_thread.run_sync(evaluate)
+        info.update(trainer_record(self.data, state.height))  # the own update's client metrics, or its error
         info.update({"round_time_s": round(round_time, 4), "consensus_round": round_, "time": time.time()})
         info.update({k: round(v, 4) for k, v in timing.items()})
         await self.worker.run(self.store.put_metrics, state.height, info)
@@ -714,9 +723,20 @@ class Daemon:
                 trained_for = height
                 continue
             t0 = self._now()
-            ann, blob, result = await trio.to_thread.run_sync(
-                make_update, self.genesis, self.key, state, self.data, self.participant_index
-            )
+            # A worker thread: the loop keeps its turns while a client trains (README: measured lag); a fit
+            # past the budget is abandoned here, and the client's lock fails later rounds until it returns.
+            try:
+                with trio.fail_after(self.genesis.task.train_budget_ms / 1000 + 5.0):
+                    ann, blob, result = await trio.to_thread.run_sync(
+                        make_update, self.genesis, self.key, state, self.data, self.participant_index,
+                        abandon_on_cancel=True,
+                    )
+            except (TrainerError, trio.TooSlowError) as exc:
+                trained_for = height  # the node skips this round's update
+                kind, line = (exc.kind, exc.line) if isinstance(exc, TrainerError) else ("timeout", "fit abandoned")
+                self.metrics.inc(f"trainer_errors_{kind}")
+                log.warning("trainer failed: no update this round", extra={"height": height, "error": line})
+                continue
             trained_for = height
             self._mark("train_s", self._now() - t0)
             if self.state.height + 1 != height:

@@ -44,6 +44,23 @@ class TaskSpec:
     synthetic_features: int = 64
     synthetic_classes: int = 10
     synthetic_samples: int = 4000
+    # A participant-supplied model (issue 13): the trainer's import path ("pkg.module:make_client", the default a
+    # node loads), each parameter's (name, shape, dtype) and the initial parameters (base64 of the tensor codec's
+    # blob; initial_model_hash is its hash). Validation and `chain verify` need only these, never the code.
+    trainer: str = ""
+    params: tuple[tuple[str, tuple[int, ...], str], ...] = ()
+    initial_params: str = ""
+    lr_decay: float = 1.0  # learning rate of round h: learning_rate * lr_decay ** (h - 1)
+    train_budget_ms: int = 60000  # a fit slower than this is dropped for the round
+
+    def __post_init__(self) -> None:
+        # JSON gives lists; the spec is hashed and used as a cache key, so keep it immutable.
+        params = tuple((str(n), tuple(int(d) for d in s), str(t)) for n, s, t in self.params)
+        object.__setattr__(self, "params", params)
+
+
+# Task fields added after the first release enter the genesis hash only when they differ from their default.
+LATER_TASK = ("trainer", "params", "initial_params", "lr_decay", "train_budget_ms")
 
 
 @dataclass(frozen=True)
@@ -138,6 +155,10 @@ class Genesis:
         for name in LATER_RULES:
             if d["rules"][name] == getattr(defaults, name):
                 del d["rules"][name]
+        task_defaults = TaskSpec()
+        for name in LATER_TASK:
+            if getattr(self.task, name) == getattr(task_defaults, name):
+                del d["task"][name]
         return json.dumps(d, sort_keys=True, separators=(",", ":")).encode()
 
     def hash(self) -> bytes:

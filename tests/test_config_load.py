@@ -69,6 +69,7 @@ CASES: dict[str, tuple[Any, str, Any, tuple[Any, Any, Any]]] = {
     "log_format": ("json", "text", "json", ("json", "text", "json")),
     "data_path": ("mine.npz", "/data/site.npz", "x.npz", ("mine.npz", "/data/site.npz", "x.npz")),
     "participate": (False, "yes", False, (False, True, False)),
+    "trainer": ("a.b:make", "pkg.mod:client", "x:y", ("a.b:make", "pkg.mod:client", "x:y")),
     "blob_retention_heights": (64, "256", 8, (64, 256, 8)),
 }
 
