@@ -9,21 +9,27 @@ rounded sums (math.fsum) and a stable sort with the update hash as the tie-break
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Protocol
+from typing import Protocol, TypeAlias
 
 import numpy as np
 from flnode.protocol.genesis import Rules
+from flnode.protocol.tensors import StreamedTensors
+
+from .validation import SumSquares, chunks
 
 Tensors = dict[str, np.ndarray]
+Delta: TypeAlias = "dict[str, np.ndarray] | StreamedTensors"
+# The aggregated delta of coordinates [start, stop) of one tensor, float64, flat.
+ChunkFn = Callable[[str, int, int], np.ndarray]
 
 
 @dataclass(frozen=True)
 class WeightedUpdate:
     key: bytes  # announcement hash: the canonical order and the tie-break
     author: bytes
-    delta: Tensors
+    delta: Delta  # decoded arrays, or the blob read a chunk at a time (large models)
     num_samples: int
 
 
@@ -33,27 +39,61 @@ class AggregationResult:
     outliers: frozenset[bytes]  # authors whose updates the rule left out
 
 
+# Every rule works coordinate chunk by coordinate chunk across the updates: all values of a coordinate meet in
+# one chunk, and every operation is elementwise (or a fixed-order row sum), so chunking changes no bit while
+# memory stays at (updates x chunk) instead of (updates x model).
+
+
+def _flat64(d: Delta, name: str, start: int, stop: int) -> np.ndarray:
+    if isinstance(d, StreamedTensors):
+        return d.flat(name, start, stop).astype(np.float64)
+    return np.asarray(d[name]).reshape(-1)[start:stop].astype(np.float64)
+
+
+def _count(d: Delta, name: str) -> int:
+    if isinstance(d, StreamedTensors):
+        return d.spans[name].count
+    return int(np.asarray(d[name]).size)
+
+
+def _shape(d: Delta, name: str) -> tuple[int, ...]:
+    return d.shape(name) if isinstance(d, StreamedTensors) else tuple(np.asarray(d[name]).shape)
+
+
 class Aggregator(Protocol):
     name: str
 
-    def combine(self, updates: Sequence[WeightedUpdate], rules: Rules) -> tuple[dict[str, np.ndarray], frozenset[bytes]]:
-        """The aggregated delta (float64) and the authors left out."""
+    def prepare(self, updates: Sequence[WeightedUpdate], rules: Rules) -> tuple[ChunkFn, frozenset[bytes]]:
+        """A function giving the aggregated delta chunk by chunk, and the authors left out."""
         ...
+
+
+def combine(agg: Aggregator, updates: Sequence[WeightedUpdate], rules: Rules) -> tuple[dict[str, np.ndarray], frozenset[bytes]]:
+    """The whole aggregated delta (float64) and the authors left out (tools and tests; aggregate streams)."""
+    fn, outliers = agg.prepare(updates, rules)
+    first = _ordered(updates)[0].delta
+    out = {}
+    for name in first:
+        n = _count(first, name)
+        out[name] = (np.concatenate([fn(name, a, b) for a, b in chunks(n)]) if n else np.zeros(0)).reshape(
+            _shape(first, name))
+    return out, outliers
 
 
 def _ordered(updates: Sequence[WeightedUpdate]) -> list[WeightedUpdate]:
     return sorted(updates, key=lambda u: u.key)
 
 
-def _weighted_mean(updates: Sequence[WeightedUpdate], weights: Sequence[float]) -> dict[str, np.ndarray]:
+def _weighted_mean(updates: Sequence[WeightedUpdate], weights: Sequence[float]) -> ChunkFn:
     total = math.fsum(weights)
-    out: dict[str, np.ndarray] = {}
-    for name in updates[0].delta:
-        acc = np.zeros(updates[0].delta[name].shape, dtype=np.float64)
-        for u, w in zip(updates, weights, strict=True):
-            acc += (w / total) * u.delta[name].astype(np.float64)
-        out[name] = acc
-    return out
+
+    def chunk(name: str, start: int, stop: int) -> np.ndarray:
+        acc = np.zeros(stop - start, dtype=np.float64)
+        for u, w in zip(updates, weights, strict=True):  # fixed order, elementwise
+            acc += (w / total) * _flat64(u.delta, name, start, stop)
+        return acc
+
+    return chunk
 
 
 class FedAvg:
@@ -61,13 +101,13 @@ class FedAvg:
 
     name = "fedavg"
 
-    def combine(self, updates: Sequence[WeightedUpdate], rules: Rules) -> tuple[dict[str, np.ndarray], frozenset[bytes]]:
+    def prepare(self, updates: Sequence[WeightedUpdate], rules: Rules) -> tuple[ChunkFn, frozenset[bytes]]:
         ups = _ordered(updates)
         return _weighted_mean(ups, [float(u.num_samples) for u in ups]), frozenset()
 
 
-def _stack(updates: Sequence[WeightedUpdate], name: str) -> np.ndarray:
-    return np.stack([u.delta[name].astype(np.float64) for u in updates])
+def _sorted_stack(updates: Sequence[WeightedUpdate], name: str, start: int, stop: int) -> np.ndarray:
+    return np.sort(np.stack([_flat64(u.delta, name, start, stop) for u in updates]), axis=0, kind="stable")
 
 
 class Median:
@@ -75,14 +115,15 @@ class Median:
 
     name = "median"
 
-    def combine(self, updates: Sequence[WeightedUpdate], rules: Rules) -> tuple[dict[str, np.ndarray], frozenset[bytes]]:
+    def prepare(self, updates: Sequence[WeightedUpdate], rules: Rules) -> tuple[ChunkFn, frozenset[bytes]]:
         ups = _ordered(updates)
         n = len(ups)
-        out = {}
-        for name in ups[0].delta:
-            s = np.sort(_stack(ups, name), axis=0, kind="stable")
-            out[name] = s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) * 0.5
-        return out, frozenset()
+
+        def chunk(name: str, start: int, stop: int) -> np.ndarray:
+            s = _sorted_stack(ups, name, start, stop)
+            return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) * 0.5
+
+        return chunk, frozenset()
 
 
 class TrimmedMean:
@@ -90,25 +131,40 @@ class TrimmedMean:
 
     name = "trimmed_mean"
 
-    def combine(self, updates: Sequence[WeightedUpdate], rules: Rules) -> tuple[dict[str, np.ndarray], frozenset[bytes]]:
+    def prepare(self, updates: Sequence[WeightedUpdate], rules: Rules) -> tuple[ChunkFn, frozenset[bytes]]:
         ups = _ordered(updates)
         n = len(ups)
         k = min(int(math.floor(rules.trim_fraction * n)), (n - 1) // 2)
-        out = {}
-        for name in ups[0].delta:
-            s = np.sort(_stack(ups, name), axis=0, kind="stable")
-            acc = np.zeros(s.shape[1:], dtype=np.float64)
+
+        def chunk(name: str, start: int, stop: int) -> np.ndarray:
+            s = _sorted_stack(ups, name, start, stop)
+            acc = np.zeros(stop - start, dtype=np.float64)
             for row in s[k : n - k]:  # fixed order, elementwise
                 acc += row
-            out[name] = acc / (n - 2 * k)
-        return out, frozenset()
+            return acc / (n - 2 * k)
+
+        return chunk, frozenset()
 
 
-def _sq_distance(a: Tensors, b: Tensors) -> float:
-    """Squared distance: per-element differences (correctly rounded) summed in a fixed order."""
-    from .validation import fixed_order_sum_squares
-
-    return math.fsum(fixed_order_sum_squares(a[n].astype(np.float64) - b[n].astype(np.float64)) for n in a)
+def _sq_distances(ups: Sequence[WeightedUpdate]) -> list[list[float]]:
+    """Pairwise squared distances, one pass over the updates a chunk at a time: per tensor, the per-element
+    differences (correctly rounded) go through the same fixed-order row sums as fixed_order_sum_squares, then
+    math.fsum over tensors (exactly rounded)."""
+    n = len(ups)
+    per_pair: list[list[list[float]]] = [[[] for _ in range(n)] for _ in range(n)]
+    for name in ups[0].delta:
+        sums = {(i, j): SumSquares() for i in range(n) for j in range(i + 1, n)}
+        for a, b in chunks(_count(ups[0].delta, name)):
+            xs = [_flat64(u.delta, name, a, b) for u in ups]
+            for (i, j), s in sums.items():
+                s.add(xs[i] - xs[j])
+        for (i, j), s in sums.items():
+            per_pair[i][j].append(s.total())
+    dist = [[0.0] * n for _ in range(n)]
+    for i in range(n):
+        for j in range(i + 1, n):
+            dist[i][j] = dist[j][i] = math.fsum(per_pair[i][j])
+    return dist
 
 
 class MultiKrum:
@@ -117,17 +173,14 @@ class MultiKrum:
 
     name = "multi_krum"
 
-    def combine(self, updates: Sequence[WeightedUpdate], rules: Rules) -> tuple[dict[str, np.ndarray], frozenset[bytes]]:
+    def prepare(self, updates: Sequence[WeightedUpdate], rules: Rules) -> tuple[ChunkFn, frozenset[bytes]]:
         ups = _ordered(updates)
         n = len(ups)
         f = rules.krum_byzantine
         m = rules.krum_select or max(1, n - f)
         if n <= 2 * f + 2 or m >= n:
-            return FedAvg().combine(ups, rules)[0], frozenset()
-        dist = [[0.0] * n for _ in range(n)]
-        for i in range(n):
-            for j in range(i + 1, n):
-                dist[i][j] = dist[j][i] = _sq_distance(ups[i].delta, ups[j].delta)
+            return FedAvg().prepare(ups, rules)[0], frozenset()
+        dist = _sq_distances(ups)
         k = n - f - 2
         scores = []
         for i in range(n):
@@ -161,12 +214,20 @@ def make_aggregator(name: str) -> Aggregator:
 
 def aggregate(base: Tensors, updates: Sequence[WeightedUpdate], rules: Rules) -> AggregationResult:
     """theta_{t+1} = theta_t + server_lr * combine(deltas); no updates leaves the model unchanged. Weights are
-    the declared sample counts after sample_weights (integers, so the clip is exact)."""
+    the declared sample counts after sample_weights (integers, so the clip is exact). The new model is written a
+    coordinate chunk at a time: besides the two models, memory holds one chunk of every update."""
     if not updates:
         return AggregationResult({k: v.copy() for k, v in base.items()}, frozenset())
     weights = sample_weights([u.num_samples for u in updates], rules.weight_median_multiple)
     updates = [replace(u, num_samples=w) for u, w in zip(updates, weights, strict=True)]
-    delta, outliers = make_aggregator(rules.aggregator).combine(updates, rules)
+    fn, outliers = make_aggregator(rules.aggregator).prepare(updates, rules)
     lr = float(rules.server_lr)
-    new = {k: (base[k].astype(np.float64) + lr * delta[k]).astype(np.float32) for k in base}
+    new: Tensors = {}
+    for k, b in base.items():
+        src = np.asarray(b).reshape(-1)
+        out = np.empty(np.shape(b), dtype=np.float32)
+        flat = out.reshape(-1)
+        for a, e in chunks(src.size):
+            flat[a:e] = (src[a:e].astype(np.float64) + lr * fn(k, a, e)).astype(np.float32)
+        new[k] = out
     return AggregationResult(new, outliers)

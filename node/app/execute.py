@@ -10,13 +10,13 @@ from flnode.protocol.errors import DecodeError, ValidationError
 from flnode.protocol.genesis import Genesis
 from flnode.protocol.hashing import digest, short
 from flnode.protocol.messages import DuplicateVoteEvidence, UpdateAnnouncement
-from flnode.protocol.tensors import tensors_hash
+from flnode.protocol.tensors import BlobReader, tensors_hash
 
 from . import privacy
 from .aggregation import WeightedUpdate, aggregate, sample_weights
 from .powers import slash_height
 from .state import AppState
-from .validation import PENALISED, Reason, check_announcement, check_update
+from .validation import PENALISED, Reason, check_announcement, check_update_streamed
 
 
 @dataclass(frozen=True)
@@ -76,11 +76,12 @@ def evidence_key(ev: DuplicateVoteEvidence) -> tuple[bytes, int, int, int]:
 def execute(
     genesis: Genesis,
     state: AppState,
-    updates: Sequence[tuple[UpdateAnnouncement, bytes]],
+    updates: Sequence[tuple[UpdateAnnouncement, bytes | BlobReader]],
     evidence: Sequence[DuplicateVoteEvidence] = (),
 ) -> tuple[AppState, Receipt]:
     """Apply one block. Raises ValidationError if the block lists an update it must not (the block is invalid);
-    updates that are the author's fault are recorded as rejected, with a penalty."""
+    updates that are the author's fault are recorded as rejected, with a penalty. A blob may be bytes or a reader
+    of its file: updates are validated and aggregated a chunk at a time, never all decoded at once."""
     rules, rw = genesis.rules, genesis.rules.rewards
     items = sorted(((ann.hash(), ann, blob) for ann, blob in updates), key=lambda t: t[0])
     seen: set[bytes] = set()
@@ -103,7 +104,7 @@ def execute(
         if privacy.refusal(genesis, state, ann.author):
             rejected.append((ann.author, h, str(Reason.PRIVACY_BUDGET_SPENT)))
             continue
-        tensors, why = check_update(genesis, state, ann, blob)
+        tensors, why = check_update_streamed(genesis, state, ann, blob)
         if why is not None or tensors is None:
             rejected.append((ann.author, h, str(why)))
             continue

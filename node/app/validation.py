@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from enum import StrEnum
 
 import numpy as np
 from flnode.protocol.errors import ProtocolError
 from flnode.protocol.genesis import Genesis
 from flnode.protocol.messages import UpdateAnnouncement
-from flnode.protocol.tensors import decode_tensors
+from flnode.protocol.tensors import BlobReader, StreamedTensors, as_reader, tensor_layout
 
 from .dp import update_bound_for as dp_update_bound
 from .limits import param_spec, samples_cap, update_blob_size
@@ -102,21 +103,79 @@ def l2_norm_exact(tensors: Tensors) -> float:
     return math.sqrt(math.fsum(fixed_order_sum_squares(t) for t in tensors.values()))
 
 
-def check_update(genesis: Genesis, state: AppState, ann: UpdateAnnouncement, blob: bytes) -> tuple[Tensors | None, Reason | None]:
-    if len(blob) != ann.blob_size:
+# Elements per chunk when a tensor is read from its blob: a multiple of _BLOCK, so chunked sums of squares add
+# the same 4096-wide rows in the same order as the whole-tensor computation (bit-identical), 1 MiB of float32.
+CHUNK = 64 * _BLOCK
+
+
+def chunks(count: int, size: int = CHUNK) -> Iterator[tuple[int, int]]:
+    for start in range(0, count, size):
+        yield start, min(count, start + size)
+
+
+class SumSquares:
+    """fixed_order_sum_squares fed in pieces: every piece but the last must be a multiple of 4096 long. Adding a
+    row to zeros gives the row itself (squares are >= 0, never -0.0), and the zero padding of the last row adds
+    +0.0, so the bits equal the whole-array computation."""
+
+    def __init__(self) -> None:
+        self.acc = np.zeros(_BLOCK, dtype=np.float64)
+
+    def add(self, values64: np.ndarray) -> None:
+        sq = np.square(values64)
+        full = sq.size - sq.size % _BLOCK
+        acc = self.acc
+        for start in range(0, full, _BLOCK):
+            acc += sq[start : start + _BLOCK]
+        if full < sq.size:
+            acc[: sq.size - full] += sq[full:]
+
+    def total(self) -> float:
+        return math.fsum(self.acc.tolist())
+
+
+def scan_update(tensors: StreamedTensors) -> tuple[bool, float]:
+    """(all finite, exact L2 norm) in one pass over the blob, a chunk at a time; the norm is that of
+    l2_norm_exact to the bit, and 0.0 when a non-finite value was met (the pass stops there)."""
+    per_tensor = []
+    for name in tensors:
+        s = SumSquares()
+        for a, b in chunks(tensors.spans[name].count):
+            x = tensors.flat(name, a, b)
+            if not np.isfinite(x).all():
+                return False, 0.0
+            s.add(x.astype(np.float64))
+        per_tensor.append(s.total())
+    return True, math.sqrt(math.fsum(per_tensor))
+
+
+def check_update_streamed(
+    genesis: Genesis, state: AppState, ann: UpdateAnnouncement, blob: bytes | BlobReader
+) -> tuple[StreamedTensors | None, Reason | None]:
+    """check_update without decoding: the blob (bytes or a file reader) is parsed by its headers and scanned a
+    chunk at a time; the accepted update is returned as StreamedTensors for chunked aggregation. Same reasons,
+    in the same order, as check_update."""
+    r = as_reader(blob)
+    if r.size != ann.blob_size:
         return None, Reason.SIZE_MISMATCH
     try:
-        tensors = decode_tensors(blob, max_size=genesis.rules.max_blob_bytes)
+        spans = tensor_layout(r, max_size=genesis.rules.max_blob_bytes)
     except ProtocolError:
         return None, Reason.MALFORMED_BLOB
-    expected = param_spec(genesis)
-    if [(k, tuple(v.shape)) for k, v in tensors.items()] != expected:
+    if [(s.name, s.shape) for s in spans] != param_spec(genesis):
         return None, Reason.WRONG_SHAPE
-    if not all(np.isfinite(t).all() for t in tensors.values()):
+    tensors = StreamedTensors(r, spans)
+    finite, norm = scan_update(tensors)
+    if not finite:
         return None, Reason.NON_FINITE
-    norm = l2_norm_exact(tensors)
     if norm > genesis.rules.norm_bound:
         return None, Reason.NORM_BOUND
     if norm > dp_update_bound(genesis):
         return None, Reason.DP_CLIP_BOUND
     return tensors, None
+
+
+def check_update(genesis: Genesis, state: AppState, ann: UpdateAnnouncement, blob: bytes) -> tuple[Tensors | None, Reason | None]:
+    """check_update_streamed, with the accepted update decoded (small models, tools and tests)."""
+    tensors, why = check_update_streamed(genesis, state, ann, blob)
+    return (None if tensors is None else tensors.decode()), why
