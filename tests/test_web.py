@@ -201,6 +201,8 @@ def test_participants_count_every_update(net: Net) -> None:
         ("blocks?page=x", 400),
         ("blocks?page=100000", 404),
         ("nothing", 404),
+        ("api/live?view=bogus", 400),
+        ("api/live?view=overview&height=x", 400),
     ],
 )
 def test_bad_requests(net: Net, path: str, status: int) -> None:
@@ -210,6 +212,20 @@ def test_bad_requests(net: Net, path: str, status: int) -> None:
         assert json.loads(body)["status"] == status
     else:
         assert headers["content-type"].startswith("text/html")
+
+
+def test_live_sends_the_section_only_when_the_height_moved(net: Net) -> None:
+    for view, marker in (("overview", 'id="chart-accuracy"'), ("blocks", "<tr data-height="),
+                         ("participants", "<table id=participants>")):
+        live = get_json(f"{net.url}api/live?view={view}&height=0")
+        assert live["status"]["chain_id"] == "web-test" and marker in live["html"]
+    for _ in range(20):  # the height may move between the two reads; then the section comes along, as it should
+        h = get_json(net.url + "api/status")["height"]
+        live = get_json(f"{net.url}api/live?view=overview&height={h}")
+        if live["status"]["height"] == h:
+            assert live["html"] is None
+            return
+    raise AssertionError("never caught one height twice")
 
 
 def test_read_only_methods(net: Net) -> None:

@@ -107,6 +107,7 @@ class WebApp:
             (re.compile(r"/api/blocks"), self.api_blocks),
             (re.compile(r"/api/blocks/([^/]{1,24})"), self.api_block),
             (re.compile(r"/api/participants"), self.api_participants),
+            (re.compile(r"/api/live"), self.api_live),
             (re.compile(r"/"), self.page_overview),
             (re.compile(r"/blocks"), self.page_blocks),
             (re.compile(r"/blocks/([^/]{1,24})"), self.page_block),
@@ -225,6 +226,23 @@ class WebApp:
 
     async def api_block(self, query: dict[str, str], raw: str) -> Response:
         return Response.json(await self._block(raw))
+
+    LIVE_SECTIONS = {"overview": ("/", b"fragment=1"), "blocks": ("/blocks", b"page=1&fragment=1"),
+                     "participants": ("/participants", b"fragment=1")}
+
+    async def api_live(self, query: dict[str, str]) -> Response:
+        """What an open page needs each second, in one request: the status, and the page's live section
+        re-rendered only if the height moved past the one the page shows (``?view=overview&height=H``)."""
+        view = query.get("view", "")
+        if view not in self.LIVE_SECTIONS:
+            raise HTTPError(400, f"view must be one of {', '.join(self.LIVE_SECTIONS)}")
+        shown = _int_param(query, "height", 0, lo=0)
+        status_response = await self.cached("/api/status", b"")
+        out: dict[str, Any] = {"status": json.loads(status_response.body), "html": None}
+        if out["status"]["height"] != shown:
+            path, raw = self.LIVE_SECTIONS[view]
+            out["html"] = (await self.cached(path, raw)).body.decode()
+        return Response.json(out)
 
     async def api_participants(self, query: dict[str, str]) -> Response:
         return Response.json(await self.reader.run(self.reader.participants))

@@ -112,7 +112,7 @@ def overview(status: dict[str, Any], live_html: str) -> str:
     task = f"{_e(s['model'])} on {_e(s['dataset'])}, aggregator {_e(s['aggregator'])}"
     halted = f'<p class=halted data-field="halted">{_e(s["halted"])}</p>' if s.get("halted") else ""
     body = (f"<h1>Overview</h1><p class=sub>{task}</p>{halted}<section class=stats>{cards}</section>"
-            f'<section id=overview-live data-live="/?fragment=1">{live_html}</section>')
+            f'<section id=overview-live data-live="overview">{live_html}</section>')
     return layout("Overview", s["chain_id"], body, active="overview", height=s["height"])
 
 
@@ -154,7 +154,7 @@ def blocks_table(rows: list[dict[str, Any]], page: int, pages: int) -> str:
 
 
 def blocks_page(chain_id: str, height: int, table: str, page: int) -> str:
-    live = ' data-live="/blocks?page=1&amp;fragment=1"' if page == 1 else ""  # older pages do not move
+    live = ' data-live="blocks"' if page == 1 else ""  # older pages do not move
     body = f"<h1>Blocks</h1><section id=blocks-live{live}>{table}</section>"
     return layout("Blocks", chain_id, body, active="blocks", height=height)
 
@@ -229,17 +229,19 @@ def _eps(p: dict[str, Any]) -> str:
 
 def participants_page(chain_id: str, height: int, table: str) -> str:
     body = (f"<h1>Participants</h1><p class=sub>after height <span data-field=height>{height}</span></p>"
-            f'<section id=participants-live data-live="/participants?fragment=1">{table}</section>')
+            f'<section id=participants-live data-live="participants">{table}</section>')
     return layout("Participants", chain_id, body, active="participants", height=height)
 
 
 # ---------------------------------------------------------------- static
 
-APP_JS = r"""// Live refresh: poll /api/status every second; update [data-field] values; when the height moved, re-fetch
-// every [data-live] section (server-rendered HTML fragments). No framework, no build step.
+APP_JS = r"""// Live refresh, one request a second: /api/live returns the status (shown in every [data-field]) and, when
+// the height moved, the page's [data-live] section re-rendered by the server. No framework, no build step.
 (function () {
   "use strict";
-  var height = Number(document.body.dataset.height || 0);
+  var section = document.querySelector("[data-live]");
+  var view = section ? section.dataset.live : "";
+  var height = section ? Number(document.body.dataset.height || 0) : -1;
   var badge = document.getElementById("live");
   function fmt(kind, v) {
     if (v === null || v === undefined) return "–";
@@ -253,26 +255,21 @@ APP_JS = r"""// Live refresh: poll /api/status every second; update [data-field]
     badge.textContent = text;
     badge.className = ok ? "live on" : "live off";
   }
-  async function refreshSections() {
-    var sections = document.querySelectorAll("[data-live]");
-    for (var i = 0; i < sections.length; i++) {
-      var r = await fetch(sections[i].dataset.live, {cache: "no-store"});
-      if (r.ok) sections[i].innerHTML = await r.text();
-    }
-  }
   async function tick() {
     try {
-      var r = await fetch("/api/status", {cache: "no-store"});
+      var url = view ? "/api/live?view=" + view + "&height=" + height : "/api/status";
+      var r = await fetch(url, {cache: "no-store"});
       if (!r.ok) throw new Error("HTTP " + r.status);
-      var s = await r.json();
+      var body = await r.json();
+      var s = view ? body.status : body;
       document.querySelectorAll("[data-field]").forEach(function (el) {
         if (el.dataset.field in s) el.textContent = fmt(el.dataset.format, s[el.dataset.field]);
       });
       state(true, "live · height " + s.height);
-      if (s.height !== height) {
+      if (view && body.html !== null) {
+        section.innerHTML = body.html;
         height = s.height;
         document.body.dataset.height = String(height);
-        await refreshSections();
       }
     } catch (e) {
       state(false, "offline");

@@ -2,7 +2,7 @@
 
 Every method here is blocking SQLite work and runs on a worker thread (``ChainReader.run``): the node's own store
 connection and its store thread are never touched, so a page load never queues behind a consensus write. The row
-and detail dicts have the schema of ``flnode chain show --json`` (tests/test_web_api.py compares them), plus a few
+and detail dicts have the schema of ``flnode chain show --json`` (tests/test_web.py compares them), plus a few
 keys the block page needs (``signers``, ``evidence_validators``).
 """
 
@@ -95,14 +95,11 @@ class ChainReader:
             for v in sorted({e.validator for e in block.evidence}) if state.slashed.get(v) == start
         ]
 
-    def privacy(self, store: ChainStore, h: int) -> list[dict[str, Any]] | None:
-        """Epsilon spent per participant after h, as `chain show` reports it; None in a build without DP."""
-        try:
-            from flnode.node.app import privacy  # type: ignore[attr-defined,unused-ignore]
-        except ImportError:  # differential privacy (issue 14) not in this build: chain show has no such key
-            return None
-        report: list[dict[str, Any]] = privacy.report(self.genesis, store.light_state(h)) if h >= 1 else []
-        return report
+    def privacy(self, store: ChainStore, h: int) -> list[dict[str, Any]]:
+        """Epsilon spent per participant after h, as `chain show` reports it ([] when DP is off)."""
+        from flnode.node.app import privacy
+
+        return privacy.report(self.genesis, store.light_state(h)) if h >= 1 else []
 
     def height_row(self, store: ChainStore, h: int) -> dict[str, Any]:
         """One row of ``flnode chain show --json``'s ``blocks``."""
@@ -139,11 +136,7 @@ class ChainReader:
         """``flnode chain show --json`` for heights start..end (clipped to the committed height)."""
         top = self.latest(store)
         rows = [self.height_row(store, h) for h in range(max(1, start), min(end, top) + 1)]
-        out = {"chain_id": self.genesis.chain_id, "height": top, "blocks": rows}
-        dp = self.privacy(store, top)
-        if dp is not None:
-            out["privacy"] = dp
-        return out
+        return {"chain_id": self.genesis.chain_id, "height": top, "blocks": rows, "privacy": self.privacy(store, top)}
 
     def block(self, store: ChainStore, h: int) -> dict[str, Any] | None:
         """``flnode chain show --height h --json`` plus signers and evidence; None if h is not committed."""
@@ -186,7 +179,7 @@ class ChainReader:
             "evidence": len(block.evidence),
             "updates": updates,
             "participants": participants,
-            **({} if (dp := self.privacy(store, h)) is None else {"privacy": dp}),
+            "privacy": self.privacy(store, h),
             # beyond chain show: who signed the commit, and whom the evidence names
             "signers": [g.name_of(v) for v, _ in cert.signatures] if cert else [],
             "evidence_validators": [g.name_of(e.validator) for e in block.evidence],
@@ -231,7 +224,7 @@ class ChainReader:
                 "slashed_from": state.slashed.get(k) if state else None,
                 "accepted": accepted.get(k, 0), "rejected": rejected.get(k, 0),
             })
-        dp = {p["name"]: p for p in self.privacy(store, counted) or []}
+        dp = {p["name"]: p for p in self.privacy(store, counted)}
         for row in rows:
             spent = dp.get(row["name"])
             row["epsilon_spent"] = spent["epsilon_spent"] if spent else None
