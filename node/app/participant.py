@@ -26,6 +26,7 @@ from flnode.protocol.hashing import digest
 from flnode.protocol.messages import UpdateAnnouncement
 from flnode.protocol.tensors import encode_tensors
 
+from . import dp
 from .data import Dataset
 from .limits import param_spec, samples_cap
 from .state import AppState
@@ -105,12 +106,13 @@ def check_parameters(genesis: Genesis, params: Any, what: str = "fit") -> list[n
 
 
 def fit_update(genesis: Genesis, state: AppState, client: Client, participant_index: int,
-               *, budget_s: float | None = None) -> FitOutcome:
+               *, budget_s: float | None = None, noise_seed: int | None = None) -> FitOutcome:
     """One round of a client: fit on the global model, check, difference. Raises TrainerError on any fault of
     the client's, including a fit that took longer than the budget (genesis train_budget_ms by default)."""
     spec = genesis.task
     names = [n for n, _ in param_spec(genesis)]
     config: Config = round_config(spec, state.height + 1, participant_index)
+    config.update(dp.fit_config(genesis, noise_seed))  # differential privacy (node/app/dp.py): nothing when off
     base = [state.model[n] for n in names]
     budget = spec.train_budget_ms / 1000 if budget_s is None else budget_s
     t0 = time.monotonic()
@@ -142,18 +144,22 @@ def fit_update(genesis: Genesis, state: AppState, client: Client, participant_in
         loss = _number(ev_loss) or 0.0
         acc = _number(ev.get("accuracy")) if acc is None else acc
     delta = {name: (p - b).astype(np.float32) for name, p, b in zip(names, new, base, strict=True)}
+    delta = dp.after_fit(genesis, delta, config)  # participant-level DP: clip + noise share
     result = TrainResult(delta, int(n), loss, min(1.0, max(0.0, acc or 0.0)))
     return FitOutcome(result, metrics, fit_s)
 
 
-def train_update(genesis: Genesis, state: AppState, data: Dataset, participant_index: int) -> TrainResult:
+def train_update(genesis: Genesis, state: AppState, data: Dataset, participant_index: int,
+                 noise_seed: int | None = None) -> TrainResult:
     """The built-in model's round on `data` (through the client API, like every trainer)."""
     client = BuiltinClient(genesis.task, data)
-    return fit_update(genesis, state, client, participant_index, budget_s=math.inf).result
+    return fit_update(genesis, state, client, participant_index, budget_s=math.inf, noise_seed=noise_seed).result
 
 
 def sign_update(genesis: Genesis, key: NodeKey, state: AppState, result: TrainResult) -> tuple[UpdateAnnouncement, bytes]:
     blob = encode_tensors(result.delta)
+    if genesis.rules.dp_mode != "off":  # training loss/accuracy are not privatised: not published (docs/PRIVACY.md)
+        result = TrainResult(result.delta, result.num_samples, 0.0, 0.0)
     n = result.num_samples
     if key.public_key in genesis.powers:
         n = min(n, samples_cap(genesis, key.public_key))  # own data larger than the cap: declare the cap
@@ -185,13 +191,13 @@ class Participant:
         for h in sorted(self.records)[:-8]:  # heights never committed here (the chain moved on) are dropped
             del self.records[h]
 
-    def fit(self, state: AppState) -> FitOutcome:
+    def fit(self, state: AppState, noise_seed: int | None = None) -> FitOutcome:
         # The client is used by one call at a time; an evaluation is short, but a fit the daemon gave up on may
         # run on: after a budget's wait this round fails as busy rather than touching the client concurrently.
         if not self._lock.acquire(timeout=self.genesis.task.train_budget_ms / 1000):
             raise TrainerError("busy", "the previous round's fit is still running")
         try:
-            return fit_update(self.genesis, state, self.client, self.participant_index)
+            return fit_update(self.genesis, state, self.client, self.participant_index, noise_seed=noise_seed)
         finally:
             self._lock.release()
 
@@ -242,9 +248,10 @@ def make_update(
 ) -> tuple[UpdateAnnouncement, bytes, TrainResult]:
     """Train, encode and sign one update. `data` is a built-in model's data set or a node's Participant (whose
     client failures raise TrainerError and are remembered by height for the node's record)."""
+    noise = dp.noise_seed(key.seed, genesis.chain_id, state.height + 1)  # secret: derived from the private key
     if isinstance(data, Participant):
         try:
-            outcome = data.fit(state)
+            outcome = data.fit(state, noise)
         except TrainerError as exc:
             data.remember(state.height + 1, {"trainer_error": exc.line, "trainer_error_kind": exc.kind})
             raise
@@ -252,7 +259,7 @@ def make_update(
                                          "num_examples": outcome.result.num_samples})
         result = outcome.result
     else:
-        result = train_update(genesis, state, data, participant_index)
+        result = train_update(genesis, state, data, participant_index, noise)
     ann, blob = sign_update(genesis, key, state, result)
     return ann, blob, result
 

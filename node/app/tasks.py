@@ -316,6 +316,12 @@ class BuiltinClient:
 
     def fit(self, parameters: Parameters, config: Config) -> tuple[Parameters, int, dict[str, Scalar]]:
         assert self.train is not None, "a built-in client without data cannot train"
+        if config.get("dp_mode") == "record":  # DP-SGD: per-example clipping and noise (node/app/dp.py)
+            from .dp import fit_params_dp
+
+            w, n, loss, acc = fit_params_dp(self.model, dict(zip(self.names, parameters, strict=True)), self.train,
+                                            config)
+            return [w[k] for k in self.names], n, {"loss": loss, "accuracy": acc}
         w, n, loss, acc = self.model.fit_params(
             dict(zip(self.names, parameters, strict=True)), self.train, lr=float(config["lr"]),
             epochs=int(config["local_epochs"]), batch_size=int(config["batch_size"]), seed=int(config["seed"]),
