@@ -42,6 +42,9 @@ class NodeConfig:
     data_dir: str = "data"  # relative to home unless absolute
     metrics_listen: str = ""  # e.g. "127.0.0.1:26660"; empty = off
     http_listen: str = ""  # web explorer + API + /metrics, e.g. "127.0.0.1:26680"; empty = off
+    # TCP port of the direct consensus link (node/net/direct.py) on the listen address; 0 = any free port,
+    # -1 = off (consensus frames over libp2p streams only)
+    direct_port: int = 0
     log_level: str = "info"
     log_format: str = "text"  # text | json
     data_path: str = ""  # optional own .npz (x, y) instead of the genesis data set shard
@@ -95,6 +98,11 @@ def check_multiaddr(addr: str, *, peer_id: bool) -> None:
         raise ValueError(f"{addr!r}: bad TCP port {port!r}")
     if peer_id and not _BASE58.match(parts[6]):
         raise ValueError(f"{addr!r}: {parts[6]!r} is not a base58 peer id")
+
+
+def _v_direct_port(v: Any) -> None:
+    if not -1 <= v <= 65535:
+        raise ValueError("must be -1 (off), 0 (any free port) or a TCP port")
 
 
 def _v_listen(v: Any) -> None:
@@ -191,6 +199,12 @@ FIELDS: dict[str, FieldSpec] = {
             str,
             "host:port of the read-only web explorer, JSON API and /metrics; empty = off (keep it on 127.0.0.1).",
             _v_metrics,
+        ),
+        _spec(
+            "direct_port",
+            int,
+            "TCP port of the direct, encrypted consensus link between validators; 0 = any free port, -1 = off.",
+            _v_direct_port,
         ),
         _spec("log_level", str, "debug | info | warning | error | critical.", _v_choice(LOG_LEVELS)),
         _spec("log_format", str, "text | json (one JSON object per line).", _v_choice(LOG_FORMATS)),

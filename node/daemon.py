@@ -79,6 +79,7 @@ from flnode.protocol.tensors import encode_tensors
 from .admission import AdmissionGate
 from .blobs import BLOB_PROTOCOL, BlobService
 from .net import ConsensusTransport
+from .net.consensus_stream import DirectConfig
 from .signer import LastSignGuard, guarded
 from .store_worker import StoreWorker
 from .supervise import supervised
@@ -90,6 +91,17 @@ STATUS_PROTOCOL = "/flnode/status/1.0.0"
 SYNC_BATCH = 32
 CUT_OFF_REASONS = {"malformed", "bad_signature", "unexpected_type", "wrong_topic"}
 EVENT_QUEUE = 1024  # consensus events waiting for the driver; producers wait when it is full
+
+
+def direct_config(config: NodeConfig, key: NodeKey, chain_id: str) -> DirectConfig | None:
+    """The direct consensus link listens on the IP of the first TCP listen address (docs/LIBP2P.md)."""
+    if config.direct_port < 0:
+        return None
+    for addr in config.listen:
+        parts = addr.split("/")
+        if len(parts) > 4 and parts[1] in ("ip4", "ip6") and parts[3] == "tcp":
+            return DirectConfig(key, chain_id, parts[2], config.direct_port)
+    return None
 
 
 @dataclass(frozen=True)
@@ -186,7 +198,8 @@ class Daemon:
         # A stream delivers in order while it lives, so the same bytes are never sent twice on one connection
         # (a reconnect starts afresh and the machine's rebroadcast re-sends what matters).
         self.transport = ConsensusTransport(
-            self.net, self.validator_peers, dial_all=not self.is_validator, resend_after=float("inf")
+            self.net, self.validator_peers, dial_all=not self.is_validator, resend_after=float("inf"),
+            direct=direct_config(config, key, self.chain_id),
         )
         self.transport.on_connect = self._on_validator_connected
         self._peer_of = {k: p for p, k in self.validator_peers.items()}  # validator key -> peer id

@@ -21,7 +21,14 @@ from flnode.node.net import (
     has_quorum,
     peer_id_of,
 )
-from flnode.node.net.consensus_stream import FrameDecoder, FrameTooBig, PeerQueue, RateBudget, SeenSet
+from flnode.node.net.consensus_stream import (
+    DirectConfig,
+    FrameDecoder,
+    FrameTooBig,
+    PeerQueue,
+    RateBudget,
+    SeenSet,
+)
 from flnode.protocol.crypto import NodeKey
 
 LOCAL = ["/ip4/127.0.0.1/tcp/0"]
@@ -47,15 +54,17 @@ def make_members(n: int) -> list[Member]:
 
 
 class Cluster:
-    def __init__(self, nursery: trio.Nursery, members: list[Member], ids: set[str], **tkw: Any) -> None:
-        self.nursery, self.members, self.ids, self.tkw = nursery, members, ids, tkw
+    def __init__(self, nursery: trio.Nursery, members: list[Member], ids: set[str], direct: bool = False,
+                 **tkw: Any) -> None:
+        self.nursery, self.members, self.ids, self.direct, self.tkw = nursery, members, ids, direct, tkw
 
     def addrs(self, but: Member) -> list[str]:
         return [m.node.listen_addrs()[0] for m in self.members if m is not but and m.node and m.node.listen_addrs()]
 
     async def start(self, m: Member) -> None:
         m.node = P2PNode(m.seed, LOCAL, bootstrap=self.addrs(m))
-        m.transport = ConsensusTransport(m.node, self.ids, **self.tkw)
+        direct = DirectConfig(NodeKey(m.seed), "test-chain", "127.0.0.1") if self.direct else None
+        m.transport = ConsensusTransport(m.node, self.ids, direct=direct, **self.tkw)
         m.scope = trio.CancelScope()
 
         async def run(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -76,10 +85,10 @@ class Cluster:
 
 @asynccontextmanager
 async def cluster(members: list[Member], ids: set[str] | None = None, *, start: int | None = None,
-                  **tkw: Any) -> AsyncIterator[Cluster]:
+                  direct: bool = False, **tkw: Any) -> AsyncIterator[Cluster]:
     """Nodes that bootstrap to every earlier node; the transports know `ids` (default: all members)."""
     async with trio.open_nursery() as nursery:
-        c = Cluster(nursery, members, ids if ids is not None else {m.peer_id for m in members}, **tkw)
+        c = Cluster(nursery, members, ids if ids is not None else {m.peer_id for m in members}, direct, **tkw)
         for m in members[:start]:
             await c.start(m)
         yield c
@@ -170,10 +179,16 @@ def test_has_quorum_by_power() -> None:
 # ---------------------------------------------------------------- real nodes
 
 
-async def test_four_nodes_full_mesh_deliver_every_broadcast_exactly_once() -> None:
+def check_link_kind(m: Member, direct: bool) -> None:
+    kind, other = ("direct_sessions", "libp2p_sessions") if direct else ("libp2p_sessions", "direct_sessions")
+    assert m.t.counters[kind] > 0 and m.t.counters[other] == 0, m.t.counters
+
+
+@pytest.mark.parametrize("direct", [False, True], ids=["libp2p", "direct"])
+async def test_four_nodes_full_mesh_deliver_every_broadcast_exactly_once(direct: bool) -> None:
     ms = make_members(4)
     with trio.fail_after(20):
-        async with cluster(ms) as c:
+        async with cluster(ms, direct=direct) as c:
             await full_mesh(c, ms)
             for m in ms:  # one stream per pair: the lower id dials, so nobody accepted a duplicate
                 assert m.t.connected() == {x.peer_id for x in ms} - {m.peer_id}
@@ -201,13 +216,15 @@ async def test_four_nodes_full_mesh_deliver_every_broadcast_exactly_once() -> No
                 assert all(d.startswith(b"n%d-" % index[p]) for p, d in got)  # the stream's peer is the sender
                 assert m.t.counters["sent"] == 3 * per and m.t.counters["received"] == 3 * per
                 assert m.t.counters["writes"] < m.t.counters["sent"]  # batched
+                check_link_kind(m, direct)
 
 
-async def test_reconnected_peer_gets_later_messages_and_a_rebroadcast() -> None:
+@pytest.mark.parametrize("direct", [False, True], ids=["libp2p", "direct"])
+async def test_reconnected_peer_gets_later_messages_and_a_rebroadcast(direct: bool) -> None:
     ms = make_members(3)
     a, b, _ = ms
     with trio.fail_after(20):
-        async with cluster(ms) as c:
+        async with cluster(ms, direct=direct) as c:
             await full_mesh(c, ms)
             m1 = b"proposal h1 r0"
             a.t.broadcast(m1, height=1, round=0)
@@ -229,6 +246,7 @@ async def test_reconnected_peer_gets_later_messages_and_a_rebroadcast() -> None:
             assert [d for _, d in got] == [b"vote after", m1]
             assert await collect(b.t, 1, 0.3) == []
             assert a.t.counters["disconnects"] >= 1 and a.t.counters["connects"] >= 3
+            check_link_kind(a, direct)
 
 
 async def test_slow_peer_does_not_block_others_and_its_queue_stays_bounded() -> None:

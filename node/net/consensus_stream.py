@@ -18,10 +18,12 @@ import logging
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import trio
+from flnode.protocol.crypto import NodeKey
 
+from .direct import DIRECT_PROTOCOL, DirectListener, dial
 from .gate import has_quorum
 from .host import FRAME_HEADER, NetError, P2PNode, Stream, encode_frames
 
@@ -34,8 +36,29 @@ HELLO = b""  # the first frame each side sends; a session counts as connected on
 COUNTERS = (
     "sent", "received", "bytes_in", "bytes_out", "writes", "dropped", "cut_off", "duplicates_in",
     "duplicates_out", "inbound_overflow", "oversize", "connects", "disconnects", "dial_failed",
-    "write_timeouts", "rejected_streams", "skipped_peer_has_it",
+    "write_timeouts", "rejected_streams", "skipped_peer_has_it", "direct_sessions", "libp2p_sessions",
+    "direct_dial_failed", "direct_accepted", "direct_handshake_failed", "direct_no_port", "direct_no_host",
 )
+
+
+class LinkStream(Protocol):
+    """A libp2p stream (host.Stream) or a direct link (direct.DirectStream)."""
+
+    async def read(self, n: int) -> bytes: ...
+
+    async def write(self, data: bytes) -> None: ...
+
+    async def reset(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class DirectConfig:
+    """Consensus frames over our own encrypted TCP link (node/net/direct.py) when both sides have one."""
+
+    key: NodeKey
+    chain_id: str
+    host: str  # listen address of the direct link
+    port: int = 0  # 0: any free port (peers learn it over libp2p)
 
 
 def digest(data: bytes) -> bytes:
@@ -194,7 +217,7 @@ class _CutOff(Exception):
 @dataclass(eq=False)
 class _Session:
     peer: str
-    stream: Stream
+    stream: LinkStream
     queue: PeerQueue
     budget: RateBudget
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
@@ -229,6 +252,7 @@ class ConsensusTransport:
         protocol_id: str = CONSENSUS_PROTOCOL,
         max_subscribers: int = 8,
         dial_all: bool = False,
+        direct: DirectConfig | None = None,
     ) -> None:
         self.p2p = p2p
         self.peers = set(validator_peer_ids) - {p2p.peer_id}
@@ -254,6 +278,13 @@ class ConsensusTransport:
         # called when a validator's stream is up: what was sent before it connected never reached it
         self.on_connect: Callable[[str], None] | None = None
         p2p.set_stream_handler(protocol_id, self._accept)
+        self.direct = direct
+        self._listener: DirectListener | None = None
+        self._direct_ports: dict[str, int] = {}
+        if direct is not None:
+            self._listener = DirectListener(direct.key, direct.chain_id, self._accept, direct.host, direct.port,
+                                            self.counters)
+            p2p.set_handler(DIRECT_PROTOCOL, self._serve_direct_port, max_request=16)
 
     # ---------------------------------------------------------------- API
 
@@ -318,6 +349,12 @@ class ConsensusTransport:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                if self._listener is not None:
+                    try:
+                        await nursery.start(self._listener.run)
+                    except OSError as exc:  # consensus still runs over libp2p streams
+                        log.warning("no direct link listener", extra={"error": str(exc)[:200]})
+                        self._listener = None
                 for peer in sorted(self.peers):
                     if self.dial_all or self.p2p.peer_id < peer:  # the lower id dials
                         nursery.start_soon(self._dial_loop, peer)
@@ -335,7 +372,9 @@ class ConsensusTransport:
             while self._banned(peer) or peer not in self.p2p.connected_peers():
                 await trio.sleep(0.1)
             try:
-                stream = await self.p2p.open_stream(peer, self.protocol_id, timeout=self.open_timeout)
+                stream: LinkStream | None = await self._dial_direct(peer)
+                if stream is None:
+                    stream = await self.p2p.open_stream(peer, self.protocol_id, timeout=self.open_timeout)
             except NetError as exc:
                 self.counters["dial_failed"] += 1
                 log.debug("consensus stream dial failed", extra={"peer": peer[:16], "error": str(exc)[:200]})
@@ -347,7 +386,36 @@ class ConsensusTransport:
             await trio.sleep(backoff)
             backoff = min(5.0, backoff * 2)
 
-    async def _accept(self, peer: str, stream: Stream) -> None:
+    async def _serve_direct_port(self, peer: str, request: bytes) -> bytes:
+        port = self._listener.port if self._listener is not None else 0
+        return port.to_bytes(2, "big")
+
+    async def _dial_direct(self, peer: str) -> LinkStream | None:
+        """A direct link to `peer` if both sides have one; None means: use a libp2p stream."""
+        if self.direct is None or self._listener is None:
+            return None
+        port = self._direct_ports.get(peer)
+        if port is None:
+            try:
+                raw = await self.p2p.request(peer, DIRECT_PROTOCOL, b"", max_response=16, timeout=self.open_timeout)
+            except NetError as exc:  # not up yet, or a peer without the protocol: libp2p this time, ask again later
+                self.counters["direct_no_port"] += 1
+                log.debug("no direct port", extra={"peer": peer[:16], "error": str(exc)[:200]})
+                return None
+            port = self._direct_ports[peer] = int.from_bytes(raw[:2], "big") if len(raw) == 2 else 0
+        host = self.p2p.remote_host(peer)
+        if not port or host is None:
+            self.counters["direct_no_port" if not port else "direct_no_host"] += 1
+            return None
+        try:
+            return await dial(host, port, self.direct.key, self.direct.chain_id, peer, timeout=self.open_timeout)
+        except NetError as exc:
+            self.counters["direct_dial_failed"] += 1
+            self._direct_ports.pop(peer, None)  # ask again next time: it may have restarted on another port
+            log.debug("direct dial failed", extra={"peer": peer[:16], "error": str(exc)[:200]})
+            return None
+
+    async def _accept(self, peer: str, stream: LinkStream) -> None:
         nursery = self._nursery
         subscriber = peer not in self.peers
         if subscriber:  # a non-validator may listen to what we broadcast, within a bounded number of slots
@@ -370,7 +438,8 @@ class ConsensusTransport:
 
     # ---------------------------------------------------------------- one stream
 
-    async def _session(self, peer: str, stream: Stream, *, subscriber: bool = False) -> None:
+    async def _session(self, peer: str, stream: LinkStream, *, subscriber: bool = False) -> None:
+        self.counters["libp2p_sessions" if isinstance(stream, Stream) else "direct_sessions"] += 1
         s = _Session(peer, stream, PeerQueue(self.max_queue_bytes, self.resend_after),
                      RateBudget(self.max_msgs_per_sec, self.max_bytes_per_sec), subscriber=subscriber)
         try:

@@ -325,6 +325,21 @@ class P2PNode:
         except Exception:
             return []
 
+    def remote_host(self, peer: str) -> str | None:
+        """The IP address our newest connection to `peer` goes to (where its direct link listens too)."""
+        from libp2p.peer.id import ID
+
+        if self._host is None:
+            return None
+        try:
+            for conn in reversed(self._host.get_network().get_connections(ID.from_base58(peer))):
+                addr = conn.muxed_conn.get_remote_address()
+                if addr:
+                    return str(addr[0])
+        except Exception as exc:
+            log.debug("no remote address", extra={"peer": peer[:16], "error": repr(exc)[:200]})
+        return None
+
     def listen_addrs(self) -> list[str]:
         if self._host is None:
             return []

@@ -1,0 +1,121 @@
+"""The direct consensus link (node/net/direct.py): its handshake as a pure state machine, and real sockets."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+from flnode.node.net import NetError, peer_id_of
+from flnode.node.net.direct import (
+    Cipher,
+    DirectListener,
+    DirectStream,
+    Handshake,
+    HandshakeError,
+    dial,
+)
+from flnode.protocol.crypto import NodeKey
+
+CHAIN = "direct-test"
+
+
+def pair(chain_b: str = CHAIN) -> tuple[Handshake, Handshake, NodeKey, NodeKey]:
+    ka, kb = NodeKey.generate(), NodeKey.generate()
+    return Handshake(ka, CHAIN), Handshake(kb, chain_b), ka, kb
+
+
+def test_handshake_authenticates_both_sides_and_keys_match() -> None:
+    a, b, ka, kb = pair()
+    a.on_hello(b.hello())
+    b.on_hello(a.hello())
+    assert a.transcript == b.transcript
+    assert b.on_auth(a.auth()) == ka.public_key and a.on_auth(b.auth()) == kb.public_key
+    assert a.send is not None and b.recv is not None and b.send is not None and a.recv is not None
+    for k in range(3):  # per-direction counters stay in step
+        assert b.recv.open(a.send.seal(b"a->b %d" % k)) == b"a->b %d" % k
+        assert a.recv.open(b.send.seal(b"b->a %d" % k)) == b"b->a %d" % k
+
+
+def test_handshake_refuses_another_chain_garbage_and_reflection() -> None:
+    a, b, _, _ = pair("other-chain")
+    with pytest.raises(HandshakeError, match="another chain"):
+        a.on_hello(b.hello())
+    with pytest.raises(HandshakeError, match="not a flnode"):
+        a.on_hello(b"GET / HTTP/1.1\r\n" + bytes(36))
+    with pytest.raises(HandshakeError, match="reflected"):
+        a.on_hello(a.hello())
+    low_order = b"FLD1" + a.tag + bytes(32)  # the all-zero point gives an all-zero secret
+    with pytest.raises(HandshakeError, match="low-order"):
+        a.on_hello(low_order)
+
+
+def test_handshake_refuses_a_forged_or_replayed_identity() -> None:
+    a, b, _, _ = pair()
+    a.on_hello(b.hello())
+    b.on_hello(a.hello())
+    sealed = bytearray(a.auth())
+    sealed[5] ^= 1
+    with pytest.raises(NetError, match="authentication"):
+        b.on_auth(bytes(sealed))
+    # an identity signed for another session's transcript does not verify in this one
+    c, d, _, _ = pair()
+    c.on_hello(d.hello())
+    d.on_hello(c.hello())
+    assert b.recv is not None and a.send is not None and c.transcript != a.transcript
+    forged = a.send.seal(c.key.public_key + c.key.sign(CHAIN, "direct-link-auth", c.transcript))
+    with pytest.raises(HandshakeError, match="bad identity signature"):
+        b.on_auth(forged)
+
+
+def test_a_frame_replayed_or_reordered_fails() -> None:
+    send, recv = Cipher(bytes(range(32))), Cipher(bytes(range(32)))
+    first, second = send.seal(b"one"), send.seal(b"two")
+    with pytest.raises(NetError):
+        recv.open(second)  # out of order: the nonce is the counter
+    recv2 = Cipher(bytes(range(32)))
+    assert recv2.open(first) == b"one"
+    with pytest.raises(NetError):
+        recv2.open(first)  # replayed
+
+
+async def test_real_sockets_round_trip_wrong_peer_and_garbage() -> None:
+    server_key, client_key = NodeKey.generate(), NodeKey.generate()
+    got: list[tuple[str, bytes]] = []
+
+    async def handler(peer: str, stream: DirectStream) -> None:  # an echo server
+        while data := await stream.read(1 << 16):
+            got.append((peer, data))
+            await stream.write(data)
+
+    listener = DirectListener(server_key, CHAIN, handler, "127.0.0.1")
+    with trio.fail_after(10):
+        async with trio.open_nursery() as n:
+            port = await n.start(listener.run)
+            server_id = peer_id_of(server_key.public_key)
+            big = bytes(range(256)) * 1024  # 256 KiB: several wire frames
+            s = await dial("127.0.0.1", port, client_key, CHAIN, server_id, timeout=3)
+            await s.write(big)
+            reply = b""
+            while len(reply) < len(big):
+                reply += await s.read(1 << 16)
+            assert reply == big
+            await s.reset()
+            # a dialler that expected another peer refuses the link
+            with pytest.raises(HandshakeError, match="not"):
+                await dial("127.0.0.1", port, client_key, CHAIN, peer_id_of(NodeKey.generate().public_key), timeout=3)
+            # garbage, and a wrong chain, cost the listener one failed handshake each, nothing more
+            sock = await trio.open_tcp_stream("127.0.0.1", port)
+            await sock.send_all(b"\x00" * 100)
+            assert await sock.receive_some(100) != b"x"  # our hello, then the listener closes
+            await sock.aclose()
+            with pytest.raises(HandshakeError):
+                await dial("127.0.0.1", port, client_key, "another-chain", server_id, timeout=3)
+            with trio.fail_after(3):
+                while listener.counters.get("direct_handshake_failed", 0) < 2:
+                    await trio.sleep(0.02)
+            s2 = await dial("127.0.0.1", port, client_key, CHAIN, server_id, timeout=3)
+            await s2.write(b"again")
+            assert await s2.read(100) == b"again"
+            await s2.reset()
+            n.cancel_scope.cancel()
+    assert {p for p, _ in got} == {peer_id_of(client_key.public_key)}
+    assert b"".join(d for _, d in got) == big + b"again"
