@@ -39,9 +39,9 @@ KEYS = [NodeKey(bytes([i + 120]) * 32) for i in range(10)]
 DELTA = 1e-5
 EPSILONS = (1.0, 2.0, 4.0, 8.0, math.inf)
 REPS = 3  # DP runs per cell (different noise draws); the table shows the mean accuracy
-RECORD = {"dp_mode": "record", "dp_sample_rate": 0.1, "dp_clip": 1.0}
+RECORD: dict[str, Any] = {"dp_mode": "record", "dp_sample_rate": 0.1, "dp_clip": 1.0}
 RECORD_LR = 1.0
-PARTICIPANT = {"dp_mode": "participant", "dp_clip": 0.5}
+PARTICIPANT: dict[str, Any] = {"dp_mode": "participant", "dp_clip": 0.5}
 
 
 def make(n: int, model: str, lr: float = 0.1, rep: int = 0, **rules: Any) -> Genesis:

@@ -214,3 +214,27 @@ def test_budget_is_enforced_and_every_reader_agrees_on_epsilon(tmp_path: Path) -
     assert "rejected: privacy_budget_spent" in [u["outcome"] for u in detail["updates"]]
     table = runner.invoke(app, ["chain", "show", "--home", str(home)], env={"COLUMNS": "200"}).output
     assert "declared" in table and "budget spent" in table
+
+
+def test_participant_level_report_and_testnet_flags(tmp_path: Path) -> None:
+    g = genesis(dp_mode="participant", dp_noise=3.0, dp_epsilon_budget=4.0)
+    state = replace(genesis_state(g), dp_rounds={k.public_key: 3 for k in KEYS})
+    rows = privacy.report(g, state)
+    assert {r["rounds"] for r in rows} == {3} and all(r["epsilon_budget"] == 4.0 for r in rows)
+    # Whoever reads the individual updates (noise z / sqrt(4) each) gets a weaker guarantee than the models' users.
+    assert all(r["epsilon_vs_update_readers"] > r["epsilon_spent"] > 0 for r in rows)
+    assert rows[0]["guarantee"].startswith("clip checked")
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["testnet", "init", "--dir", str(tmp_path / "net"), "--nodes", "4", "--dp-mode", "record",
+                              "--dp-noise", "1.2", "--dp-sample-rate", "0.1", "--dp-epsilon", "8",
+                              "--dp-budget", "node3=2"])
+    assert res.exit_code == 0, res.output
+    r = Genesis.load(tmp_path / "net" / "node0" / "genesis.json").rules
+    assert (r.dp_mode, r.dp_noise, r.dp_sample_rate, r.dp_epsilon_budget, r.dp_budgets) == ("record", 1.2, 0.1, 8.0,
+                                                                                           {"node3": 2.0})
+    bad = runner.invoke(app, ["testnet", "init", "--dir", str(tmp_path / "bad"), "--dp-mode", "everything"])
+    assert bad.exit_code == 2 and "unknown dp_mode" in bad.output
+    bad = runner.invoke(app, ["testnet", "init", "--dir", str(tmp_path / "bad2"), "--dp-mode", "record",
+                              "--dp-budget", "nobody=1"])
+    assert bad.exit_code == 2 and "not a validator" in bad.output
