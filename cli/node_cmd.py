@@ -376,6 +376,13 @@ def status(
                 m = store.get_metrics(info["height"]) or {}
                 if "test_accuracy" in m:
                     info["test_accuracy"] = m["test_accuracy"]
+                if genesis.rules.dp_mode != "off":  # this node's epsilon, as the chain accounts it (docs/PRIVACY.md)
+                    from flnode.node.app import privacy
+
+                    for r in privacy.report(genesis, st):
+                        if r["name"] == cfg.moniker:
+                            info.update(epsilon_spent=r["epsilon_spent"], epsilon_budget=r["epsilon_budget"],
+                                        privacy=r["guarantee"] + (", budget spent" if r["exhausted"] else ""))
         finally:
             store.close()
     sp = paths.status

@@ -28,6 +28,7 @@ from flnode.node.app.tasks import MLP, LogisticRegression
 from flnode.node.chain.execution import build_block
 from flnode.node.chain.store import ChainStore
 from flnode.node.chain.verify import genesis_block_hash, verify_chain
+from flnode.node.config import NodeConfig, write_config
 from flnode.protocol.crypto import NodeKey
 from flnode.protocol.genesis import Genesis
 from flnode.protocol.hashing import digest
@@ -214,6 +215,9 @@ def test_budget_is_enforced_and_every_reader_agrees_on_epsilon(tmp_path: Path) -
     assert "rejected: privacy_budget_spent" in [u["outcome"] for u in detail["updates"]]
     table = runner.invoke(app, ["chain", "show", "--home", str(home)], env={"COLUMNS": "200"}).output
     assert "declared" in table and "budget spent" in table
+    write_config(home, NodeConfig(moniker="n0"))  # `flnode status` shows the node's own epsilon
+    status = json.loads(runner.invoke(app, ["status", "--home", str(home), "--json"]).output)
+    assert status["epsilon_spent"] == row["epsilon_spent"] and status["privacy"] == "declared, budget spent"
 
 
 def test_participant_level_report_and_testnet_flags(tmp_path: Path) -> None:
