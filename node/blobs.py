@@ -1,24 +1,27 @@
 """The blob service: update and model blobs by content hash, fetched from holders and served to peers.
 
 Fetches race a few holders with staggered starts (the most likely holder first), with timeouts scaled to the
-blob's size. Data that does not hash to what was asked for is refused. One fetch per hash runs at a time; other
-callers wait for it. Existence is answered from memory where possible, otherwise by an index lookup, never by
-reading a blob.
+blob's size. A response streams straight into a temporary file, hashed as it is written (one hash pass, never the
+whole blob in memory); data that does not hash to what was asked for is refused and its file removed. One fetch
+per hash runs at a time; other callers wait for it. Existence is answered from memory where possible, otherwise
+by a file's existence, never by reading a blob. Serving streams from the file in pieces, and readers() hands
+validation and aggregation the files themselves, read a chunk at a time.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import trio
-from flnode.protocol.hashing import digest, short
+from flnode.protocol.hashing import short
 from flnode.protocol.messages import BlobRequest
+from flnode.protocol.tensors import BlobReader, BytesReader
 
-from .chain.store import BlobWriteError
+from .chain.store import BlobSink, BlobWriteError
 from .metrics import Metrics
-from .net import NetError, P2PNode
+from .net import NetError, P2PNode, StreamedResponse
 from .store_worker import StoreWorker
 
 log = logging.getLogger("flnode.blobs")
@@ -27,7 +30,8 @@ BLOB_PROTOCOL = "/flnode/blob/1.0.0"
 MIN_TIMEOUT_S = 5.0
 ASSUMED_BYTES_PER_S = 8 << 20  # a slow but working stream: timeouts are generous, never tight
 PARALLEL = 3
-HASH_IN_THREAD = 1 << 20
+SERVE_PIECE = 1 << 20  # read from the file and written to the stream at a time
+FLUSH_BYTES = 4 << 20  # received bytes gathered before one thread hop hashes and writes them
 
 
 def fetch_timeout(size: int) -> float:
@@ -87,6 +91,21 @@ class BlobService:
             out.update(read)
         return out
 
+    async def readers(self, hashes: Sequence[bytes]) -> dict[bytes, BlobReader]:
+        """The blobs we hold among `hashes`, for chunked reading: from memory, the rest as open files."""
+        out: dict[bytes, BlobReader] = {h: BytesReader(d) for h in hashes if (d := self._recent.get(h)) is not None}
+        rest = [h for h in hashes if h not in out]
+        if rest:
+            out.update(await self.worker.blob_readers(rest))
+        return out
+
+    def _write_failed(self, exc: BlobWriteError) -> None:
+        self.metrics.inc("blob_write_failures")
+        now = trio.current_time()
+        if now - self._last_write_error > 60:
+            self._last_write_error = now
+            log.error("cannot store blobs", extra={"error": str(exc)[:200]})
+
     async def put(self, h: bytes, data: bytes, height: int | None = None) -> bool:
         """Store a blob (for the update of `height`, which decides when it may be pruned). False when the disk
         refused it: fetching stops being useful, consensus goes on (the error is logged and counted once a minute)."""
@@ -95,11 +114,7 @@ class BlobService:
         try:
             await self.worker.put_blob(h, data, height)
         except BlobWriteError as exc:
-            self.metrics.inc("blob_write_failures")
-            now = trio.current_time()
-            if now - self._last_write_error > 60:
-                self._last_write_error = now
-                log.error("cannot store blobs", extra={"error": str(exc)[:200]})
+            self._write_failed(exc)
             return False
         self._held.add(h)
         self._remember(h, data)
@@ -113,9 +128,25 @@ class BlobService:
             if data is not None:
                 self._recent_bytes -= len(data)
 
-    async def serve(self, peer: str, request: bytes) -> bytes:
+    async def serve(self, peer: str, request: bytes) -> bytes | StreamedResponse:
+        """A blob for a peer: small or cached ones whole, large ones streamed from the file in pieces."""
         req = BlobRequest.decode(request)
-        return await self.get(req.blob_hash) or b""
+        cached = self._recent.get(req.blob_hash)
+        if cached is not None:
+            return cached
+        reader = (await self.worker.blob_readers([req.blob_hash])).get(req.blob_hash)
+        if reader is None:
+            return b""
+        if reader.size <= SERVE_PIECE:
+            return await self.worker.read_at(reader, 0, reader.size)
+        worker = self.worker
+
+        async def pieces() -> AsyncIterator[bytes]:
+            for at in range(0, reader.size, SERVE_PIECE):
+                yield await worker.read_at(reader, at, min(SERVE_PIECE, reader.size - at))
+            self.metrics.inc("blobs_served_streamed")
+
+        return StreamedResponse(reader.size, pieces, fetch_timeout(reader.size))
 
     async def fetch(self, h: bytes, holders: Sequence[str], size: int, height: int | None = None) -> bool:
         """One attempt over `holders` (in order of preference); True once the blob is stored here."""
@@ -127,12 +158,11 @@ class BlobService:
             return h in self._held
         done = self._fetching[h] = trio.Event()
         try:
-            data = await self._race(h, [p for p in holders if p != self.net.peer_id], size)
-            if data is None:
+            if not await self._race(h, [p for p in holders if p != self.net.peer_id], size, height):
                 return False
-            if not await self.put(h, data, height):
-                return False
+            self._held.add(h)
             self.metrics.inc("blobs_fetched")
+            self.on_stored(h)
             return True
         finally:
             del self._fetching[h]
@@ -154,32 +184,51 @@ class BlobService:
             await trio.sleep(min(5.0, 0.2 * 2**attempt))
         return False
 
-    async def _race(self, h: bytes, peers: list[str], size: int) -> bytes | None:
+    async def _race(self, h: bytes, peers: list[str], size: int, height: int | None) -> bool:
+        """Ask a few holders (staggered); each response streams into its own temporary file, hashed as written.
+        The first whole, matching one is renamed into place (True) and the others are cancelled and removed."""
         timeout = fetch_timeout(size)
         stagger = min(2.0, timeout / 4)
-        found: list[bytes] = []
+        stored: list[bool] = []
 
         async def attempt(peer: str, delay: float, cancel: trio.CancelScope) -> None:
             await trio.sleep(delay)
+            sink: BlobSink = self.worker.blob_sink(h)
+            buf = bytearray()
+
+            async def piece(data: bytes) -> None:
+                buf.extend(data)
+                if len(buf) >= FLUSH_BYTES:
+                    chunk = bytes(buf)
+                    buf.clear()
+                    await self.worker.sink_write(sink, chunk)
+
             try:
-                data = await self.net.request(
-                    peer, BLOB_PROTOCOL, BlobRequest(h).encode(), max_response=self.max_blob_bytes, timeout=timeout
-                )
+                got = await self.net.request_into(
+                    peer, BLOB_PROTOCOL, BlobRequest(h).encode(), piece, max_response=self.max_blob_bytes,
+                    timeout=timeout)
+                if not got:
+                    return
+                if buf:
+                    await self.worker.sink_write(sink, bytes(buf))
+                    buf.clear()
+                if stored:
+                    return
+                if not await self.worker.sink_commit(sink, height):
+                    self.metrics.inc("rejected_blob_hash_mismatch")
+                    log.info("peer sent a blob that does not match its hash", extra={"peer": peer[:16]})
+                    return
+                stored.append(True)
+                cancel.cancel()
             except NetError as exc:
                 log.debug("blob fetch failed", extra={"peer": peer[:16], "error": str(exc)[:120]})
-                return
-            if not data:
-                return
-            actual = await trio.to_thread.run_sync(digest, data) if len(data) > HASH_IN_THREAD else digest(data)
-            if actual != h:
-                self.metrics.inc("rejected_blob_hash_mismatch")
-                log.info("peer sent a blob that does not match its hash", extra={"peer": peer[:16]})
-                return
-            if not found:
-                found.append(data)
+            except BlobWriteError as exc:
+                self._write_failed(exc)
                 cancel.cancel()
+            finally:
+                await self.worker.sink_abort(sink)  # a no-op once committed (the temporary name is gone)
 
         async with trio.open_nursery() as n:
             for i, peer in enumerate(peers[: PARALLEL * 2]):
                 n.start_soon(attempt, peer, (i if i < PARALLEL else i + PARALLEL) * stagger, n.cancel_scope)
-        return found[0] if found else None
+        return bool(stored)

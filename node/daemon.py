@@ -74,7 +74,7 @@ from flnode.protocol.messages import (
     VoteType,
     encode_gossip,
 )
-from flnode.protocol.tensors import encode_tensors
+from flnode.protocol.tensors import BlobReader
 
 from .admission import AdmissionGate
 from .blobs import BLOB_PROTOCOL, BlobService
@@ -545,9 +545,9 @@ class Daemon:
     def _ready_authors(self, height: int) -> set[bytes]:
         return {a.author for a in self._ready_announcements(height)}
 
-    async def _ready_updates(self, height: int) -> list[tuple[UpdateAnnouncement, bytes]]:
+    async def _ready_updates(self, height: int) -> list[tuple[UpdateAnnouncement, BlobReader]]:
         anns = self._ready_announcements(height)
-        blobs = await self.blobs.get_many([a.blob_hash for a in anns])
+        blobs = await self.blobs.readers([a.blob_hash for a in anns])  # files, read a chunk at a time
         return [(a, blobs[a.blob_hash]) for a in anns if a.blob_hash in blobs]
 
     async def _build_value(self, height: int, round_: int) -> None:
@@ -628,7 +628,7 @@ class Daemon:
         state, prev = self.state, self.last_block_hash
         if block.height != state.height + 1:
             return None
-        blobs = await self.blobs.get_many([u.blob_hash for u in block.updates])
+        blobs = await self.blobs.readers([u.blob_hash for u in block.updates])
         t0 = self._now()
         try:
             result = await trio.to_thread.run_sync(
@@ -669,7 +669,7 @@ class Daemon:
         new_state, receipt = result
         t0 = self._now()
         def store_height() -> None:  # one trip to the store thread: a hop costs more than the work when busy
-            self.store.commit_height(block, cert, new_state, receipt, encode_tensors(new_state.model))
+            self.store.commit_height(block, cert, new_state, receipt, new_state.model)  # streamed to its file
             self.store.prune_records(new_state.height + 1)
 
         await self.worker.run(store_height)

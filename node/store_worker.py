@@ -14,8 +14,9 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import trio
+from flnode.protocol.tensors import BlobReader
 
-from .chain.store import ChainStore
+from .chain.store import BlobSink, ChainStore
 
 T = TypeVar("T")
 BLOB_THREADS = 4
@@ -57,6 +58,37 @@ class StoreWorker:
             return {h: d for h in hashes if (d := self.store.get_blob(h)) is not None}
 
         return await self.run(read, limiter=self.blob_limiter)
+
+    async def blob_readers(self, hashes: list[bytes]) -> dict[bytes, BlobReader]:
+        """Open the blobs we hold among `hashes` for chunked reading (no content is read here)."""
+        def open_all() -> dict[bytes, BlobReader]:
+            return {h: r for h in hashes if (r := self.store.blob_reader(h)) is not None}
+
+        return await self.run(open_all, limiter=self.blob_limiter)
+
+    async def read_at(self, reader: BlobReader, offset: int, n: int) -> bytes:
+        return bytes(await self.run(reader.read_at, offset, n, limiter=self.blob_limiter))
+
+    def blob_sink(self, h: bytes) -> BlobSink:
+        return self.store.blob_sink(h)
+
+    async def sink_write(self, sink: BlobSink, data: bytes) -> None:
+        """Hash and write a piece of a streamed blob on a blob thread (BlobWriteError / DiskFullError)."""
+        await self.run(sink.write, data, limiter=self.blob_limiter)
+
+    async def sink_commit(self, sink: BlobSink, height: int | None) -> bool:
+        """Check, fsync and rename a streamed blob, then register it; False if it does not match its hash."""
+        def commit() -> bool:
+            if not sink.commit():
+                return False
+            self.store.adopt_blob(sink.h, sink.size, height)
+            return True
+
+        return await self.run(commit, limiter=self.blob_limiter)
+
+    async def sink_abort(self, sink: BlobSink) -> None:
+        with trio.CancelScope(shield=True):
+            await self.run(sink.abort, limiter=self.blob_limiter)
 
     async def has_blob(self, h: bytes) -> bool:
         return await self.run(self.store.has_blob, h, limiter=self.blob_limiter)

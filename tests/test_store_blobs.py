@@ -331,3 +331,130 @@ def test_blob_retention_setting(tmp_path: Path) -> None:
     assert load_config(tmp_path).config.blob_retention_heights == 64
     with pytest.raises(ConfigError, match="blob_retention_heights"):
         load_config(tmp_path, {}, {"FLNODE_BLOB_RETENTION_HEIGHTS": "lots"})
+
+
+# ---------------------------------------------------------------- streamed blobs (issue 16)
+
+
+def test_a_streamed_blob_is_hashed_once_and_appears_only_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import flnode.node.chain.store as store_mod
+
+    s = ChainStore.open(tmp_path / "chain.sqlite")
+    data = os.urandom(3 * (1 << 20) + 17)
+    h = digest(data)
+    calls: list[int] = []
+    monkeypatch.setattr(store_mod, "digest", lambda b: calls.append(len(b)) or digest(b))  # type: ignore[func-returns-value]
+    sink = s.blob_sink(h)
+    for at in range(0, len(data), 1 << 20):
+        sink.write(data[at : at + (1 << 20)])
+        assert not s.has_blob(h) and s.blob_reader(h) is None  # nothing under the hash name yet
+    assert sink.tmp.exists()
+    assert sink.commit()
+    s.adopt_blob(h, sink.size, 5)
+    assert calls == []  # the sink's running hash was the only pass
+    assert not sink.tmp.exists() and s.has_blob(h)
+    r = s.blob_reader(h)
+    assert r is not None and r.size == len(data) and bytes(r.read_at(100, 50)) == data[100:150]
+    assert calls == []
+    r.close()
+    assert s._pending[h] == (len(data), 5)
+    s.close()
+
+
+def test_a_streamed_blob_that_does_not_match_leaves_nothing(tmp_path: Path) -> None:
+    s = ChainStore.open(tmp_path / "chain.sqlite")
+    h = digest(b"what was asked for")
+    sink = s.blob_sink(h)
+    sink.write(b"something else")
+    assert not sink.commit()
+    assert not s.has_blob(h) and not sink.tmp.exists()
+    assert [p for _, p in s.blobs.scan()] == []
+    s.close()
+
+
+def test_a_crash_mid_stream_leaves_a_temporary_file_that_open_removes(tmp_path: Path) -> None:
+    script = f"""
+import os, sys
+from flnode.node.chain.store import ChainStore
+from flnode.protocol.hashing import digest
+s = ChainStore.open(__import__('pathlib').Path({str(tmp_path / 'c.sqlite')!r}))
+data = os.urandom(1 << 22)
+sink = s.blob_sink(digest(data))
+sink.write(data[: 1 << 21])
+print(sink.tmp, flush=True)
+os._exit(9)  # no commit, no cleanup: a torn temporary file
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    tmp = Path(out.stdout.strip())
+    assert tmp.exists() and tmp.name.startswith(".tmp-")
+    assert all(h is None for h, _ in ChainStore.open(tmp_path / "c.sqlite", readonly=True).blobs.scan())
+    s = ChainStore.open(tmp_path / "c.sqlite")
+    assert not tmp.exists() and list(s.blobs.scan()) == []
+    s.close()
+
+
+def test_a_file_from_before_a_restart_is_hashed_once_and_dropped_if_corrupt(tmp_path: Path) -> None:
+    s = ChainStore.open(tmp_path / "c.sqlite")
+    good, bad = os.urandom(5000), os.urandom(5000)
+    s.put_blob(digest(good), good)
+    s.put_blob(digest(bad), bad)
+    s.close()
+    s = ChainStore.open(tmp_path / "c.sqlite")  # un-indexed files are re-hashed at open (and so trusted)
+    s._verified.clear()  # as for indexed files, which open does not read
+    s.blobs.path(digest(bad)).write_bytes(os.urandom(5000))
+    r = s.blob_reader(digest(good))
+    assert r is not None and bytes(r.read_at(0, 5000)) == good
+    assert s.blob_reader(digest(bad)) is None and not s.has_blob(digest(bad))
+    s.close()
+
+
+def test_commit_height_streams_the_model_to_its_file(tmp_path: Path, chain8: Chain) -> None:
+    _, entries, _ = chain8
+    s = ChainStore.open(tmp_path / "c.sqlite")
+    for block, cert, state, receipt in entries[:3]:
+        s.commit_height(block, cert, state, receipt, state.model)  # tensors, not an encoded blob
+        assert s.get_blob(state.model_hash) == encode_tensors(state.model)
+        assert s.blob_index(state.model_hash) == (len(encode_tensors(state.model)), block.height, "model")
+    s.close()
+
+
+def test_the_blob_service_streams_in_and_out(tmp_path: Path) -> None:
+    import trio
+    from flnode.node.blobs import BlobService
+    from flnode.node.metrics import Metrics
+    from flnode.node.net import StreamedResponse
+    from flnode.node.store_worker import StoreWorker
+    from flnode.protocol.messages import BlobRequest
+
+    store = ChainStore.open(tmp_path / "c.sqlite")
+    data = os.urandom(9 * (1 << 20) + 3)
+    h = digest(data)
+
+    class FakeNet:
+        peer_id = "me"
+        pieces = 0
+
+        async def request_into(self, peer: str, protocol_id: str, payload: bytes, sink: Any, *,
+                               max_response: int, timeout: float) -> int:
+            body = data if peer == "good" else os.urandom(len(data))
+            for at in range(0, len(body), 65536):
+                await sink(body[at : at + 65536])
+                FakeNet.pieces += 1
+            return len(body)
+
+    async def main() -> None:
+        svc = BlobService(FakeNet(), StoreWorker(store), Metrics(), max_blob_bytes=64 << 20)  # type: ignore[arg-type]
+        assert not await svc.fetch(h, ["liar"], len(data), height=2)
+        assert svc.metrics.counters["rejected_blob_hash_mismatch"] == 1 and not store.has_blob(h)
+        assert await svc.fetch(h, ["good"], len(data), height=2)
+        assert svc.holds(h) and store.get_blob(h) == data
+        resp = await svc.serve("peer", BlobRequest(h).encode())
+        assert isinstance(resp, StreamedResponse) and resp.size == len(data)
+        got = [p async for p in resp.chunks()]
+        assert max(len(p) for p in got) <= 1 << 20 and b"".join(got) == data
+        readers = await svc.readers([h, digest(b"absent")])
+        assert list(readers) == [h] and bytes(readers[h].read_at(len(data) - 3, 3)) == data[-3:]
+
+    trio.run(main)
+    assert [p.name for _, p in store.blobs.scan()] == [h.hex()]  # no temporary file left behind
+    store.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from typing import TypeAlias
 
 from flnode.node.app import AppState, Receipt, check_announcement_admission, evidence_key, execute
 from flnode.node.app import validator_powers as powers_at
@@ -18,15 +19,18 @@ from flnode.protocol.messages import (
     empty_commit_hash,
     list_hash,
 )
+from flnode.protocol.tensors import BlobReader
+
+Blob: TypeAlias = "bytes | BlobReader"  # an update blob in memory, or its file read a chunk at a time
 
 
 def select_updates(
-    genesis: Genesis, state: AppState, candidates: Sequence[tuple[UpdateAnnouncement, bytes]]
-) -> list[tuple[UpdateAnnouncement, bytes]]:
+    genesis: Genesis, state: AppState, candidates: Sequence[tuple[UpdateAnnouncement, Blob]]
+) -> list[tuple[UpdateAnnouncement, Blob]]:
     """Candidates that may go into the next block (admissible: see check_announcement_admission), in canonical
     (hash) order. An author's second, different announcement is kept too: together they prove equivocation,
     which execution penalises."""
-    seen: dict[bytes, tuple[UpdateAnnouncement, bytes]] = {}
+    seen: dict[bytes, tuple[UpdateAnnouncement, Blob]] = {}
     for ann, blob in candidates:
         if check_announcement_admission(genesis, state, ann) is None:
             seen.setdefault(ann.hash(), (ann, blob))
@@ -41,7 +45,7 @@ def build_block(
     last_commit: CommitCertificate | None,
     proposer: bytes,
     time_ms: int,
-    candidates: Sequence[tuple[UpdateAnnouncement, bytes]],
+    candidates: Sequence[tuple[UpdateAnnouncement, Blob]],
     evidence: Sequence[DuplicateVoteEvidence] = (),
 ) -> tuple[Block, AppState, Receipt]:
     chosen = select_updates(genesis, state, candidates)
@@ -83,7 +87,7 @@ def check_block(
     genesis: Genesis,
     state: AppState,
     block: Block,
-    blobs: Mapping[bytes, bytes],
+    blobs: Mapping[bytes, Blob],
     *,
     prev_block_hash: bytes,
     validator_powers: Mapping[bytes, int] | None = None,
@@ -115,7 +119,7 @@ def check_block(
         raise ValidationError("updates are not in canonical order")
     if [e.hash() for e in block.evidence] != sorted({e.hash() for e in block.evidence}):
         raise ValidationError("evidence is not in canonical order or repeats")
-    pairs = []
+    pairs: list[tuple[UpdateAnnouncement, Blob]] = []
     for u in block.updates:
         blob = blobs.get(u.blob_hash)
         if blob is None:

@@ -5,30 +5,34 @@ A height is committed in one transaction: block, certificate, app state, receipt
 together, so after kill -9 the store always opens at the last committed height, intact.
 
 Blobs (update and model blobs) are content-addressed files beside the database (see BlobFiles); SQLite only
-indexes them (hash, size, height, kind). put_blob does no fsync and no SQLite write, so receiving updates never
-queues behind the fsync'd consensus writes; commit_height makes the height's blob files durable (file and
-directory fsync) before its transaction indexes them, so an index row always names a durable, whole file.
+indexes them (hash, size, height, kind). A blob is written to a temporary name (hashed while it streams in),
+fsync'd and renamed, so its hash name never shows a torn file; put_blob does no SQLite write, so receiving updates
+never queues behind the fsync'd consensus writes. commit_height makes the directories durable before its
+transaction indexes the height's blobs, so an index row always names a durable, whole file.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
+import itertools
 import json
 import os
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import numpy as np
 from flnode.node.app import AppState, Receipt, decode_state, encode_state
 from flnode.protocol.encoding import pack, unpack
 from flnode.protocol.errors import ProtocolError
 from flnode.protocol.hashing import digest
 from flnode.protocol.messages import Block, CommitCertificate
-from flnode.protocol.tensors import decode_tensors, tensors_hash
+from flnode.protocol.tensors import BytesReader, decode_tensors, tensors_hash, write_tensors
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
@@ -90,9 +94,9 @@ def default_blob_dir(db: Path) -> Path:
 
 class BlobFiles:
     """One file per blob at root/ab/abcdef… (hex digest). A blob is written under a temporary name in the same
-    directory and renamed, so after a process crash its hash name never shows a partial file. It is fsync'd only
-    when its height commits (make_durable, before the index row): after a power cut an un-indexed file may be
-    torn, which ChainStore.open re-hashes; reads hash-check anyway."""
+    directory, fsync'd and renamed, so neither a process crash nor a power cut shows a partial file under its hash
+    name; the directory entry is made durable when its height commits (make_durable, before the index row).
+    ChainStore.open still re-hashes un-indexed files (a file from before this rule, or a disk that lies)."""
 
     TMP = ".tmp-"
 
@@ -134,6 +138,7 @@ class BlobFiles:
                 view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view):]
+                os.fsync(fd)  # data durable before the name: a torn file never appears under its hash
             finally:
                 os.close(fd)
             os.replace(tmp, p)
@@ -148,6 +153,16 @@ class BlobFiles:
 
     def remove(self, h: bytes) -> None:
         self.path(h).unlink(missing_ok=True)
+
+    def sink(self, h: bytes) -> BlobSink:
+        """A temporary file to stream `h` into (see BlobSink)."""
+        return BlobSink(self, h)
+
+    def reader(self, h: bytes) -> FileReader | None:
+        try:
+            return FileReader(self.path(h))
+        except FileNotFoundError:
+            return None
 
     def make_durable(self, hashes: Sequence[bytes]) -> list[bytes]:
         """fsync these blobs' data and every directory renamed into since the last call, all in parallel (the
@@ -174,6 +189,118 @@ class BlobFiles:
                 yield h, Path(e.path)
 
 
+_SEQ = itertools.count()
+
+
+class BlobSink:
+    """A blob arriving in pieces: written to a temporary name and hashed in the same pass, then (commit) checked
+    against its hash, fsync'd and renamed. Until then nothing is visible under the hash name; a crash leaves only a
+    temporary file, which ChainStore.open deletes. One writer at a time (calls may come from different threads)."""
+
+    def __init__(self, files: BlobFiles, h: bytes) -> None:
+        self.files = files
+        self.h = h
+        self.size = 0
+        self._sha = hashlib.sha256()
+        p = files.path(h)
+        self.tmp = p.parent / f"{BlobFiles.TMP}{p.name}.{os.getpid()}.{next(_SEQ)}"
+        self._fd: int | None = None
+
+    def _open(self) -> int:
+        if self._fd is None:
+            try:
+                if not self.tmp.parent.is_dir():
+                    self.tmp.parent.mkdir(parents=True, exist_ok=True)
+                    with self.files._lock:
+                        self.files._dirty_dirs.add(self.files.root)
+                self._fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            except OSError as exc:
+                raise _write_error(exc, self.h, self.files.root) from None
+        return self._fd
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        fd = self._open()
+        self._sha.update(data)
+        view = memoryview(data).cast("B")
+        self.size += len(view)
+        try:
+            while view:
+                view = view[os.write(fd, view):]
+        except OSError as exc:
+            self.abort()
+            raise _write_error(exc, self.h, self.files.root) from None
+
+    def commit(self) -> bool:
+        """True if what was written hashes to h (now durable under its name); False (and removed) otherwise."""
+        fd = self._open()
+        if self._sha.digest() != self.h:
+            self.abort()
+            return False
+        p = self.files.path(self.h)
+        try:
+            os.fsync(fd)
+            os.close(fd)
+            self._fd = None
+            os.replace(self.tmp, p)
+        except OSError as exc:
+            self.abort()
+            raise _write_error(exc, self.h, self.files.root) from None
+        with self.files._lock:
+            self.files._dirty_dirs.add(p.parent)
+        return True
+
+    def abort(self) -> None:
+        if self._fd is not None:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+            self._fd = None
+        self.tmp.unlink(missing_ok=True)
+
+
+def _write_error(exc: OSError, h: bytes, root: Path) -> BlobWriteError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFullError(f"disk full writing blob {h.hex()[:16]} under {root}: {exc}")
+    return BlobWriteError(f"cannot write blob {h.hex()[:16]} under {root}: {exc}")
+
+
+class FileReader:
+    """Random access to a blob file (the tensor codec's BlobReader): reads with pread, so concurrent readers share
+    the descriptor; the open descriptor keeps the data readable even if the blob is pruned meanwhile. Its content
+    was hash-checked when written (and re-hashed at open if it was never indexed), so readers do not hash again."""
+
+    _fd: int | None = None  # set before open can fail, so __del__ of a half-made reader is quiet
+
+    def __init__(self, path: Path) -> None:
+        self._fd = os.open(path, os.O_RDONLY)
+        self.size = os.fstat(self._fd).st_size
+
+    def read_at(self, offset: int, n: int) -> bytes:
+        if self._fd is None:
+            raise ValueError("blob reader is closed")
+        out = os.pread(self._fd, n, offset)
+        if len(out) < n and offset + len(out) < self.size:  # a short read: rare, finish it
+            parts = [out]
+            got = len(out)
+            while got < n:
+                more = os.pread(self._fd, n - got, offset + got)
+                if not more:
+                    break
+                parts.append(more)
+                got += len(more)
+            out = b"".join(parts)
+        return out
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __del__(self) -> None:
+        self.close()
+
+
 class ChainStore:
     def __init__(self, conn: sqlite3.Connection, path: Path, readonly: bool, blob_dir: Path) -> None:
         self.conn = conn
@@ -184,6 +311,8 @@ class ChainStore:
         # received since the last commit, not yet indexed: hash -> (size, height announced for, or None)
         self._pending: dict[bytes, tuple[int, int | None]] = {}
         self._legacy = False  # an old store with a `blobs` table still holding rows (read-only openers)
+        # blob files whose content this process has hashed (written here, or checked once): readers skip the hash
+        self._verified: set[bytes] = set()
 
     @classmethod
     def open(cls, path: Path, *, readonly: bool = False, genesis_hash: bytes | None = None,
@@ -255,18 +384,31 @@ class ChainStore:
     def latest_height(self) -> int:
         return int(self._one("SELECT COALESCE(MAX(height), 0) FROM blocks") or 0)
 
-    def commit_height(self, block: Block, cert: CommitCertificate, state: AppState, receipt: Receipt, model_blob: bytes) -> None:
+    def commit_height(self, block: Block, cert: CommitCertificate, state: AppState, receipt: Receipt,
+                      model_blob: bytes | Mapping[str, np.ndarray]) -> None:
         """Block, certificate, state, receipt and the index of this height's blobs: one fsync'd transaction, after
-        the model blob, the block's update blobs and every blob received since the last commit are durable."""
+        the model blob, the block's update blobs and every blob received since the last commit are durable.
+        `model_blob`: the encoded model, or the model's tensors (streamed to its file, never encoded in memory)."""
         h = block.height
         if state.height != h or cert.height != h or cert.block_hash != block.hash():
             raise StoreError(f"inconsistent commit for height {h}")
         if h != self.latest_height() + 1:
             raise StoreError(f"commit of height {h} after {self.latest_height()}")
-        model_hash = digest(model_blob)
-        if model_hash != state.model_hash:
-            raise StoreError(f"model blob of height {h} does not match the state's model hash")
-        self.blobs.write(model_hash, model_blob)  # DiskFullError: nothing is committed
+        model_hash = state.model_hash
+        if isinstance(model_blob, (bytes, bytearray, memoryview)):
+            if digest(model_blob) != model_hash:
+                raise StoreError(f"model blob of height {h} does not match the state's model hash")
+            model_size = len(model_blob)
+            self.blobs.write(model_hash, model_blob)  # DiskFullError: nothing is committed
+        elif self.blobs.exists(model_hash):  # an unchanged model (no updates): already on disk
+            model_size = os.path.getsize(self.blobs.path(model_hash))
+        else:
+            sink = self.blobs.sink(model_hash)
+            write_tensors(model_blob, sink.write)
+            model_size = sink.size
+            if not sink.commit():
+                raise StoreError(f"model blob of height {h} does not match the state's model hash")
+            self._verified.add(model_hash)
         with self._pending_lock:
             pending = dict(self._pending)
         rows: list[tuple[bytes, int, int, str]] = []
@@ -290,7 +432,7 @@ class ChainStore:
             c.execute("INSERT INTO states (height, model_hash, data) VALUES (?, ?, ?)",
                       (h, state.model_hash, encode_state(state)))
             c.execute("INSERT INTO receipts (height, data) VALUES (?, ?)", (h, receipt.encode()))
-            c.executemany(UPSERT_INDEX, [*rows, (model_hash, len(model_blob), h, "model")])
+            c.executemany(UPSERT_INDEX, [*rows, (model_hash, model_size, h, "model")])
             c.executemany("INSERT OR IGNORE INTO blob_index (hash, size, height, kind) VALUES (?, ?, ?, ?)", orphans)
 
         self._transaction(body)
@@ -363,9 +505,43 @@ class ChainStore:
         if digest(data) != h:
             raise StoreError("blob does not match its hash")
         self.blobs.write(h, data)
+        self.adopt_blob(h, len(data), height)
+
+    def blob_sink(self, h: bytes) -> BlobSink:
+        """Stream a blob in (one hash pass while writing); BlobSink.commit checks it, then adopt_blob registers it."""
+        if self.readonly:
+            raise StoreError("read-only store")
+        return self.blobs.sink(h)
+
+    def adopt_blob(self, h: bytes, size: int, height: int | None = None) -> None:
+        """Register a blob a committed BlobSink put in place (already hash-checked: not hashed again)."""
+        self._verified.add(h)
         with self._pending_lock:
             old = self._pending.get(h, (0, None))[1]
-            self._pending[h] = (len(data), height if old is None else max(old, height or old))
+            self._pending[h] = (size, height if old is None else max(old, height or old))
+
+    def blob_reader(self, h: bytes) -> FileReader | BytesReader | None:
+        """The blob for chunked reading (validation, aggregation, serving), or None. Not hashed: see FileReader."""
+        r = self.blobs.reader(h)
+        if r is not None:
+            if h in self._verified:
+                return r
+            # a file this process did not write (from before a restart): hashed once, in pieces; a corrupt one is
+            # deleted and reported missing, so it is fetched again rather than executed or served
+            sha = hashlib.sha256()
+            for at in range(0, r.size, 1 << 22):
+                sha.update(r.read_at(at, min(1 << 22, r.size - at)))
+            if sha.digest() == h:
+                self._verified.add(h)
+                return r
+            r.close()
+            if not self.readonly:
+                self.blobs.remove(h)
+                with self._pending_lock:
+                    self._pending.pop(h, None)
+            return None
+        data = self._legacy_blob(h)
+        return None if data is None else BytesReader(data)
 
     def get_blob(self, h: bytes) -> bytes | None:
         """The blob, hash-checked: a corrupt file is deleted (by the writer) and reported missing."""
@@ -438,6 +614,7 @@ class ChainStore:
         self._transaction(body)  # index first: a reader never expects a blob that is already gone
         for bh in (*gone, *stale):
             self.blobs.remove(bh)
+            self._verified.discard(bh)
         if removed is not None:
             removed.extend((*gone, *stale))
         return len(gone) + len(stale)
@@ -512,11 +689,16 @@ class ChainStore:
                 continue
             if bh in indexed:
                 continue
-            data = p.read_bytes()
-            if digest(data) != bh:
+            sha, size = hashlib.sha256(), 0
+            with open(p, "rb") as f:  # in pieces: a blob can be larger than we want in memory
+                while piece := f.read(1 << 22):
+                    sha.update(piece)
+                    size += len(piece)
+            if sha.digest() != bh:
                 p.unlink(missing_ok=True)
             else:
-                self._pending[bh] = (len(data), None)
+                self._pending[bh] = (size, None)
+                self._verified.add(bh)
 
     # ---------------------------------------------------------------- consensus records (the WAL of own votes)
 

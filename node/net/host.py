@@ -9,7 +9,7 @@ import functools
 import hashlib
 import logging
 import os
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +22,17 @@ FRAME_HEADER = 4
 CHUNK = 1 << 20
 MAX_REQUEST = 64 << 10
 
-Handler = Callable[[str, bytes], Awaitable[bytes]]
+class StreamedResponse:
+    """A response too large to hold: `size` bytes produced by `chunks()` (written as one frame, piece by piece).
+    `timeout`: how long writing it may take (the handler's usual 30 s does not fit a 400 MB blob)."""
+
+    def __init__(self, size: int, chunks: Callable[[], AsyncIterator[bytes]], timeout: float) -> None:
+        self.size = size
+        self.chunks = chunks
+        self.timeout = timeout
+
+
+Handler = Callable[[str, bytes], Awaitable["bytes | StreamedResponse"]]
 Validator = Callable[[str, bytes, str | None], bool]  # (topic, data, forwarding peer id)
 StreamHandler = Callable[[str, "Stream"], Awaitable[None]]
 
@@ -70,6 +80,21 @@ async def write_frame(stream: Any, data: bytes) -> None:
     view = memoryview(data)
     for start in range(0, len(data), CHUNK):
         await stream.write(bytes(view[start : start + CHUNK]))
+
+
+async def _write_streamed(stream: Any, response: StreamedResponse) -> None:
+    """One frame whose body comes from response.chunks(); a body of the wrong length is an error (reset)."""
+    await stream.write(response.size.to_bytes(FRAME_HEADER, "big"))
+    sent = 0
+    async for piece in response.chunks():
+        sent += len(piece)
+        if sent > response.size:
+            break
+        view = memoryview(piece)
+        for start in range(0, len(piece), CHUNK):
+            await stream.write(bytes(view[start : start + CHUNK]))
+    if sent != response.size:
+        raise NetError(f"streamed response of {sent} bytes, announced {response.size}")
 
 
 def encode_frames(items: Sequence[bytes]) -> bytes:
@@ -168,7 +193,11 @@ class P2PNode:
                 with trio.fail_after(30):
                     request = await read_frame(stream, max_request)
                     response = await handler(peer, request)
-                    await write_frame(stream, response)
+                    if not isinstance(response, StreamedResponse):
+                        await write_frame(stream, response)
+                if isinstance(response, StreamedResponse):
+                    with trio.fail_after(response.timeout):
+                        await _write_streamed(stream, response)
                 await stream.close()
                 self._count("requests_served")
             except Exception as exc:
@@ -250,6 +279,48 @@ class P2PNode:
                 response = await read_frame(stream, max_response)
                 await stream.close()
                 return response
+        except NetError:
+            raise
+        except trio.TooSlowError:
+            raise NetError(f"request to {peer[:16]} timed out after {timeout}s") from None
+        except Exception as exc:
+            raise NetError(f"request to {peer[:16]} failed: {exc!r}"[:300]) from None
+        finally:
+            if stream is not None:
+                try:
+                    with trio.move_on_after(1):
+                        await stream.reset()
+                except Exception:
+                    pass
+
+    async def request_into(
+        self, peer: str, protocol_id: str, payload: bytes, sink: Callable[[bytes], Awaitable[None]], *,
+        max_response: int, timeout: float, first_byte_timeout: float | None = None,
+    ) -> int:
+        """A request whose response is passed to `sink` piece by piece as it arrives (never held whole); returns
+        its size (0: the peer has nothing). Same framing as request(); errors as NetError."""
+        from libp2p.custom_types import TProtocol
+        from libp2p.peer.id import ID
+
+        if self._host is None:
+            raise NetError("not running")
+        stream = None
+        try:
+            with trio.fail_after(timeout):
+                stream = await self._host.new_stream(ID.from_base58(peer), [TProtocol(protocol_id)])
+                await write_frame(stream, payload)
+                size = int.from_bytes(await _read_exactly(stream, FRAME_HEADER), "big")
+                if size > max_response:
+                    raise NetError(f"frame of {size} bytes exceeds the cap of {max_response}")
+                got = 0
+                while got < size:
+                    chunk = await stream.read(min(size - got, CHUNK))
+                    if not chunk:
+                        raise NetError(f"stream ended after {got} of {size} bytes")
+                    got += len(chunk)
+                    await sink(bytes(chunk))
+                await stream.close()
+                return size
         except NetError:
             raise
         except trio.TooSlowError:
