@@ -150,7 +150,7 @@ def _print_privacy(genesis: Any, rows: list[dict[str, Any]]) -> None:
         return
     r = genesis.rules
     how = ("record-level DP-SGD, declared by each trainer (not verifiable)" if r.dp_mode == "record"
-           else "participant-level: clip checked by validators, noise declared")
+           else "participant-level: clip and noise size checked by validators, randomness declared")
     t = Table(title=f"differential privacy: {how}; C={r.dp_clip} z={r.dp_noise} delta={r.dp_delta:g}")
     for col in ("participant", "rounds", "epsilon spent", "budget", "left", ""):
         t.add_column(col)

@@ -5,6 +5,7 @@ node, `chain verify` and `chain show` see it."""
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -162,6 +163,13 @@ def test_clip_bound_is_checked_by_validators() -> None:
     assert len(receipt.accepted) == 3
     assert [(a, why) for a, _, why in receipt.rejected] == [(KEYS[3].public_key, "dp_clip_bound")]
     assert receipt.penalties == {KEYS[3].public_key: g.rules.rewards.penalty_rejected}
+    # A clipped update without its noise share: too small to carry the noise, refused.
+    floor = dp.update_floor_for(g)
+    assert floor > 2 * g.rules.dp_clip
+    quiet = {k: np.full(v.shape, 0.4 / np.sqrt(d), np.float32) for k, v in state.model.items()}
+    _, receipt = execute(g, state, [*honest, _signed(g, KEYS[3], state, quiet)])
+    assert [(a, why) for a, _, why in receipt.rejected] == [(KEYS[3].public_key, "dp_noise_missing")]
+    assert dp.update_floor_for(genesis()) == 0.0 and dp.update_bound_for(genesis()) == math.inf
     # Without DP the same update is within the general norm bound.
     _, plain = execute(genesis(), state, [_signed(genesis(), KEYS[3], state, big)])
     assert plain.accepted == (KEYS[3].public_key,)
@@ -227,7 +235,7 @@ def test_participant_level_report_and_testnet_flags(tmp_path: Path) -> None:
     assert {r["rounds"] for r in rows} == {3} and all(r["epsilon_budget"] == 4.0 for r in rows)
     # Whoever reads the individual updates (noise z / sqrt(4) each) gets a weaker guarantee than the models' users.
     assert all(r["epsilon_vs_update_readers"] > r["epsilon_spent"] > 0 for r in rows)
-    assert rows[0]["guarantee"].startswith("clip checked")
+    assert rows[0]["guarantee"].startswith("clip and noise size checked")
 
     runner = CliRunner()
     res = runner.invoke(app, ["testnet", "init", "--dir", str(tmp_path / "net"), "--nodes", "4", "--dp-mode", "record",

@@ -178,6 +178,25 @@ def update_bound_for(genesis: Genesis) -> float:
     return update_bound(genesis, sum(math.prod(shape) for _, shape in param_spec(genesis)))
 
 
+def update_floor(genesis: Genesis, n_params: int) -> float:
+    """The smallest L2 norm a validator accepts (0 unless participant-level DP): an honest update is a vector of
+    norm <= C plus Gaussian noise whose norm falls below s * (sqrt(d) - 1 - 6) with probability at most
+    exp(-18), so its norm is at least that minus C. An update without its noise share (norm <= C) or with much
+    less of it is refused when the floor is positive. It checks the noise's size, not that it is random."""
+    r = genesis.rules
+    if r.dp_mode != "participant":
+        return 0.0
+    return max(0.0, update_noise_std(genesis) * (math.sqrt(n_params) - 1.0 - NOISE_TAIL) - r.dp_clip)
+
+
+def update_floor_for(genesis: Genesis) -> float:
+    if genesis.rules.dp_mode != "participant":
+        return 0.0
+    from .limits import param_spec
+
+    return update_floor(genesis, sum(math.prod(shape) for _, shape in param_spec(genesis)))
+
+
 # ---------------------------------------------------------------- the trainer hooks
 
 

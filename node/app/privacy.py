@@ -133,7 +133,7 @@ def report(genesis: Genesis, state: AppState) -> list[dict[str, Any]]:
             "epsilon_left": max(0.0, b - spent) if b > 0 else None, "delta": r.dp_delta,
             "exhausted": not may_spend_round(genesis, state, k),
             # Record-level DP runs inside the trainer: nobody else can check it was applied.
-            "guarantee": "declared" if r.dp_mode == "record" else "clip checked by validators, noise declared",
+            "guarantee": "declared" if r.dp_mode == "record" else "clip and noise size checked by validators, noise randomness declared",
             "epsilon_vs_update_readers": update_reader_epsilon(genesis, n) if r.dp_mode == "participant" else None,
         })
     return rows

@@ -10,9 +10,10 @@ import numpy as np
 from flnode.protocol.errors import ProtocolError
 from flnode.protocol.genesis import Genesis
 from flnode.protocol.messages import UpdateAnnouncement
-from flnode.protocol.tensors import BlobReader, StreamedTensors, as_reader, tensor_layout
+from flnode.protocol.tensors import COMPRESSION_DTYPES, BlobReader, StreamedTensors, as_reader, tensor_layout
 
 from .dp import update_bound_for as dp_update_bound
+from .dp import update_floor_for as dp_update_floor
 from .limits import param_spec, samples_cap, update_blob_size
 from .state import AppState
 
@@ -36,13 +37,15 @@ class Reason(StrEnum):
     EQUIVOCATION = "equivocation"
     OUTLIER = "outlier"
     DP_CLIP_BOUND = "dp_clip_bound"  # participant-level DP: norm above the clip norm plus the noise's bound
+    DP_NOISE_MISSING = "dp_noise_missing"  # participant-level DP: norm too small to carry the noise share
     PRIVACY_BUDGET_SPENT = "privacy_budget_spent"  # one more round would exceed the author's epsilon budget
 
 
 # The author's fault, provable from its signature and the blob: these cost reputation.
 PENALISED = frozenset(
     {Reason.SIZE_MISMATCH, Reason.MALFORMED_BLOB, Reason.WRONG_SHAPE, Reason.NON_FINITE, Reason.NORM_BOUND,
-     Reason.EQUIVOCATION, Reason.OUTLIER, Reason.DP_CLIP_BOUND, Reason.PRIVACY_BUDGET_SPENT}
+     Reason.EQUIVOCATION, Reason.OUTLIER, Reason.DP_CLIP_BOUND, Reason.DP_NOISE_MISSING,
+     Reason.PRIVACY_BUDGET_SPENT}
 )
 
 def check_announcement(
@@ -159,7 +162,8 @@ def check_update_streamed(
     if r.size != ann.blob_size:
         return None, Reason.SIZE_MISMATCH
     try:
-        spans = tensor_layout(r, max_size=genesis.rules.max_blob_bytes)
+        spans = tensor_layout(r, max_size=genesis.rules.max_blob_bytes,
+                              dtypes=frozenset({COMPRESSION_DTYPES[genesis.rules.compression]}))
     except ProtocolError:
         return None, Reason.MALFORMED_BLOB
     if [(s.name, s.shape) for s in spans] != param_spec(genesis):
@@ -172,6 +176,8 @@ def check_update_streamed(
         return None, Reason.NORM_BOUND
     if norm > dp_update_bound(genesis):
         return None, Reason.DP_CLIP_BOUND
+    if norm < dp_update_floor(genesis):
+        return None, Reason.DP_NOISE_MISSING
     return tensors, None
 
 
