@@ -109,10 +109,15 @@ class Rules:
     dp_participants: int = 0  # m: expected participants sharing the aggregate's noise (0: every validator)
     dp_epsilon_budget: float = 0.0  # every participant's epsilon budget (0: unlimited)...
     dp_budgets: dict[str, float] = field(default_factory=dict, hash=False)  # ...unless named here (validator name -> budget)
+    # Update encoding (protocol/tensors.py): "none" (float32) | "float16" | "int8" | "topk" (the compression_topk
+    # fraction of each tensor's largest entries, the rest carried over by the trainer's error feedback).
+    compression: str = "none"
+    compression_topk: float = 0.01
 
 
 LATER_RULES = ("max_samples_per_update", "weight_median_multiple", "dp_mode", "dp_clip", "dp_noise",
-               "dp_sample_rate", "dp_sampling", "dp_delta", "dp_participants", "dp_epsilon_budget", "dp_budgets")
+               "dp_sample_rate", "dp_sampling", "dp_delta", "dp_participants", "dp_epsilon_budget", "dp_budgets",
+               "compression", "compression_topk")
 
 
 @dataclass(frozen=True)
@@ -228,6 +233,10 @@ class Genesis:
             raise GenesisError(f"genesis: unknown aggregator {self.rules.aggregator!r}")
         if self.rules.max_samples_per_update < 0 or self.rules.weight_median_multiple < 0:
             raise GenesisError("genesis: max_samples_per_update and weight_median_multiple must be >= 0")
+        if self.rules.compression not in ("none", "float16", "int8", "topk"):
+            raise GenesisError(f"genesis: unknown compression {self.rules.compression!r} (none | float16 | int8 | topk)")
+        if not 0 < self.rules.compression_topk <= 1:
+            raise GenesisError("genesis: compression_topk must be in (0, 1]")
         self._check_dp()
 
     def _check_dp(self) -> None:

@@ -13,7 +13,7 @@ tensor data is compared to the canonical encoding of the values it parsed (which
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -24,6 +24,12 @@ from .errors import DecodeError
 
 TENSOR_MAGIC = "flnode/tensors/v1"
 DTYPE = "<f4"
+# Compressed update encodings (genesis rules.compression); each decodes to float32 the same way everywhere:
+#   "<f2"  : little-endian float16, widened exactly to float32
+#   "q8"   : a little-endian float32 scale, then one int8 per element; value = float32(q) * scale (one IEEE multiply)
+#   "topk" : k strictly increasing little-endian uint32 indices, then k float32 values; every other element is 0
+F16, Q8, TOPK = "<f2", "q8", "topk"
+COMPRESSION_DTYPES = {"none": DTYPE, "float16": F16, "int8": Q8, "topk": TOPK}
 MAX_TENSORS = 1024
 MAX_DIMS = 8
 MAX_NAME = 256  # expect_str's default, which the codec always used
@@ -62,8 +68,15 @@ def as_reader(blob: bytes | bytearray | memoryview | BlobReader) -> BlobReader:
 class TensorSpan:
     name: str
     shape: tuple[int, ...]
-    offset: int  # of the raw float32 data in the blob
-    count: int  # elements
+    offset: int  # of the raw data in the blob
+    count: int  # elements (of the dense tensor)
+    dtype: str = DTYPE
+    k: int = 0  # topk: stored elements
+
+
+def raw_size(dtype: str, count: int, k: int = 0) -> int:
+    """Bytes of a tensor's raw data in an encoding (topk: with k stored elements)."""
+    return {DTYPE: 4 * count, F16: 2 * count, Q8: 4 + count, TOPK: 8 * k}[dtype]
 
 
 class _Cursor:
@@ -173,9 +186,12 @@ def _bin_header(n: int) -> bytes:
     return b"\xc5" + n.to_bytes(2, "big") if n < 1 << 16 else b"\xc6" + n.to_bytes(4, "big")
 
 
-def tensor_layout(blob: bytes | bytearray | memoryview | BlobReader, max_size: int = 1 << 30) -> list[TensorSpan]:
+def tensor_layout(blob: bytes | bytearray | memoryview | BlobReader, max_size: int = 1 << 30,
+                  dtypes: frozenset[str] = frozenset({DTYPE})) -> list[TensorSpan]:
     """Where each tensor's raw data lies, reading only headers. Raises DecodeError for exactly the blobs
-    decode_tensors refuses (wrong structure, non-canonical spelling, bad dtype/shape/size, trailing bytes)."""
+    decode_tensors refuses (wrong structure, non-canonical spelling, bad dtype/shape/size, trailing bytes).
+    `dtypes`: the encodings allowed (only float32 unless a genesis compresses updates); topk indices are read
+    and must be strictly increasing and within the tensor."""
     r = as_reader(blob)
     if r.size > max_size:
         raise DecodeError(f"tensor blob: {r.size} bytes exceeds the cap of {max_size}")
@@ -205,8 +221,9 @@ def tensor_layout(blob: bytes | bytearray | memoryview | BlobReader, max_size: i
         if name in names:
             raise DecodeError(f"tensor blob: duplicate tensor {name!r}")
         names.add(name)
-        if c.str_() != DTYPE:
-            raise DecodeError(f"tensor {name!r}: dtype is not {DTYPE}")
+        dtype = c.str_()
+        if dtype not in dtypes:
+            raise DecodeError(f"tensor {name!r}: dtype {dtype!r} is not allowed here")
         ndims = c.array_header()
         if ndims > MAX_DIMS:
             raise DecodeError(f"tensor {name!r}: bad shape")
@@ -214,26 +231,54 @@ def tensor_layout(blob: bytes | bytearray | memoryview | BlobReader, max_size: i
         if any(not 0 <= d <= 1 << 31 for d in dims):
             raise DecodeError(f"tensor {name!r}: bad dimension")
         raw = c.bin_header()
-        c.expect(s, _array_header(4) + pack(name) + pack(DTYPE) + pack(dims) + _bin_header(raw))
+        c.expect(s, _array_header(4) + pack(name) + pack(dtype) + pack(dims) + _bin_header(raw))
         count = 1
         for d in dims:
             count *= d
-        if count * 4 != raw:
+        k = raw // 8 if dtype == TOPK and raw % 8 == 0 and raw // 8 <= count else 0
+        if raw_size(dtype, count, k) != raw:
             raise DecodeError(f"tensor {name!r}: {raw} bytes do not fit shape {dims}")
         if c.pos + raw > r.size:
             raise DecodeError("tensor blob: truncated")
-        out.append(TensorSpan(name, tuple(dims), c.pos, count))
+        span = TensorSpan(name, tuple(dims), c.pos, count, dtype, k)
+        if dtype == TOPK:
+            idx = topk_indices(r, span)
+            if k and (int(idx[-1]) >= count or (k > 1 and not bool(np.all(np.diff(idx.astype(np.int64)) > 0)))):
+                raise DecodeError(f"tensor {name!r}: topk indices not increasing within the tensor")
+        out.append(span)
         c.pos += raw
     if c.pos != r.size:
         raise DecodeError("tensor blob: trailing bytes")
     return out
 
 
-def read_span(reader: BlobReader, span: TensorSpan, start: int = 0, stop: int | None = None) -> np.ndarray:
-    """Elements [start, stop) of a tensor, flat, as float32 (a view when the reader is in memory)."""
+def topk_indices(reader: BlobReader, span: TensorSpan) -> np.ndarray:
+    return np.frombuffer(reader.read_at(span.offset, 4 * span.k), dtype=np.dtype("<u4"), count=span.k)
+
+
+def read_span(reader: BlobReader, span: TensorSpan, start: int = 0, stop: int | None = None,
+              index: np.ndarray | None = None) -> np.ndarray:
+    """Elements [start, stop) of a tensor, flat, as float32 (a view when the reader is in memory and the data is
+    float32). Compressed encodings are decoded here, deterministically. `index`: a topk tensor's indices, if
+    already read."""
     stop = span.count if stop is None else stop
-    raw = reader.read_at(span.offset + 4 * start, 4 * (stop - start))
-    return np.frombuffer(raw, dtype=np.dtype(DTYPE), count=stop - start)
+    n = stop - start
+    if span.dtype == DTYPE:
+        return np.frombuffer(reader.read_at(span.offset + 4 * start, 4 * n), dtype=np.dtype(DTYPE), count=n)
+    if span.dtype == F16:
+        raw = reader.read_at(span.offset + 2 * start, 2 * n)
+        return np.frombuffer(raw, dtype=np.dtype(F16), count=n).astype(np.float32)  # exact widening
+    if span.dtype == Q8:
+        scale = np.frombuffer(reader.read_at(span.offset, 4), dtype=np.dtype(DTYPE), count=1)[0]
+        q = np.frombuffer(reader.read_at(span.offset + 4 + start, n), dtype=np.int8, count=n)
+        return q.astype(np.float32) * np.float32(scale)  # one correctly rounded float32 multiply each
+    idx = topk_indices(reader, span) if index is None else index
+    lo, hi = (int(x) for x in np.searchsorted(idx, [start, stop]))
+    out = np.zeros(n, dtype=np.float32)
+    if hi > lo:
+        vals = reader.read_at(span.offset + 4 * span.k + 4 * lo, 4 * (hi - lo))
+        out[idx[lo:hi].astype(np.int64) - start] = np.frombuffer(vals, dtype=np.dtype(DTYPE), count=hi - lo)
+    return out
 
 
 def decode_tensors(data: bytes | bytearray | memoryview | BlobReader, max_size: int = 1 << 30) -> Tensors:
@@ -254,6 +299,26 @@ def _segments(tensors: Mapping[str, np.ndarray]) -> Iterator[bytes | memoryview]
         yield _array_header(4) + pack(name) + pack(DTYPE) + pack(dims) + _bin_header(a.size * 4)
         c = a if a.flags.c_contiguous else np.ascontiguousarray(a)
         yield memoryview(c.reshape(-1)).cast("B") if c.size else b""  # type: ignore[arg-type]
+
+
+def encode_items(items: Iterable[tuple[str, str, Sequence[int], Sequence[bytes | memoryview]]]) -> bytes:
+    """A blob from (name, dtype, dims, raw pieces) items: the compressed update encodings (node/app/compression)."""
+    items = list(items)
+    segs: list[bytes | memoryview] = [_array_header(2) + pack(TENSOR_MAGIC) + _array_header(len(items))]
+    for name, dtype, dims, pieces in items:
+        segs.append(_array_header(4) + pack(name) + pack(dtype) + pack([int(d) for d in dims])
+                    + _bin_header(sum(len(memoryview(p).cast("B")) for p in pieces)))
+        segs.extend(memoryview(p).cast("B") for p in pieces)
+    return b"".join(segs)
+
+
+def blob_size_for(items: Iterable[tuple[str, str, Sequence[int], int]]) -> int:
+    """The size of a blob of (name, dtype, dims, raw bytes) items, computed from headers alone (no encoding)."""
+    items = list(items)
+    n = len(_array_header(2) + pack(TENSOR_MAGIC) + _array_header(len(items)))
+    for name, dtype, dims, raw in items:
+        n += len(_array_header(4) + pack(name) + pack(dtype) + pack([int(d) for d in dims]) + _bin_header(raw)) + raw
+    return n
 
 
 def encoded_size(tensors: Mapping[str, np.ndarray]) -> int:
@@ -287,6 +352,7 @@ class StreamedTensors:
     def __init__(self, reader: BlobReader, spans: list[TensorSpan]) -> None:
         self.reader = reader
         self.spans = {s.name: s for s in spans}
+        self._index: dict[str, np.ndarray] = {}  # topk indices, read once (k x 4 bytes)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.spans)
@@ -298,7 +364,14 @@ class StreamedTensors:
         return self.spans[name].shape
 
     def flat(self, name: str, start: int, stop: int) -> np.ndarray:
-        return read_span(self.reader, self.spans[name], start, stop)
+        span = self.spans[name]
+        index = None
+        if span.dtype == TOPK:
+            index = self._index.get(name)
+            if index is None:
+                index = self._index[name] = np.array(topk_indices(self.reader, span))
+        return read_span(self.reader, span, start, stop, index)
 
     def decode(self) -> Tensors:
-        return {n: read_span(self.reader, s).reshape(s.shape).astype(np.float32, copy=True) for n, s in self.spans.items()}
+        return {n: self.flat(n, 0, s.count).reshape(s.shape).astype(np.float32, copy=True)
+                for n, s in self.spans.items()}

@@ -30,6 +30,10 @@ def _blob_size(spec: TaskSpec) -> int:
 
 def update_blob_size(genesis: Genesis) -> int:
     """The exact byte size of every well-formed update blob of the genesis task (protocol/tensors.py format)."""
+    if genesis.rules.compression != "none":
+        from .compression import blob_size  # compression imports this module
+
+        return blob_size(genesis)
     return _blob_size(genesis.task)
 
 

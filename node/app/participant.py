@@ -24,9 +24,9 @@ from flnode.protocol.crypto import NodeKey
 from flnode.protocol.genesis import Genesis
 from flnode.protocol.hashing import digest
 from flnode.protocol.messages import UpdateAnnouncement
-from flnode.protocol.tensors import encode_tensors
 
 from . import dp
+from .compression import encode_update
 from .data import Dataset
 from .limits import param_spec, samples_cap
 from .state import AppState
@@ -157,7 +157,7 @@ def train_update(genesis: Genesis, state: AppState, data: Dataset, participant_i
 
 
 def sign_update(genesis: Genesis, key: NodeKey, state: AppState, result: TrainResult) -> tuple[UpdateAnnouncement, bytes]:
-    blob = encode_tensors(result.delta)
+    blob = encode_update(genesis, key.public_key, result.delta)  # the genesis's compression (node/app/compression.py)
     if genesis.rules.dp_mode != "off":  # training loss/accuracy are not privatised: not published (docs/PRIVACY.md)
         result = TrainResult(result.delta, result.num_samples, 0.0, 0.0)
     n = result.num_samples
