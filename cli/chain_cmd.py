@@ -64,9 +64,30 @@ def _height_row(genesis: Any, store: Any, h: int) -> dict[str, Any]:
         "block_hash": block.hash().hex(),
         "test_accuracy": metrics.get("test_accuracy"),
         "round_time_s": metrics.get("round_time_s"),
+        "trainer": _trainer(metrics),
         "rewards": sum(receipt.rewards.values()) if receipt else 0,
         "slashed": _slashed_by(genesis, store, block),
     }
+
+
+def _trainer(metrics: dict[str, Any]) -> dict[str, Any] | None:
+    """This node's own update at the height: its client's fit metrics and time, or the error that cost the round."""
+    if "trainer_error" in metrics:
+        return {"error": metrics["trainer_error"], "error_kind": metrics.get("trainer_error_kind", "")}
+    if "fit_metrics" in metrics:
+        return {"fit_s": metrics.get("fit_s"), "num_examples": metrics.get("num_examples"),
+                "metrics": metrics["fit_metrics"]}
+    return None
+
+
+def _trainer_cell(t: dict[str, Any] | None) -> str:
+    if t is None:
+        return ""
+    if "error" in t:
+        return f"[red]{t['error_kind']}[/red]: {t['error'][:60]}"
+    m = t["metrics"]
+    parts = [f"{k} {m[k]:.3f}" for k in ("loss", "accuracy") if isinstance(m.get(k), int | float)]
+    return " ".join([*parts, f"{t['fit_s']:.2f}s"])
 
 
 @chain_app.command("show")
@@ -95,14 +116,16 @@ def show(
             c.print(f"[bold]block {height}[/bold]  {detail['block_hash']}")
             for k in ("round", "proposer", "prev_block_hash", "model_hash", "app_hash", "aggregator", "test_accuracy"):
                 c.print(f"  {k:16} {detail[k]}")
+            if detail["trainer"] is not None:
+                c.print(f"  {'own update':16} {_trainer_cell(detail['trainer'])}  {detail['trainer'].get('metrics', '')}")
             for sl in detail["slashed"]:
                 c.print(f"  [red]slashed[/red]          {sl['validator']}: no voting power from height {sl['from_height']}")
             t = Table(title="updates")
-            for col in ("author", "samples", "local loss", "outcome", "reward", "penalty"):
+            for col in ("author", "samples", "local loss", "local acc", "outcome", "reward", "penalty"):
                 t.add_column(col)
             for u in detail["updates"]:
-                t.add_row(u["author"], str(u["samples"]), f"{u['local_loss']:.4f}", u["outcome"], str(u["reward"]),
-                          str(u["penalty"]))
+                t.add_row(u["author"], str(u["samples"]), f"{u['local_loss']:.4f}", f"{u['local_accuracy']:.3f}",
+                          u["outcome"], str(u["reward"]), str(u["penalty"]))
             c.print(t)
             t = Table(title="participants after this block")
             for col in ("participant", "balance", "reputation", "excluded"):
@@ -119,8 +142,8 @@ def show(
             return
         t = Table(title=f"{genesis.chain_id}: {top} blocks ({genesis.rules.aggregator}, {genesis.task.model} on {genesis.task.dataset})")
         for col in ("height", "round", "proposer", "accepted", "rejected", "model", "test acc", "round s", "rewards",
-                    "slashed"):
-            t.add_column(col, justify="right" if col not in ("proposer", "model", "slashed") else "left")
+                    "slashed", "own fit"):
+            t.add_column(col, justify="right" if col not in ("proposer", "model", "slashed", "own fit") else "left")
         for r in rows:
             t.add_row(
                 str(r["height"]), str(r["round"]), r["proposer"], str(r["accepted"]), str(r["rejected"]),
@@ -128,6 +151,7 @@ def show(
                 f"{r['test_accuracy']:.3f}" if r["test_accuracy"] is not None else "",
                 f"{r['round_time_s']:.3f}" if r["round_time_s"] is not None else "", str(r["rewards"]),
                 ", ".join(f"{x['validator']} (from {x['from_height']})" for x in r["slashed"]),
+                _trainer_cell(r["trainer"]),
             )
         Console().print(t)
         _print_privacy(genesis, dp)
@@ -175,6 +199,7 @@ def _detail(genesis: Any, store: Any, h: int) -> dict[str, Any]:
             "author": genesis.name_of(u.author),
             "samples": u.num_samples,
             "local_loss": u.loss_ppm / 1e6,
+            "local_accuracy": u.accuracy_ppm / 1e6,  # both signed by the author (fit's or evaluate's metrics)
             "outcome": f"rejected: {by_hash[u.hash()]}" if u.hash() in by_hash else outcome.get(u.author, "?"),
             "reward": receipt.rewards.get(u.author, 0),
             "penalty": receipt.penalties.get(u.author, 0),

@@ -258,7 +258,7 @@ class ClientContext:
     @property
     def seed(self) -> int:
         """A seed for this participant's own randomness (model init, shuffling); training may be non-deterministic."""
-        return local_seed(self.task, self.participant_index, 0)
+        return local_seed(self.task, self.participant_index, 0) % (1 << 32)  # numpy, torch and sklearn take 32 bits
 
     def train_data(self) -> Dataset:
         """This participant's private data: its own .npz if configured, else its shard of the task's data set."""

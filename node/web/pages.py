@@ -47,14 +47,14 @@ def error_page(chain_id: str, status: int, message: str) -> str:
 
 def line_chart(
     chart_id: str, title: str, xs: Sequence[int], ys: Sequence[float | None], *, color: str, fmt: str,
-    y_min: float | None = None, y_max: float | None = None, width: int = 560, height: int = 180,
+    y_min: float | None = None, y_max: float | None = None, width: int = 420, height: int = 170,
 ) -> str:
     """An SVG line chart of ys over xs (None = no point), with its y range and last value labelled."""
     pts = [(x, y) for x, y in zip(xs, ys, strict=True) if y is not None]
     head = f'<figure class=chart><figcaption>{_e(title)}</figcaption>'
     if len(pts) < 1:
-        return head + f'<svg id="{chart_id}" class=empty viewBox="0 0 {width} {height}" width="{width}" ' \
-                      f'height="{height}" role=img><text x="12" y="24" fill="#666">no data yet</text></svg></figure>'
+        return head + f'<svg id="{chart_id}" class=empty viewBox="0 0 {width} {height}" role=img>' \
+                      '<text x="12" y="24" fill="#666">no data yet</text></svg></figure>'
     left, right, top, bottom = 48, 12, 10, 22
     x0, x1 = pts[0][0], pts[-1][0]
     lo = min(p[1] for p in pts) if y_min is None else y_min
@@ -78,7 +78,7 @@ def line_chart(
         for v in (lo, (lo + hi) / 2, hi)
     )
     return head + (
-        f'<svg id="{chart_id}" viewBox="0 0 {width} {height}" width="{width}" height="{height}" role=img '
+        f'<svg id="{chart_id}" viewBox="0 0 {width} {height}" role=img '
         f'aria-label="{_e(title)}" data-points="{len(pts)}">{grid}'
         f'<polyline fill="none" stroke="{color}" stroke-width="2" points="{line}"/>'
         f'<circle cx="{sx(last_x):.1f}" cy="{sy(last_y):.1f}" r="3" fill="{color}"/>'
@@ -105,8 +105,9 @@ def overview(status: dict[str, Any], live_html: str) -> str:
         _stat("round time", "round_time_s", _num(s.get("round_time_s"), ".3f") + " s", "seconds"),
         _stat("test accuracy", "test_accuracy", _num(s.get("test_accuracy"), ".3f"), "fixed3"),
         _stat("peers", "peers", _e(s.get("peers", "–") if s.get("peers") is not None else "–")),
-        _stat("validators online", "validators_online", online),
-        _stat("validators", "validators", _e(s["validators"])),
+        '<div class=stat><div class=label>validators online</div><div class=value>'
+        f'<span data-field="validators_online">{online}</span> / <span data-field="validators">'
+        f'{_e(s["validators"])}</span></div></div>',
         _stat("model hash", "model_hash", _e((s.get("model_hash") or "–")[:16]), "hash16"),
     ))
     task = f"{_e(s['model'])} on {_e(s['dataset'])}, aggregator {_e(s['aggregator'])}"
@@ -183,9 +184,11 @@ def block_page(chain_id: str, d: dict[str, Any]) -> str:
         f'<td>{u["reward"]}</td><td>{u["penalty"]}</td></tr>'
         for u in d["updates"]
     )
+    dp = {q["name"]: q for q in d.get("privacy") or []}
     parts = "".join(
         f'<tr><td>{_e(p["name"])}</td><td>{p["balance"]}</td><td>{p["reputation"]}</td>'
-        f'<td>{"yes" if p["excluded"] else ""}</td><td>{_e(p["slashed_from"] or "")}</td></tr>'
+        f'<td>{"yes" if p["excluded"] else ""}</td><td>{_e(p["slashed_from"] or "")}</td>'
+        f'<td>{_eps(dp.get(p["name"], {}))}</td></tr>'
         for p in d["participants"]
     )
     nav = (f'<div class=pager>{f"<a href=/blocks/{h - 1}>← {h - 1}</a>" if h > 1 else "<span></span>"}'
@@ -196,7 +199,8 @@ def block_page(chain_id: str, d: dict[str, Any]) -> str:
         "<table id=updates><thead><tr><th>author</th><th>samples</th><th>local loss</th><th>outcome</th>"
         f"<th>reward</th><th>penalty</th></tr></thead><tbody>{ups}</tbody></table>"
         "<h2>Participants after this block</h2><table><thead><tr><th>participant</th><th>balance</th>"
-        f"<th>reputation</th><th>excluded</th><th>slashed from</th></tr></thead><tbody>{parts}</tbody></table>"
+        f"<th>reputation</th><th>excluded</th><th>slashed from</th><th>ε spent</th></tr></thead><tbody>{parts}</tbody>"
+        "</table>"
         "<h2>Verify it yourself</h2><p>This page shows what this node stored. Replay the whole chain from genesis "
         "(every signature, certificate and hash, re-executing the aggregation) on any node's home:</p>"
         "<pre class=verify>flnode chain verify --home &lt;node home&gt;\n"
@@ -293,16 +297,19 @@ nav { flex: 1; }
 main { padding: 12px 20px; max-width: 1240px; }
 h1 { margin: 8px 0 4px; font-size: 22px; } h2 { font-size: 17px; margin: 18px 0 6px; }
 .sub, .muted { color: #666; }
-.stats { display: grid; grid-template-columns: repeat(auto-fill, minmax(160px, 1fr)); gap: 10px; }
+.stats { display: flex; flex-wrap: wrap; gap: 10px; }
+.stat { flex: 1 1 auto; min-width: 110px; } .stat .value { white-space: nowrap; }
 .stat { background: #fff; border: 1px solid #e1e4e8; border-radius: 6px; padding: 8px 12px; }
 .stat .label { font-size: 12px; color: #666; } .stat .value { font-size: 20px; font-weight: 600; }
 .stat .value[data-format=hash16] { font-family: ui-monospace, monospace; font-size: 15px; padding-top: 4px; }
-.charts { display: flex; flex-wrap: wrap; gap: 10px; margin-top: 12px; }
+.charts { display: grid; grid-template-columns: repeat(auto-fit, minmax(340px, 1fr)); gap: 10px; margin-top: 12px; }
+.charts svg { width: 100%; height: auto; display: block; }
 figure.chart { margin: 0; background: #fff; border: 1px solid #e1e4e8; border-radius: 6px; padding: 6px; }
 figcaption { font-size: 13px; color: #444; padding: 0 0 2px 4px; }
 table { border-collapse: collapse; background: #fff; font-size: 13px; }
 th, td { border: 1px solid #e1e4e8; padding: 3px 8px; text-align: right; }
-th { background: #eef1f5; } td:nth-child(3), th:nth-child(3) { text-align: left; }
+th { background: #eef1f5; } td:first-child, th:first-child { text-align: left; }
+table.blocks td:first-child { text-align: right; } table.blocks td:nth-child(3) { text-align: left; }
 tr.update.bad { background: #fdecec; }
 .hash { font-family: ui-monospace, monospace; font-size: 12px; }
 .pager { display: flex; gap: 16px; margin: 8px 0; }
