@@ -45,7 +45,7 @@ def test_the_buffer_rule_float_buffers_travel_integer_buffers_stay_local() -> No
     assert all(a.dtype == np.float32 for a in arrays)
     arrays[4][:] = 7.0
     arrays_to_state(model, names, arrays)
-    assert torch.equal(model[1].running_mean, torch.full((3,), 7.0))
+    assert torch.equal(model.state_dict()["1.running_mean"], torch.full((3,), 7.0))
     again = state_to_arrays(model, names)
     assert all(a.tobytes() == b.tobytes() for a, b in zip(arrays, again, strict=True))  # bit-exact round trip
     model64 = nn.Linear(2, 2).double()
@@ -124,8 +124,9 @@ async def test_the_event_loop_stays_responsive_while_pytorch_trains_in_the_worke
     """The daemon runs fit in a worker thread. PyTorch's kernels release the GIL, and its Python-side steps give it
     up at the interpreter's switch interval, so the loop keeps its turns: a 10 ms sleep wakes late by at most a
     few switch intervals, not by the length of the fit."""
-    from examples.pytorch_cnn.client import DigitsCNN, loader
     from flnode.node.app.data import load_dataset
+
+    from examples.pytorch_cnn.client import DigitsCNN, loader
 
     train, _ = load_dataset(g_task := genesis("examples.pytorch_cnn.client:make_client").task)
     assert g_task.params
