@@ -84,10 +84,10 @@ def _trainer_cell(t: dict[str, Any] | None) -> str:
     if t is None:
         return ""
     if "error" in t:
-        return f"[red]{t['error_kind']}[/red]: {t['error'][:60]}"
+        return f"[red]{t['error_kind']}[/red]"  # the full line is in --height and --json
     m = t["metrics"]
-    parts = [f"{k} {m[k]:.3f}" for k in ("loss", "accuracy") if isinstance(m.get(k), int | float)]
-    return " ".join([*parts, f"{t['fit_s']:.2f}s"])
+    parts = [f"{m[k]:.2f}" if isinstance(m.get(k), int | float) else "-" for k in ("loss", "accuracy")]
+    return f"{'/'.join(parts)} {t['fit_s']:.1f}s"
 
 
 @chain_app.command("show")
@@ -116,8 +116,9 @@ def show(
             c.print(f"[bold]block {height}[/bold]  {detail['block_hash']}")
             for k in ("round", "proposer", "prev_block_hash", "model_hash", "app_hash", "aggregator", "test_accuracy"):
                 c.print(f"  {k:16} {detail[k]}")
-            if detail["trainer"] is not None:
-                c.print(f"  {'own update':16} {_trainer_cell(detail['trainer'])}  {detail['trainer'].get('metrics', '')}")
+            if detail["trainer"] is not None:  # this node's own client at this height
+                tr = detail["trainer"]
+                c.print(f"  {'own update':16} {tr.get('error') or tr.get('metrics')} ({_trainer_cell(tr)})")
             for sl in detail["slashed"]:
                 c.print(f"  [red]slashed[/red]          {sl['validator']}: no voting power from height {sl['from_height']}")
             t = Table(title="updates")
@@ -142,8 +143,8 @@ def show(
             return
         t = Table(title=f"{genesis.chain_id}: {top} blocks ({genesis.rules.aggregator}, {genesis.task.model} on {genesis.task.dataset})")
         for col in ("height", "round", "proposer", "accepted", "rejected", "model", "test acc", "round s", "rewards",
-                    "slashed", "own fit"):
-            t.add_column(col, justify="right" if col not in ("proposer", "model", "slashed", "own fit") else "left")
+                    "slashed", "own fit (loss/acc)"):
+            t.add_column(col, justify="right" if col not in ("proposer", "model", "slashed") else "left")
         for r in rows:
             t.add_row(
                 str(r["height"]), str(r["round"]), r["proposer"], str(r["accepted"]), str(r["rejected"]),
