@@ -742,7 +742,7 @@ class Daemon:
                 with trio.fail_after(self.genesis.task.train_budget_ms / 1000 + 5.0):
                     ann, blob, result = await trio.to_thread.run_sync(
                         make_update, self.genesis, self.key, state, self.data, self.participant_index,
-                        abandon_on_cancel=True,
+                        abandon_on_cancel=True,  # type: ignore[call-arg]  # mypy: keyword after *Unpack[Ts]
                     )
             except (TrainerError, trio.TooSlowError) as exc:
                 trained_for = height  # the node skips this round's update

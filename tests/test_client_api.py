@@ -230,3 +230,29 @@ def test_the_learning_rate_schedule_comes_from_the_genesis() -> None:
     assert [round_config(spec, h, 0)["lr"] for h in (1, 2, 3)] == [0.1, 0.05, 0.025]
     assert round_config(spec, 3, 0)["server_round"] == 3
     assert round_config(spec, 3, 0)["seed"] != round_config(spec, 3, 1)["seed"]
+
+
+def test_testnet_init_with_a_trainer_and_one_line_errors(tmp_path: Path) -> None:
+    from flnode.cli.main import app
+    from typer.testing import CliRunner
+
+    runner = CliRunner()
+    ok = runner.invoke(app, ["testnet", "init", "--nodes", "2", "--dir", str(tmp_path / "t"),
+                             "--trainer", "test_client_api:make_linear"])
+    assert ok.exit_code == 0, ok.output
+    g = Genesis.load(tmp_path / "t" / "node0" / "genesis.json")
+    assert g.task.model == "custom" and g.task.trainer == "test_client_api:make_linear"
+    assert [n for n, _, _ in g.task.params] == ["w", "b"]
+    bad = runner.invoke(app, ["testnet", "init", "--nodes", "2", "--dir", str(tmp_path / "u"),
+                              "--trainer", "no_such_module_xyz:make"])
+    assert bad.exit_code == 2 and "no_such_module_xyz" in bad.output and "Traceback" not in bad.output
+
+
+def test_a_node_whose_trainer_cannot_load_refuses_to_start_with_one_line(tmp_path: Path) -> None:
+    from flnode.cli.main import app
+    from typer.testing import CliRunner
+
+    runner = CliRunner()
+    assert runner.invoke(app, ["testnet", "init", "--nodes", "1", "--dir", str(tmp_path)]).exit_code == 0
+    res = runner.invoke(app, ["start", "--home", str(tmp_path / "node0"), "--trainer", "no_such_mod_xyz:make"])
+    assert res.exit_code == 2 and "cannot load the trainer" in res.output and "Traceback" not in res.output

@@ -20,7 +20,7 @@ class Raising:
         return []
 
     def fit(self, parameters: list[np.ndarray], config: dict[str, Any]) -> Any:
-        return {}["no such key"]  # a bug in the user's training code
+        raise KeyError("no such key")  # a bug in the user's training code
 
     def evaluate(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[float, int, dict[str, Any]]:
         return 0.0, 0, {}
