@@ -143,6 +143,8 @@ def demo(
     trainer: Annotated[str, typer.Option("--trainer", help="Own client, 'pkg.module:make_client'.")] = "",
     timeout: Annotated[float, typer.Option(help="Give up after this many seconds.")] = 0.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON summary instead of the live view.")] = False,
+    keep: Annotated[bool, typer.Option("--keep", help="After the last round, keep the network running (and the "
+                                       "web explorer live) until Ctrl-C.")] = False,
 ) -> None:
     """Run N real `flnode start` processes on 127.0.0.1 and show federated learning live."""
     from rich.console import Console
@@ -196,9 +198,17 @@ def demo(
                     ok = True
                     break
                 time.sleep(0.1)
+        wall = time.monotonic() - t0
+        if ok and keep:
+            console.print(f"the network keeps running; explorer: [bold]{web_url}[/bold] (Ctrl-C stops it)")
+            try:
+                while all(p.poll() is None for p in procs):
+                    time.sleep(0.5)
+            except KeyboardInterrupt:
+                pass
     finally:
         stop_nodes(procs)
-    wall = time.monotonic() - t0
+    wall = wall if ok else time.monotonic() - t0
     for v in views:
         read_node(v)
         for h in range(1, min(v.height, rounds) + 1):
