@@ -113,11 +113,16 @@ class Rules:
     # fraction of each tensor's largest entries, the rest carried over by the trainer's error feedback).
     compression: str = "none"
     compression_topk: float = 0.01
+    # Open membership (issue 12, node/app/membership.py): "genesis" (the fixed set above), "open" (every valid
+    # join is admitted) or "validators" (admitted once > 2/3 of validator power signed an admit); cap 0 = none.
+    admission: str = "genesis"
+    max_members: int = 0
+    member_power: int = 1  # voting power of an admitted validator
 
 
 LATER_RULES = ("max_samples_per_update", "weight_median_multiple", "dp_mode", "dp_clip", "dp_noise",
                "dp_sample_rate", "dp_sampling", "dp_delta", "dp_participants", "dp_epsilon_budget", "dp_budgets",
-               "compression", "compression_topk")
+               "compression", "compression_topk", "admission", "max_members", "member_power")
 
 
 @dataclass(frozen=True)
@@ -237,6 +242,10 @@ class Genesis:
             raise GenesisError(f"genesis: unknown compression {self.rules.compression!r} (none | float16 | int8 | topk)")
         if not 0 < self.rules.compression_topk <= 1:
             raise GenesisError("genesis: compression_topk must be in (0, 1]")
+        if self.rules.admission not in ("genesis", "open", "validators"):
+            raise GenesisError(f"genesis: unknown admission {self.rules.admission!r} (genesis | open | validators)")
+        if self.rules.max_members < 0 or self.rules.member_power < 1:
+            raise GenesisError("genesis: max_members must be >= 0 and member_power >= 1")
         self._check_dp()
 
     def _check_dp(self) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from enum import IntEnum
 from functools import cached_property
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from . import crypto
 from .encoding import expect_bytes, expect_int, expect_list, expect_str, pack_trusted, unpack
@@ -27,6 +27,9 @@ MAX_UPDATES_PER_BLOCK = 1024
 MAX_EVIDENCE_PER_BLOCK = 256
 
 T = TypeVar("T", bound="Message")
+
+if TYPE_CHECKING:
+    from .membership import MembershipTx
 
 
 def _hash(v: Any, what: str) -> bytes:
@@ -257,20 +260,23 @@ class BlockHeader(Message):
     last_commit_hash: bytes
     model_hash: bytes
     app_hash: bytes
+    txs_hash: bytes | None = None  # membership transactions (issue 12); absent, not hashed, when there are none
 
     def to_list(self) -> list[Any]:
         return [
             self.chain_id, self.height, self.prev_block_hash, self.proposer, self.time_ms, self.updates_hash,
             self.evidence_hash, self.last_commit_hash, self.model_hash, self.app_hash,
-        ]
+        ] + ([] if self.txs_hash is None else [self.txs_hash])
 
     @classmethod
     def from_list(cls, value: Any) -> BlockHeader:
-        cid, h, prev, prop, t, uh, eh, lch, mh, ah = expect_list(value, 10, "header")
+        n = len(value) if isinstance(value, list) and len(value) == 11 else 10
+        cid, h, prev, prop, t, uh, eh, lch, mh, ah, *th = expect_list(value, n, "header")
         return cls(
             expect_str(cid, "chain id", 64), expect_int(h, "height", 1, MAX_HEIGHT), _hash(prev, "prev block hash"),
             expect_bytes(prop, "proposer", PK), expect_int(t, "time", 0, 1 << 62), _hash(uh, "updates hash"),
             _hash(eh, "evidence hash"), _hash(lch, "last commit hash"), _hash(mh, "model hash"), _hash(ah, "app hash"),
+            _hash(th[0], "txs hash") if th else None,
         )
 
 
@@ -286,6 +292,7 @@ class Block(Message):
     updates: tuple[UpdateAnnouncement, ...] = ()
     evidence: tuple[DuplicateVoteEvidence, ...] = ()
     last_commit: CommitCertificate | None = None
+    txs: tuple[MembershipTx, ...] = ()  # membership transactions; encoded (5th field) only when there are some
 
     def to_list(self) -> list[Any]:
         return [
@@ -293,11 +300,14 @@ class Block(Message):
             [u.to_list() for u in self.updates],
             [e.to_list() for e in self.evidence],
             None if self.last_commit is None else self.last_commit.to_list(),
-        ]
+        ] + ([[t.to_list() for t in self.txs]] if self.txs else [])
 
     @classmethod
     def from_list(cls, value: Any) -> Block:
-        hdr, ups, evs, lc = expect_list(value, 4, "block")
+        from .membership import decode_txs
+
+        n = 5 if isinstance(value, list) and len(value) == 5 else 4
+        hdr, ups, evs, lc, *txs = expect_list(value, n, "block")
         if not isinstance(ups, list) or len(ups) > MAX_UPDATES_PER_BLOCK:
             raise DecodeError("block: bad update list")
         if not isinstance(evs, list) or len(evs) > MAX_EVIDENCE_PER_BLOCK:
@@ -307,6 +317,7 @@ class Block(Message):
             tuple(UpdateAnnouncement.from_list(u) for u in ups),
             tuple(DuplicateVoteEvidence.from_list(e) for e in evs),
             None if lc is None else CommitCertificate.from_list(lc),
+            decode_txs(txs[0]) if txs else (),  # a present list is non-empty: one encoding per block
         )
         # A block is named (and signed) by its header only, so a body that does not match the header must not
         # exist as a Block: otherwise a relayer could swap it under a valid proposal signature.
@@ -334,6 +345,8 @@ class Block(Message):
             raise ValidationError("block: updates do not match the header")
         if list_hash(self.evidence) != self.header.evidence_hash:
             raise ValidationError("block: evidence does not match the header")
+        if (list_hash(self.txs) if self.txs else None) != self.header.txs_hash:
+            raise ValidationError("block: membership transactions do not match the header")
         lch = digest(b"") if self.last_commit is None else self.last_commit.hash()
         if lch != self.header.last_commit_hash:
             raise ValidationError("block: last commit does not match the header")
@@ -494,6 +507,12 @@ _GOSSIP_TAGS = {cls: tag for tag, cls in GOSSIP_TYPES.items()}
 GOSSIP_MAX_SIZE = Proposal.MAX_SIZE + 16
 
 
+def register_gossip(tag: int, cls: type[Message]) -> None:
+    """Add a message type defined in another module (protocol/membership.py) to the gossip envelope."""
+    GOSSIP_TYPES[tag] = cls
+    _GOSSIP_TAGS[cls] = tag
+
+
 def encode_gossip(msg: Message) -> bytes:
     return pack([_GOSSIP_TAGS[type(msg)], msg.to_list()])
 
@@ -505,3 +524,6 @@ def decode_gossip(data: bytes) -> Message:
     if cls is None:
         raise DecodeError(f"gossip: unknown message tag {tag!r}")
     return cls.from_list(body)
+
+
+from . import membership as _membership  # noqa: E402,F401 - registers MembershipTx (tag 7) with the envelope

@@ -9,12 +9,14 @@ from flnode.protocol.encoding import expect_bytes, expect_int, expect_list, expe
 from flnode.protocol.errors import DecodeError, ValidationError
 from flnode.protocol.genesis import Genesis
 from flnode.protocol.hashing import digest, short
+from flnode.protocol.membership import MembershipTx
 from flnode.protocol.messages import DuplicateVoteEvidence, UpdateAnnouncement
 from flnode.protocol.tensors import BlobReader, tensors_hash
 
 from . import privacy
 from .aggregation import WeightedUpdate, aggregate, sample_weights
-from .powers import slash_height
+from .membership import apply_txs, ever_validator
+from .powers import slash_height, validator_powers
 from .state import AppState
 from .validation import PENALISED, Reason, check_announcement, check_update_streamed
 
@@ -78,6 +80,7 @@ def execute(
     state: AppState,
     updates: Sequence[tuple[UpdateAnnouncement, bytes | BlobReader]],
     evidence: Sequence[DuplicateVoteEvidence] = (),
+    txs: Sequence[MembershipTx] = (),
 ) -> tuple[AppState, Receipt]:
     """Apply one block. Raises ValidationError if the block lists an update it must not (the block is invalid);
     updates that are the author's fault are recorded as rejected, with a penalty. A blob may be bytes or a reader
@@ -146,7 +149,7 @@ def execute(
     slashed = dict(state.slashed)
     for ev in sorted(evidence, key=lambda e: e.hash()):
         ev.check(genesis.chain_id)
-        if ev.validator not in genesis.powers:
+        if not ever_validator(genesis, state, ev.validator):
             raise ValidationError("evidence against a non-validator")
         key = evidence_key(ev)
         if key in punished:
@@ -155,6 +158,10 @@ def execute(
         penalise(ev.validator, rw.penalty_equivocation)
         slashed.setdefault(ev.validator, slash_height(state.height + 1))  # the first conviction counts
 
+    membership = state.membership
+    if txs or not membership.empty():  # membership transactions, applied from height + 2 (node/app/membership.py)
+        powers = validator_powers(genesis, state, state.height + 1)
+        membership, _ = apply_txs(genesis, state, txs, powers, balances, reputation)
     excluded = tuple(sorted(k for k, r in reputation.items() if r < rw.exclude_below))
     receipt = Receipt(
         height=state.height + 1,
@@ -176,5 +183,6 @@ def execute(
         punished=frozenset(punished),
         slashed=slashed,
         dp_rounds=privacy.charge(genesis, state, set(by_author), rejected),
+        membership=membership,
     )
     return new_state, receipt

@@ -29,6 +29,7 @@ from . import dp
 from .compression import encode_update
 from .data import Dataset
 from .limits import param_spec, samples_cap
+from .membership import declared_samples, trains_at
 from .state import AppState
 from .tasks import BuiltinClient, Client, ClientContext, Config, Parameters, Scalar, TrainResult, round_config
 
@@ -161,8 +162,8 @@ def sign_update(genesis: Genesis, key: NodeKey, state: AppState, result: TrainRe
     if genesis.rules.dp_mode != "off":  # training loss/accuracy are not privatised: not published (docs/PRIVACY.md)
         result = TrainResult(result.delta, result.num_samples, 0.0, 0.0)
     n = result.num_samples
-    if key.public_key in genesis.powers:
-        n = min(n, samples_cap(genesis, key.public_key))  # own data larger than the cap: declare the cap
+    if trains_at(genesis, state, key.public_key, state.height + 1):  # own data larger than the cap: declare the cap
+        n = min(n, samples_cap(genesis, key.public_key, declared_samples(state, key.public_key)))
     ann = UpdateAnnouncement(
         height=state.height + 1,
         base_model_hash=state.model_hash,

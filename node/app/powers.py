@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from flnode.protocol.genesis import Genesis
 
+from .membership import member_powers
 from .state import AppState
 
 SLASH_DELAY = 2
@@ -20,4 +21,5 @@ def validator_powers(genesis: Genesis, state: AppState, height: int) -> dict[byt
     height >= height - SLASH_DELAY (such a state knows every slashing in force at `height`)."""
     if state.height < height - SLASH_DELAY:
         raise ValueError(f"the state after height {state.height} cannot tell the powers at height {height}")
-    return {k: p for k, p in genesis.powers.items() if state.slashed.get(k, height + 1) > height}
+    members = member_powers(genesis, state.membership, height)  # genesis powers, plus and minus membership txs
+    return {k: p for k, p in members.items() if state.slashed.get(k, height + 1) > height}

@@ -11,6 +11,7 @@ from flnode.protocol.genesis import Genesis
 from flnode.protocol.hashing import ZERO_HASH, digest
 from flnode.protocol.tensors import tensors_hash
 
+from .membership import Membership
 from .tasks import initial_model
 
 Tensors = dict[str, np.ndarray]
@@ -30,12 +31,17 @@ class AppState:
     slashed: dict[bytes, int] = field(default_factory=dict)
     # Differential privacy: rounds charged per participant (node/app/privacy.py); empty while DP is off.
     dp_rounds: dict[bytes, int] = field(default_factory=dict)
+    # Open membership (node/app/membership.py); empty under the genesis admission policy.
+    membership: Membership = field(default_factory=Membership)
 
     def _canonical(self) -> list[object]:
         # The slashed map is appended only when non-empty: states without slashing keep their old bytes and hash.
         tail = [[[k, self.slashed[k]] for k in sorted(self.slashed)]] if self.slashed or self.dp_rounds else []
         if self.dp_rounds:  # likewise appended only when non-empty (then after the slashed map, even if empty)
             tail.append([[k, self.dp_rounds[k]] for k in sorted(self.dp_rounds)])
+        if not self.membership.empty():  # likewise, after both maps above (each then encoded even if empty)
+            tail = [[[k, self.slashed[k]] for k in sorted(self.slashed)],
+                    [[k, self.dp_rounds[k]] for k in sorted(self.dp_rounds)], self.membership.canonical()]
         return [
             self.height,
             self.model_hash,
@@ -71,8 +77,8 @@ def encode_state(state: AppState) -> bytes:
 
 def decode_state(data: bytes, model: Tensors) -> AppState:
     fields = unpack(data, max_size=1 << 22)
-    if not isinstance(fields, list) or len(fields) not in (6, 7, 8):
-        raise DecodeError("app state: expected 6 to 8 fields")
+    if not isinstance(fields, list) or len(fields) not in (6, 7, 8, 9):
+        raise DecodeError("app state: expected 6 to 9 fields")
     h, mh, bal, rep, lrh, pun = fields[:6]
 
     def pairs(v: object, what: str) -> dict[bytes, int]:
@@ -92,7 +98,8 @@ def decode_state(data: bytes, model: Tensors) -> AppState:
         punished.add((expect_bytes(v, "validator", 32), expect_int(ph, "height"), expect_int(pr, "round"),
                       expect_int(pt, "type", 1, 2)))
     slashed = pairs(fields[6], "slashed") if len(fields) >= 7 else {}
-    dp_rounds = pairs(fields[7], "dp rounds") if len(fields) == 8 else {}
+    dp_rounds = pairs(fields[7], "dp rounds") if len(fields) >= 8 else {}
+    membership = Membership.from_canonical(fields[8]) if len(fields) == 9 else Membership()
     if len(fields) == 8 and not dp_rounds:
         raise DecodeError("app state: an empty dp rounds map is not encoded")
     if len(fields) == 7 and not slashed:
@@ -101,4 +108,4 @@ def decode_state(data: bytes, model: Tensors) -> AppState:
     if tensors_hash(model) != mh:
         raise DecodeError("app state: model blob does not match the model hash")
     return AppState(expect_int(h, "height"), model, mh, pairs(bal, "balances"), pairs(rep, "reputation"),
-                    expect_bytes(lrh, "receipt hash", 32), frozenset(punished), slashed, dp_rounds)
+                    expect_bytes(lrh, "receipt hash", 32), frozenset(punished), slashed, dp_rounds, membership)

@@ -15,6 +15,7 @@ from flnode.protocol.tensors import COMPRESSION_DTYPES, BlobReader, StreamedTens
 from .dp import update_bound_for as dp_update_bound
 from .dp import update_floor_for as dp_update_floor
 from .limits import param_spec, samples_cap, update_blob_size
+from .membership import declared_samples, trains_at
 from .state import AppState
 
 Tensors = dict[str, np.ndarray]
@@ -53,7 +54,7 @@ def check_announcement(
 ) -> Reason | None:
     """Cheap checks, no blob needed. A block containing an announcement failing these is invalid (the exact
     blob size is checked only with exact_size: in a block a wrong size is the author's fault, penalised)."""
-    if ann.author not in genesis.powers:
+    if not trains_at(genesis, state, ann.author, state.height + 1):  # genesis validators, admitted trainers
         return Reason.NOT_PARTICIPANT
     if ann.height != state.height + 1:
         return Reason.WRONG_HEIGHT
@@ -63,7 +64,7 @@ def check_announcement(
         return Reason.EXCLUDED
     if ann.blob_size > genesis.rules.max_blob_bytes:
         return Reason.OVERSIZE
-    if ann.num_samples > samples_cap(genesis, ann.author):
+    if ann.num_samples > samples_cap(genesis, ann.author, declared_samples(state, ann.author)):
         return Reason.SAMPLES_OVER_CAP
     if exact_size and ann.blob_size != update_blob_size(genesis):
         return Reason.WRONG_BLOB_SIZE

@@ -7,9 +7,11 @@ from typing import TypeAlias
 
 from flnode.node.app import AppState, Receipt, check_announcement_admission, evidence_key, execute
 from flnode.node.app import validator_powers as powers_at
+from flnode.node.app.membership import apply_txs, ever_validator
 from flnode.protocol.errors import ValidationError
 from flnode.protocol.genesis import Genesis
 from flnode.protocol.hashing import short
+from flnode.protocol.membership import MembershipTx
 from flnode.protocol.messages import (
     Block,
     BlockHeader,
@@ -47,16 +49,18 @@ def build_block(
     time_ms: int,
     candidates: Sequence[tuple[UpdateAnnouncement, Blob]],
     evidence: Sequence[DuplicateVoteEvidence] = (),
+    txs: Sequence[MembershipTx] = (),
 ) -> tuple[Block, AppState, Receipt]:
     chosen = select_updates(genesis, state, candidates)
+    chosen_txs = select_txs(genesis, state, txs)
     fresh: dict[tuple[bytes, int, int, int], DuplicateVoteEvidence] = {}
     for e in sorted(evidence, key=lambda e: e.hash()):
         k = evidence_key(e)
-        if k not in state.punished and e.validator in genesis.powers:
+        if k not in state.punished and ever_validator(genesis, state, e.validator):
             fresh.setdefault(k, e)  # one piece of evidence per equivocation
     evs = sorted({e.hash(): e for e in fresh.values()}.items())
     evidence_list = tuple(e for _, e in evs)
-    new_state, receipt = execute(genesis, state, chosen, evidence_list)
+    new_state, receipt = execute(genesis, state, chosen, evidence_list, chosen_txs)
     updates = tuple(a for a, _ in chosen)
     header = BlockHeader(
         chain_id=genesis.chain_id,
@@ -69,8 +73,20 @@ def build_block(
         last_commit_hash=last_commit.hash() if last_commit is not None else empty_commit_hash(),
         model_hash=new_state.model_hash,
         app_hash=new_state.hash(),
+        txs_hash=list_hash(chosen_txs) if chosen_txs else None,
     )
-    return Block(header, updates, evidence_list, last_commit), new_state, receipt
+    return Block(header, updates, evidence_list, last_commit, chosen_txs), new_state, receipt
+
+
+def select_txs(genesis: Genesis, state: AppState, txs: Sequence[MembershipTx]) -> tuple[MembershipTx, ...]:
+    """The mempool's membership transactions that may go into the next block, in the order given (each checked
+    against the state the earlier ones leave)."""
+    if not txs:
+        return ()
+    powers = powers_at(genesis, state, state.height + 1)
+    _, applied = apply_txs(genesis, state, txs, powers, dict(state.balances), dict(state.reputation),
+                           skip_invalid=True)
+    return tuple(applied)
 
 
 def missing_blobs(block: Block, have: Callable[[bytes], bool]) -> list[bytes]:
@@ -80,7 +96,8 @@ def missing_blobs(block: Block, have: Callable[[bytes], bool]) -> list[bytes]:
 def certificate_powers(genesis: Genesis, state: AppState, height: int) -> dict[bytes, int]:
     """Powers for checking a commit certificate of `height`: those in force then, and zero for slashed
     validators, so a valid signature of theirs is still accepted but no longer counts."""
-    return {**dict.fromkeys(genesis.powers, 0), **powers_at(genesis, state, height)}
+    joined = [k for k, m in state.membership.members.items() if m.power > 0]  # admitted, removed or left
+    return {**dict.fromkeys(genesis.powers, 0), **dict.fromkeys(joined, 0), **powers_at(genesis, state, height)}
 
 
 def check_block(
@@ -125,7 +142,7 @@ def check_block(
         if blob is None:
             raise ValidationError(f"blob {short(u.blob_hash)} of {genesis.name_of(u.author)}'s update is missing")
         pairs.append((u, blob))
-    new_state, receipt = execute(genesis, state, pairs, block.evidence)
+    new_state, receipt = execute(genesis, state, pairs, block.evidence, block.txs)
     if new_state.model_hash != hdr.model_hash:
         raise ValidationError(
             f"model hash differs: block claims {short(hdr.model_hash)}, re-execution gives {short(new_state.model_hash)}"
