@@ -256,3 +256,14 @@ def test_a_node_whose_trainer_cannot_load_refuses_to_start_with_one_line(tmp_pat
     assert runner.invoke(app, ["testnet", "init", "--nodes", "1", "--dir", str(tmp_path)]).exit_code == 0
     res = runner.invoke(app, ["start", "--home", str(tmp_path / "node0"), "--trainer", "no_such_mod_xyz:make"])
     assert res.exit_code == 2 and "cannot load the trainer" in res.output and "Traceback" not in res.output
+
+
+def test_a_hand_edited_genesis_whose_initial_values_do_not_match_its_params_is_refused() -> None:
+    from flnode.protocol.errors import GenesisError
+
+    g = genesis_with()
+    wrong = replace(g, task=replace(g.task, params=(("w", (64, 9), "float32"), ("b", (10,), "float32"))))
+    with pytest.raises(GenesisError, match="does not match task.params"):
+        genesis_state(wrong)
+    with pytest.raises(GenesisError, match="base64"):
+        genesis_state(replace(g, task=replace(g.task, initial_params="not base64!")))

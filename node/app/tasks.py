@@ -188,9 +188,16 @@ class DeclaredModel(_SGDTask):
         return [dtype for _, _, dtype in self.spec.params]
 
     def init_params(self, seed: int) -> Tensors:
+        from flnode.protocol.errors import GenesisError, ProtocolError
         from flnode.protocol.tensors import decode_tensors
 
-        return decode_tensors(base64.b64decode(self.spec.initial_params, validate=True))
+        try:
+            model = decode_tensors(base64.b64decode(self.spec.initial_params, validate=True))
+        except (ValueError, ProtocolError) as exc:
+            raise GenesisError(f"genesis: task.initial_params is not a tensor blob in base64 ({exc})") from None
+        if [(k, tuple(v.shape)) for k, v in model.items()] != self.param_spec():
+            raise GenesisError("genesis: task.initial_params does not match task.params (names and shapes)")
+        return model
 
     def forward(self, params: Tensors, x: np.ndarray) -> tuple[np.ndarray, object]:
         raise ValueError("a custom model is trained and evaluated by its participants' clients only")
