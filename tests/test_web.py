@@ -423,7 +423,7 @@ async def test_browser_shows_the_live_network(net: Net, tmp_path: Path) -> None:
                 "[...document.querySelectorAll('#updates tbody tr')].map(r => r.cells[0].textContent)")
             assert authors == [u["author"] for u in block["updates"]] and authors
             outcomes = await dt.eval(
-                "[...document.querySelectorAll('#updates tbody tr')].map(r => r.cells[3].textContent)")
+                "[...document.querySelectorAll('#updates tbody tr')].map(r => r.cells[4].textContent)")
             assert outcomes == [u["outcome"] for u in block["updates"]]
             assert "flnode chain verify" in await dt.eval("document.querySelector('pre.verify').textContent")
             text = await dt.eval("document.body.innerText")

@@ -175,12 +175,19 @@ def block_page(chain_id: str, d: dict[str, Any]) -> str:
         ("round time", _num(d["round_time_s"], ".3f") + " s"),
         ("evidence", (f'{d["evidence"]}: ' + _e(", ".join(d["evidence_validators"]))) if d["evidence"] else "none"),
     ]
+    t = d.get("trainer")
+    if t is not None:  # this node's own client at this height (issue 13): its fit, or the error that cost the round
+        facts.append(("this node's training", f'<span class=bad>{_e(t["error_kind"])}: {_e(t["error"])}</span>'
+                      if "error" in t else _e(", ".join(f"{k} {v:.4g}" if isinstance(v, int | float) else f"{k} {v}"
+                                                       for k, v in (t.get("metrics") or {}).items()))
+                      + (f' <span class=muted>({t["fit_s"]:.2f} s)</span>' if t.get("fit_s") is not None else "")))
     for sl in d["slashed"]:
         facts.append(("slashed", f'{_e(sl["validator"])}: no voting power from height {sl["from_height"]}'))
     dl = "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in facts)
     ups = "".join(
         f'<tr class="update {"ok" if u["outcome"] == "accepted" else "bad"}"><td>{_e(u["author"])}</td>'
-        f'<td>{u["samples"]}</td><td>{u["local_loss"]:.4f}</td><td>{_e(u["outcome"])}</td>'
+        f'<td>{u["samples"]}</td><td>{u["local_loss"]:.4f}</td><td>{_num(u.get("local_accuracy"), ".4f")}</td>'
+        f'<td>{_e(u["outcome"])}</td>'
         f'<td>{u["reward"]}</td><td>{u["penalty"]}</td></tr>'
         for u in d["updates"]
     )
@@ -196,7 +203,8 @@ def block_page(chain_id: str, d: dict[str, Any]) -> str:
     body = (
         f"<h1>Block {h}</h1>{nav}<dl class=facts>{dl}</dl>"
         f"<h2>Updates ({len(d['updates'])})</h2>"
-        "<table id=updates><thead><tr><th>author</th><th>samples</th><th>local loss</th><th>outcome</th>"
+        "<table id=updates><thead><tr><th>author</th><th>samples</th><th>local loss</th><th>local accuracy</th>"
+        "<th>outcome</th>"
         f"<th>reward</th><th>penalty</th></tr></thead><tbody>{ups}</tbody></table>"
         "<h2>Participants after this block</h2><table><thead><tr><th>participant</th><th>balance</th>"
         f"<th>reputation</th><th>excluded</th><th>slashed from</th><th>ε spent</th></tr></thead><tbody>{parts}</tbody>"
@@ -310,7 +318,7 @@ table { border-collapse: collapse; background: #fff; font-size: 13px; }
 th, td { border: 1px solid #e1e4e8; padding: 3px 8px; text-align: right; }
 th { background: #eef1f5; } td:first-child, th:first-child { text-align: left; }
 table.blocks td:first-child { text-align: right; } table.blocks td:nth-child(3) { text-align: left; }
-tr.update.bad { background: #fdecec; }
+tr.update.bad { background: #fdecec; } .bad { color: #a33; }
 .hash { font-family: ui-monospace, monospace; font-size: 12px; }
 .pager { display: flex; gap: 16px; margin: 8px 0; }
 dl.facts { display: grid; grid-template-columns: 180px 1fr; gap: 2px 12px; }

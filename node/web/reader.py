@@ -125,6 +125,7 @@ class ChainReader:
             "block_hash": block.hash().hex(),
             "test_accuracy": metrics.get("test_accuracy"),
             "round_time_s": metrics.get("round_time_s"),
+            "trainer": _trainer(metrics),
             "rewards": sum(receipt.rewards.values()) if receipt else 0,
             "slashed": self._slashed_by(store, block),
         }
@@ -159,6 +160,7 @@ class ChainReader:
                 "author": g.name_of(u.author),
                 "samples": u.num_samples,
                 "local_loss": u.loss_ppm / 1e6,
+                "local_accuracy": u.accuracy_ppm / 1e6,  # both signed by the author
                 "outcome": f"rejected: {by_hash[u.hash()]}" if u.hash() in by_hash else outcome.get(u.author, "?"),
                 "reward": receipt.rewards.get(u.author, 0) if receipt else 0,
                 "penalty": receipt.penalties.get(u.author, 0) if receipt else 0,
@@ -254,3 +256,13 @@ class ChainReader:
             cache[h] = value
             while len(cache) > size:
                 cache.popitem(last=False)
+
+
+def _trainer(metrics: dict[str, Any]) -> dict[str, Any] | None:
+    """This node's own update at the height: its client's fit metrics and time, or the error that cost the round."""
+    if "trainer_error" in metrics:
+        return {"error": metrics["trainer_error"], "error_kind": metrics.get("trainer_error_kind", "")}
+    if "fit_metrics" in metrics:
+        return {"fit_s": metrics.get("fit_s"), "num_examples": metrics.get("num_examples"),
+                "metrics": metrics["fit_metrics"]}
+    return None
