@@ -13,7 +13,8 @@ from typing import Any, Protocol
 
 import trio
 from hypercorn.config import Config
-from hypercorn.trio import serve
+from hypercorn.trio.run import worker_serve
+from hypercorn.utils import wrap_app
 
 from .app import Live, WebApp
 
@@ -42,10 +43,21 @@ def hypercorn_config(listen: str) -> Config:
     return config
 
 
+class ListenError(OSError):
+    """The HTTP address cannot be bound (port in use, no such address): one line, no traceback."""
+
+
 async def serve_asgi(app: Any, listen: str, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
     """Serve ``app`` on ``listen`` (host:port) until cancelled; ``task_status.started`` gets the bound URLs."""
     config = hypercorn_config(listen)
-    await serve(app, config, task_status=task_status, mode="asgi")
+    try:  # bound here, not inside hypercorn's nursery, so a port in use is one clear error
+        sockets = config.create_sockets()
+        for sock in sockets.insecure_sockets:
+            sock.listen(config.backlog)
+    except OSError as exc:
+        raise ListenError(exc.errno, f"cannot listen on {listen} for HTTP: {exc.strerror} (port in use?)") from None
+    await worker_serve(wrap_app(app, config.wsgi_max_body_size, "asgi"), config, sockets=sockets,
+                       task_status=task_status)
 
 
 class NodeLike(Protocol):
