@@ -105,3 +105,33 @@ async def test_metrics_only_app_serves_metrics_and_nothing_else() -> None:
     assert status == 405 and headers[b"allow"] == b"GET, HEAD"
     status, _, body = await _call(app, "HEAD", "/metrics")
     assert status == 200 and body == b""
+
+
+async def test_a_fresh_store_renders_every_page(tmp_path: Any) -> None:
+    """A node that has committed nothing yet: every page and API answers, with height 0 and empty lists."""
+    import json as _json
+
+    from flnode.cli.node_cmd import create_testnet
+    from flnode.node.chain.store import ChainStore
+    from flnode.node.web.app import WebApp
+    from flnode.protocol.genesis import Genesis
+
+    create_testnet(tmp_path, 4, chain_id="fresh", listen_host="127.0.0.1", ports=[1, 2, 3, 4], force=True)
+    genesis = Genesis.load(tmp_path / "node0" / "genesis.json")
+    db = tmp_path / "node0" / "data" / "chain.sqlite"
+    db.parent.mkdir(parents=True, exist_ok=True)
+    ChainStore.open(db, genesis_hash=genesis.hash()).close()  # the tables, no block
+    app = WebApp(db, genesis)
+    try:
+        for path in ("/", "/blocks", "/participants", "/api/status", "/api/blocks", "/api/participants"):
+            status, _, body = await _call(app, "GET", path)
+            assert status == 200, (path, body[:200])
+        status, _, body = await _call(app, "GET", "/api/status")
+        assert _json.loads(body)["height"] == 0
+        assert _json.loads((await _call(app, "GET", "/api/blocks"))[2])["blocks"] == []
+        parts = _json.loads((await _call(app, "GET", "/api/participants"))[2])["participants"]
+        assert len(parts) == 4 and all(p["accepted"] == 0 and p["balance"] == 0 for p in parts)
+        assert (await _call(app, "GET", "/api/blocks/1"))[0] == 404
+        assert b"no data yet" in (await _call(app, "GET", "/"))[2]
+    finally:
+        app.reader.close()

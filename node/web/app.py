@@ -122,19 +122,15 @@ class WebApp:
         self.metrics = metrics
         self._cache: dict[tuple[str, bytes], tuple[float, Response]] = {}
         self.pacer = Pacer(max_rate)
+        self.exact: dict[str, Callable[..., Awaitable[Response]]] = {
+            "/api/status": self.api_status, "/api/blocks": self.api_blocks, "/api/live": self.api_live,
+            "/api/participants": self.api_participants, "/": self.page_overview, "/blocks": self.page_blocks,
+            "/participants": self.page_participants, "/static/app.js": self.static_js,
+            "/static/style.css": self.static_css, "/metrics": self.prometheus,
+        }
         self.routes: list[tuple[re.Pattern[str], Callable[..., Awaitable[Response]]]] = [
-            (re.compile(r"/api/status"), self.api_status),
-            (re.compile(r"/api/blocks"), self.api_blocks),
             (re.compile(r"/api/blocks/([^/]{1,24})"), self.api_block),
-            (re.compile(r"/api/participants"), self.api_participants),
-            (re.compile(r"/api/live"), self.api_live),
-            (re.compile(r"/"), self.page_overview),
-            (re.compile(r"/blocks"), self.page_blocks),
             (re.compile(r"/blocks/([^/]{1,24})"), self.page_block),
-            (re.compile(r"/participants"), self.page_participants),
-            (re.compile(r"/static/app\.js"), self.static_js),
-            (re.compile(r"/static/style\.css"), self.static_css),
-            (re.compile(r"/metrics"), self.prometheus),
         ]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -176,6 +172,9 @@ class WebApp:
         return response
 
     async def dispatch(self, path: str, query: dict[str, str]) -> Response:
+        handler = self.exact.get(path)
+        if handler is not None:
+            return await handler(query)
         for pattern, handler in self.routes:
             m = pattern.fullmatch(path)
             if m:
