@@ -162,7 +162,8 @@ def demo(
     create_testnet(home, nodes, chain_id="flnode-demo", host="127.0.0.1", listen_host="127.0.0.1", ports=ports,
                    task_rules=task_rules, force=True)
     web_url = enable_web(home / "node0")
-    console.print(f"live explorer of node0: [bold]{web_url}[/bold] (open it in a browser while the demo runs)")
+    console.print(f"live explorer of node0: [bold]{web_url}[/bold] (open it in a browser while the demo runs; "
+                  "--keep keeps it running after the last round)")
     views = [NodeView(f"node{i}", home / f"node{i}") for i in range(nodes)]
     limit = timeout or (60.0 + 5.0 * rounds)
     t0 = time.monotonic()

@@ -234,6 +234,10 @@ def test_read_only_methods(net: Net) -> None:
         assert code == 405 and headers["allow"] == "GET, HEAD"
     code, headers, body = get(net.url + "api/status", method="HEAD")
     assert code == 200 and body == b"" and int(headers["content-length"]) > 0
+    port = int(net.url.rstrip("/").rsplit(":", 1)[1])
+    reply = _raw(port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+                       b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+    assert reply.split(b" ", 2)[1] == b"403", reply[:100]  # no websockets: refused, not a server error
 
 
 def test_pages_render_and_carry_no_key_material(net: Net) -> None:

@@ -137,8 +137,12 @@ class WebApp:
         if scope["type"] == "lifespan":
             await _lifespan(receive, send)
             return
+        if scope["type"] == "websocket":  # not served: closing before accept is a 403
+            await receive()
+            await send({"type": "websocket.close", "code": 1008})
+            return
         if scope["type"] != "http":
-            return  # websockets: not served (hypercorn closes the connection)
+            return
         method = scope["method"]
         await self.pacer.wait()
         try:
