@@ -49,6 +49,7 @@ def show(
     log_level: LogLevelOpt = None,
     log_format: LogFormatOpt = None,
     data_path: DataPathOpt = None,
+    trainer: Annotated[str | None, typer.Option("--trainer", help="Own client, 'pkg.module:make_client'.")] = None,
 ) -> None:
     """Print each setting's effective value and its source: flag > env (FLNODE_*) > config.toml > default."""
     from flnode.node.config import FIELDS, home_paths, load_config
@@ -57,7 +58,7 @@ def show(
     if not home.is_dir():
         fail(f"home {home} does not exist")
     flags = config_flags(bootstrap=bootstrap, listen=listen, announce=announce, metrics_listen=metrics_listen,
-                         log_level=log_level, log_format=log_format, data_path=data_path)
+                         log_level=log_level, log_format=log_format, data_path=data_path, trainer=trainer)
     eff = load_config(home, flags, os.environ)
     paths = home_paths(home, eff.config)
     settings = {

@@ -266,9 +266,9 @@ def _coerce(spec: FieldSpec, raw: Any, source: Source) -> Any:
     if spec.kind is int:
         if isinstance(raw, int) and not isinstance(raw, bool):
             return raw
-        if isinstance(raw, str) and source in ("env", "flag") and re.fullmatch(r"\s*[0-9]+\s*", raw):
-            return int(raw)
-        raise ValueError(f"must be a non-negative integer, got {_show(raw)}")
+        if isinstance(raw, str) and source in ("env", "flag") and re.fullmatch(r"\s*-?[0-9]+\s*", raw):
+            return int(raw)  # the field's validator decides which range (direct_port allows -1)
+        raise ValueError(f"must be an integer, got {_show(raw)}")
     if isinstance(raw, str):
         value = raw.strip() if source == "env" else raw
         return value.lower() if spec.name in ("log_level", "log_format") else value
