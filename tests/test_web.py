@@ -308,12 +308,15 @@ def test_oversized_and_slow_clients_do_not_stall_the_server(net: Net) -> None:
 # ---------------------------------------------------------------- the real browser
 
 
-def _chromium() -> str | None:
+@pytest.fixture(scope="module")  # module scope: resolved (and skipped) before the module's network starts
+def chromium() -> str:
+    """Debian's chromium binary; the test is skipped, saying why, when it is not installed."""
     for name in ("chromium", "chromium-browser"):
         path = shutil.which(name)
         if path:
             return path
-    return None
+    pytest.skip("no chromium binary on PATH: install Debian's `chromium` package (.ci/run does so with apt-get "
+                "when run as root) to run the real-browser test")
 
 
 class DevTools:
@@ -390,11 +393,7 @@ async def _launch(chromium: str, profile: Path) -> tuple[subprocess.Popen[bytes]
             await trio.sleep(0.2)
 
 
-async def test_browser_shows_the_live_network(net: Net, tmp_path: Path) -> None:
-    chromium = _chromium()
-    if chromium is None:
-        pytest.skip("no chromium binary: install Debian's `chromium` package (.ci/run does so as root with "
-                    "apt-get) to run the real-browser test")
+async def test_browser_shows_the_live_network(chromium: str, net: Net, tmp_path: Path) -> None:
     from trio_websocket import open_websocket_url
 
     proc, ws_url = await _launch(chromium, tmp_path / "profile")
