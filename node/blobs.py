@@ -28,7 +28,9 @@ log = logging.getLogger("flnode.blobs")
 
 BLOB_PROTOCOL = "/flnode/blob/1.0.0"
 MIN_TIMEOUT_S = 5.0
-ASSUMED_BYTES_PER_S = 8 << 20  # a slow but working stream: timeouts are generous, never tight
+ASSUMED_BYTES_PER_S = 8 << 20  # a slow but working stream: the stagger before asking another holder
+SLOWEST_BYTES_PER_S = 1 << 20  # a transfer may take this long in total while it keeps moving...
+IDLE_TIMEOUT_S = 10.0  # ...and no more than this between two pieces
 PARALLEL = 3
 SERVE_PIECE = 1 << 20  # read from the file and written to the stream at a time
 FLUSH_BYTES = 4 << 20  # received bytes gathered before one thread hop hashes and writes them
@@ -36,6 +38,13 @@ FLUSH_BYTES = 4 << 20  # received bytes gathered before one thread hop hashes an
 
 def fetch_timeout(size: int) -> float:
     return MIN_TIMEOUT_S + size / ASSUMED_BYTES_PER_S
+
+
+def transfer_timeout(size: int) -> float:
+    """The total time a transfer that keeps making progress may take (serving and fetching). Measured: with 4
+    nodes on 2 busy cores, 12 concurrent 40 MB transfers ran at ~4 MB/s each; a tight total timeout cut them all
+    off and the retries from scratch doubled the load."""
+    return MIN_TIMEOUT_S + size / SLOWEST_BYTES_PER_S
 
 
 class BlobService:
@@ -146,7 +155,7 @@ class BlobService:
                 yield await worker.read_at(reader, at, min(SERVE_PIECE, reader.size - at))
             self.metrics.inc("blobs_served_streamed")
 
-        return StreamedResponse(reader.size, pieces, fetch_timeout(reader.size))
+        return StreamedResponse(reader.size, pieces, transfer_timeout(reader.size))
 
     async def fetch(self, h: bytes, holders: Sequence[str], size: int, height: int | None = None) -> bool:
         """One attempt over `holders` (in order of preference); True once the blob is stored here."""
@@ -157,11 +166,13 @@ class BlobService:
             await running.wait()
             return h in self._held
         done = self._fetching[h] = trio.Event()
+        t0 = trio.current_time()
         try:
             if not await self._race(h, [p for p in holders if p != self.net.peer_id], size, height):
                 return False
             self._held.add(h)
             self.metrics.inc("blobs_fetched")
+            log.debug("blob fetched", extra={"blob": short(h), "size": size, "s": round(trio.current_time() - t0, 4)})
             self.on_stored(h)
             return True
         finally:
@@ -186,17 +197,23 @@ class BlobService:
 
     async def _race(self, h: bytes, peers: list[str], size: int, height: int | None) -> bool:
         """Ask a few holders (staggered); each response streams into its own temporary file, hashed as written.
-        The first whole, matching one is renamed into place (True) and the others are cancelled and removed."""
-        timeout = fetch_timeout(size)
-        stagger = min(2.0, timeout / 4)
+        The first whole, matching one is renamed into place (True) and the others are cancelled and removed.
+        Another holder is asked only while no transfer is moving: hedging against a silent peer, never adding a
+        second copy of a transfer that is merely slow (that only shares the same CPU and link once more)."""
+        stagger = min(2.0, fetch_timeout(size) / 4)
         stored: list[bool] = []
+        last_progress = [-1e9]
 
         async def attempt(peer: str, delay: float, cancel: trio.CancelScope) -> None:
             await trio.sleep(delay)
+            if delay:
+                while trio.current_time() - last_progress[0] < stagger:
+                    await trio.sleep(stagger)
             sink: BlobSink = self.worker.blob_sink(h)
             buf = bytearray()
 
             async def piece(data: bytes) -> None:
+                last_progress[0] = trio.current_time()
                 buf.extend(data)
                 if len(buf) >= FLUSH_BYTES:
                     chunk = bytes(buf)
@@ -206,7 +223,7 @@ class BlobService:
             try:
                 got = await self.net.request_into(
                     peer, BLOB_PROTOCOL, BlobRequest(h).encode(), piece, max_response=self.max_blob_bytes,
-                    timeout=timeout)
+                    timeout=transfer_timeout(size), idle_timeout=IDLE_TIMEOUT_S)
                 if not got:
                     return
                 if buf:

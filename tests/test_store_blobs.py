@@ -435,7 +435,7 @@ def test_the_blob_service_streams_in_and_out(tmp_path: Path) -> None:
         pieces = 0
 
         async def request_into(self, peer: str, protocol_id: str, payload: bytes, sink: Any, *,
-                               max_response: int, timeout: float) -> int:
+                               max_response: int, timeout: float, idle_timeout: float | None = None) -> int:
             body = data if peer == "good" else os.urandom(len(data))
             for at in range(0, len(body), 65536):
                 await sink(body[at : at + 65536])

@@ -295,10 +295,12 @@ class P2PNode:
 
     async def request_into(
         self, peer: str, protocol_id: str, payload: bytes, sink: Callable[[bytes], Awaitable[None]], *,
-        max_response: int, timeout: float, first_byte_timeout: float | None = None,
+        max_response: int, timeout: float, idle_timeout: float | None = None,
     ) -> int:
         """A request whose response is passed to `sink` piece by piece as it arrives (never held whole); returns
-        its size (0: the peer has nothing). Same framing as request(); errors as NetError."""
+        its size (0: the peer has nothing). Same framing as request(); errors as NetError. `idle_timeout`: the
+        longest wait for the next bytes, so a slow but moving transfer is not cut off by a tight total timeout
+        (on a busy machine a retry from scratch only adds load)."""
         from libp2p.custom_types import TProtocol
         from libp2p.peer.id import ID
 
@@ -314,7 +316,8 @@ class P2PNode:
                     raise NetError(f"frame of {size} bytes exceeds the cap of {max_response}")
                 got = 0
                 while got < size:
-                    chunk = await stream.read(min(size - got, CHUNK))
+                    with trio.fail_after(idle_timeout if idle_timeout is not None else timeout):
+                        chunk = await stream.read(min(size - got, CHUNK))
                     if not chunk:
                         raise NetError(f"stream ended after {got} of {size} bytes")
                     got += len(chunk)
