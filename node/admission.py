@@ -16,6 +16,7 @@ from typing import Protocol
 from flnode.consensus import ValidatorSet
 from flnode.protocol.errors import ProtocolError
 from flnode.protocol.hashing import digest
+from flnode.protocol.membership import MembershipTx
 from flnode.protocol.messages import (
     DuplicateVoteEvidence,
     Message,
@@ -244,6 +245,9 @@ class AdmissionGate:
             except ProtocolError:
                 return "bad_evidence"
             return None
+        if isinstance(msg, MembershipTx):  # membership (issue 12): on gossip or a direct link, the block's rules
+            problem = getattr(self.view, "membership_problem", None)
+            return "unexpected_type" if problem is None else problem(msg)
         if isinstance(msg, UpdateBundle):
             msg = msg.announcement
         if isinstance(msg, UpdateAnnouncement):

@@ -40,6 +40,7 @@ from flnode.node.app import (
     make_update,
     validator_powers,
 )
+from flnode.node.app.membership import trainer_count, trains_at
 from flnode.node.app.participant import (
     Participant,
     TrainerError,
@@ -58,6 +59,7 @@ from flnode.protocol.crypto import NodeKey
 from flnode.protocol.errors import ProtocolError, ValidationError
 from flnode.protocol.genesis import Genesis
 from flnode.protocol.hashing import digest, short
+from flnode.protocol.membership import MembershipTx
 from flnode.protocol.messages import (
     GOSSIP_MAX_SIZE,
     Block,
@@ -78,6 +80,7 @@ from flnode.protocol.tensors import BlobReader
 
 from .admission import AdmissionGate
 from .blobs import BLOB_PROTOCOL, BlobService
+from .member_txs import MemberTxs
 from .net import ConsensusTransport
 from .net.consensus_stream import DirectConfig
 from .signer import LastSignGuard, guarded
@@ -214,6 +217,9 @@ class Daemon:
             max_bytes={self.topics.consensus: GOSSIP_MAX_SIZE,
                        self.topics.updates: UpdateBundle.MAX_SIZE + 16},
         )
+        # membership transactions (issue 12): mempool, and the CLI's outbox in the data dir
+        self.members = MemberTxs(genesis, key, status_path.parent if status_path else None, lambda: self.state,
+                                 self._send_member_tx)
         self._events_send, self._events_recv = trio.open_memory_channel[Any](EVENT_QUEUE)
         self._results: dict[bytes, tuple[AppState, Any]] = {}  # block hash -> (state, receipt), current height only
         self._validating: set[bytes] = set()
@@ -237,6 +243,10 @@ class Daemon:
             self.data = load_participant(
                 genesis, self.participant_index, str(data_file) if data_file else None, config.trainer
             )
+        elif config.participate and (shard := self.members.own_shard()) is not None:  # joined: its seed's shard
+            self.participant_index = shard[0]
+            self.data = load_participant(genesis, shard[0], str(data_file) if data_file else None, config.trainer,
+                                         shard[1])
 
     # ---------------------------------------------------------------- ChainView (for the admission gate)
 
@@ -276,11 +286,14 @@ class Daemon:
                                                             "validators": len(vs.powers)})
             self.machine.set_validators(vs)
 
+    def membership_problem(self, tx: MembershipTx) -> str | None:
+        return self.members.problem(tx)
+
     def announcement_problem(self, ann: UpdateAnnouncement) -> str | None:
         if ann.height == self.state.height + 1:
             reason = check_announcement_admission(self.genesis, self.state, ann)
             return None if reason is None else str(getattr(reason, "value", reason))
-        if ann.author not in self.genesis.powers:
+        if not trains_at(self.genesis, self.state, ann.author, ann.height):
             return "not_participant"
         if self.state.excluded(ann.author, self.genesis.rules.rewards.exclude_below):
             return "excluded"
@@ -317,6 +330,7 @@ class Daemon:
             self._supervise("loop_lag", self._loop_lag_monitor)
             if self.data is not None:
                 self._supervise("participant", self._participant_loop)
+            self._supervise("membership", self.members.run)
             task_status.started()
 
     def _supervise(self, name: str, fn: Any, *args: Any, restart: bool = True) -> None:
@@ -422,10 +436,18 @@ class Daemon:
             self._on_announcement(msg, from_peer)
         elif isinstance(msg, DuplicateVoteEvidence):
             self.pool.add_evidence(msg)
+        elif isinstance(msg, MembershipTx) and self.members.add(msg) and self.is_validator:
+            self.transport.broadcast(encode_gossip(msg), height=self.state.height + 1, round=0)  # relay once
+
+    def _send_member_tx(self, data: bytes, height: int) -> None:
+        """Our own membership transaction: to the validators directly, and on gossip for everyone else."""
+        self.transport.broadcast(data, height=height, round=0)
+        if self._nursery is not None:
+            self._nursery.start_soon(self.net.publish, self.topics.updates, data)
 
     def _check_updates_complete(self) -> None:
         height = self.state.height + 1
-        if "updates_t" not in self._timing and len(self._ready_authors(height)) >= len(self.genesis.validators):
+        if "updates_t" not in self._timing and len(self._ready_authors(height)) >= trainer_count(self.genesis, self.state, height):
             self._mark("updates_t")
 
     def _on_announcement(self, ann: UpdateAnnouncement, from_peer: str | None) -> None:
@@ -553,7 +575,7 @@ class Daemon:
     async def _build_value(self, height: int, round_: int) -> None:
         """Proposer: wait until enough updates (with blobs) are here, or the collection timeout, then build."""
         rules = self.genesis.rules
-        want = rules.min_updates or len(self.genesis.validators)
+        want = rules.min_updates or trainer_count(self.genesis, self.state, height)
         deadline = self._height_started + rules.collect_timeout_ms / 1000  # trio clock, like the wait below
         while self.state.height + 1 == height and self._applying is None:
             self.collect_passes += 1
@@ -566,10 +588,11 @@ class Daemon:
         state, prev, last_cert = self.state, self.last_block_hash, self.last_cert
         candidates = await self._ready_updates(height)
         evidence = self.pool.pending_evidence()
+        txs = self.members.pending()
         block, new_state, receipt = await trio.to_thread.run_sync(
             lambda: build_block(
                 self.genesis, state, prev_block_hash=prev, last_commit=last_cert, proposer=self.me,
-                time_ms=int(time.time() * 1000), candidates=candidates, evidence=evidence,
+                time_ms=int(time.time() * 1000), candidates=candidates, evidence=evidence, txs=txs,
             )
         )
         if self.state is not state:
@@ -684,6 +707,7 @@ class Daemon:
         self.state, self.last_block_hash, self.last_cert = new_state, block.hash(), cert
         self.pool.prune(new_state.height + 1)
         self.pool.mark_included(block.evidence)
+        self.members.committed()
         self.gate.prune(new_state.height)
         self._results.clear()
         self.metrics.set("height", new_state.height)
@@ -729,6 +753,9 @@ class Daemon:
             height = self.state.height + 1
             if height <= trained_for:
                 await self._changed.wait()
+                continue
+            if not trains_at(self.genesis, self.state, self.me, height):  # not (yet, or any more) a trainer
+                trained_for = height
                 continue
             state = self.state
             assert self.data is not None

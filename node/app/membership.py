@@ -345,3 +345,19 @@ def tx_problem(genesis: Genesis, state: AppState, tx: MembershipTx, powers: Mapp
     except Refusal as exc:
         return exc.reason
     return None
+
+
+def trainer_count(genesis: Genesis, state: AppState, height: int) -> int:
+    """How many members may have an update in block `height` (what a proposer waits for by default)."""
+    ms = state.membership
+    if ms.empty():
+        return len(genesis.validators)
+    keys = [*genesis.powers, *ms.members]
+    return sum(1 for k in keys if trains_at(genesis, state, k, height))
+
+
+def shard_of(genesis: Genesis, data_seed: int) -> tuple[int, int]:
+    """(shard index, shard count) of a joined member's built-in data: its seed picks one of max_members shards
+    (or twice the genesis set when there is no cap), whatever its position in any list."""
+    parts = genesis.rules.max_members or 2 * len(genesis.validators)
+    return data_seed % parts, parts

@@ -230,11 +230,11 @@ def global_metrics(participant: Participant | None, state: AppState) -> dict[str
 
 
 def load_participant(genesis: Genesis, participant_index: int, data_path: str | None = None,
-                     trainer: str = "") -> Participant:
+                     trainer: str = "", n_parts: int = 0) -> Participant:
     """The node's client: its configured trainer, else the genesis' trainer, else the built-in model."""
     from .tasks import builtin_or_loaded
 
-    ctx = ClientContext(genesis.task, participant_index, len(genesis.validators), data_path,
+    ctx = ClientContext(genesis.task, participant_index, n_parts or len(genesis.validators), data_path,
                         {"learning_rate": genesis.task.learning_rate, "local_epochs": genesis.task.local_epochs,
                          "batch_size": genesis.task.batch_size, "dataset": genesis.task.dataset})
     try:
