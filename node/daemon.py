@@ -171,14 +171,16 @@ class Daemon:
         self.last_cert: CommitCertificate | None = store.get_certificate(height) if height > 0 else None
 
         self.validators = self.validator_set(self.state.height + 1) or ValidatorSet(genesis.powers)
+        self.is_validator = self.is_validator or self.validators.power(self.me) > 0  # admitted by transaction
+        may_validate = self.is_validator or genesis.rules.admission != "genesis"  # ...or may be, later
         sign: Any = None
-        if self.is_validator:
+        if may_validate:
             sign = lambda kind, payload: key.sign(self.chain_id, kind, payload)  # noqa: E731
             if sign_state_path is not None:  # the signer itself refuses a conflicting signature (store wiped or not)
                 sign = guarded(sign, LastSignGuard(sign_state_path))
         # A torn last record is deleted before anything is appended after it; any other unreadable one stops us.
         records = store.restorable_records(height + 1, Tendermint.check_records)
-        me = self.me if self.is_validator else None
+        me = self.me if may_validate else None  # the machine signs only while it has power
         timeouts = timeouts_from(genesis)
         self.machine = (
             Tendermint.restore(self.validators, me, sign, timeouts, records)
@@ -206,6 +208,8 @@ class Daemon:
         )
         self.transport.on_connect = self._on_validator_connected
         self._peer_of = {k: p for p, k in self.validator_peers.items()}  # validator key -> peer id
+        if not self.state.membership.empty():
+            self._validators_changed(self.validators)
         self._peer_height: dict[str, int] = {}
         self._peer_polka: dict[str, tuple[int, int, bytes | None]] = {}
         self._own_update: tuple[int, bytes] | None = None  # (height, encoded announcement) of our latest update
@@ -285,6 +289,24 @@ class Daemon:
                 log.warning("validator set changed", extra={"height": self.state.height + 1,
                                                             "validators": len(vs.powers)})
             self.machine.set_validators(vs)
+        if vs is not None and not self.state.membership.empty():
+            self._validators_changed(vs)
+
+    def _validators_changed(self, vs: ValidatorSet) -> None:
+        """Open membership: direct links follow the set (genesis validators stay peers, as when slashed, until
+        they leave), and this node votes, or only listens, by its power. A validator of the next height is a
+        peer one height early, so its links are up when it starts voting."""
+        ended = self.state.membership.ended
+        keys = [v.key_bytes for v in self.genesis.validators if ended.get(v.key_bytes, 1 << 62) > self.state.height + 1]
+        following = self.validator_set(self.state.height + 2)
+        keys += [*vs.powers, *(following.powers if following is not None else ())]
+        peers = {peer_id_of(k): k for k in keys}
+        if peers == self.validator_peers and self.is_validator == (vs.power(self.me) > 0):
+            return
+        self.validator_peers = peers
+        self._peer_of = {k: p for p, k in self.validator_peers.items()}
+        self.is_validator = vs.power(self.me) > 0
+        self.transport.set_validators(self.validator_peers, dial_all=not self.is_validator)
 
     def membership_problem(self, tx: MembershipTx) -> str | None:
         return self.members.problem(tx)

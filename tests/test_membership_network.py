@@ -89,3 +89,73 @@ def test_trainer_joins_open_network_and_contributes_from_h_plus_2(tmp_path: Path
     for home in (views[2].home, joiner):
         res = flnode("chain", "verify", "--home", str(home), timeout=120)
         assert res.returncode == 0, res.stdout + res.stderr
+
+
+def signers(home: Path, lo: int) -> dict[int, set[bytes]]:
+    """Who signed each certificate from height `lo` on."""
+    store = ChainStore.open(home / "data" / "chain.sqlite", readonly=True)
+    try:
+        out = {}
+        for h in range(lo, store.latest_height() + 1):
+            cert = store.get_certificate(h)
+            assert cert is not None
+            out[h] = {k for k, _ in cert.signatures}
+        return out
+    finally:
+        store.close()
+
+
+def tx_height(home: Path, kind: TxKind, signer: bytes) -> int | None:
+    store = ChainStore.open(home / "data" / "chain.sqlite", readonly=True)
+    try:
+        for h in range(1, store.latest_height() + 1):
+            b = store.get_block(h)
+            if b is not None and any(t.kind == kind and t.signer == signer for t in b.txs):
+                return h
+        return None
+    finally:
+        store.close()
+
+
+def test_validator_joins_and_another_leaves_while_committing(tmp_path: Path) -> None:
+    ports = free_ports(5)
+    task, rules = _task_and_rules("logreg", "digits", "iid", 0.5, "fedavg", 0, 100.0, 1, 0.1, 1500)
+    rules["admission"] = "open"
+    addrs = create_testnet(tmp_path, 4, chain_id="val-test", host="127.0.0.1", listen_host="127.0.0.1",
+                           ports=ports[:4], task_rules=(task, rules), force=True)
+    views = [NodeView(f"node{i}", tmp_path / f"node{i}") for i in range(4)]
+    joiner = tmp_path / "joiner"
+    assert flnode("init", "--home", str(joiner), "--moniker", "v5", "--port", str(ports[4])).returncode == 0
+    me = NodeKey.load(joiner / "node_key.json").public_key
+    leaver = NodeKey.load(views[3].home / "node_key.json").public_key
+    procs = [start_node(v.home) for v in views]
+    log = open(joiner / "node.log", "ab")  # noqa: SIM115 - handed to the child
+    try:
+        wait_until("height 2", lambda: min(heights(views)) >= 2, 90, views[0].home)
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "flnode.cli.main", "join", "--home", str(joiner), "--role", "validator",
+             "--genesis", str(views[0].home / "genesis.json"), *(x for _, a in addrs for x in ("--bootstrap", a))],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
+        wait_until("join committed", lambda: tx_height(views[0].home, TxKind.JOIN, me) is not None, 60, joiner)
+        hj = tx_height(views[0].home, TxKind.JOIN, me)
+        assert hj is not None
+        wait_until("the new validator signs", lambda: any(me in s for s in signers(views[0].home, 1).values()),
+                   60, joiner)
+        assert flnode("leave", "--home", str(views[3].home)).returncode == 0
+        wait_until("leave committed", lambda: tx_height(views[0].home, TxKind.LEAVE, leaver) is not None, 60,
+                   views[3].home)
+        hl = tx_height(views[0].home, TxKind.LEAVE, leaver)
+        assert hl is not None
+        wait_until("commits after the leave", lambda: min(heights(views[:3])) >= hl + 5, 60, views[0].home)
+    finally:
+        stop_nodes(procs)
+        log.close()
+    sig = signers(views[0].home, 1)
+    assert all(me not in s for h, s in sig.items() if h < hj + 2)  # it counts from h + 2 only
+    assert any(me in s for h, s in sig.items() if h >= hj + 2)
+    assert all(leaver not in s for h, s in sig.items() if h >= hl + 2)  # a leaver's votes no longer count
+    h = min(heights([*views, NodeView("j", joiner)]))
+    assert len({model_hash_at(home, h) for home in [*(v.home for v in views), joiner]}) == 1
+    for home in (views[0].home, joiner):
+        res = flnode("chain", "verify", "--home", str(home), timeout=120)
+        assert res.returncode == 0, res.stdout + res.stderr

@@ -275,6 +275,7 @@ class ConsensusTransport:
         self._banned_until: dict[str, float] = {}
         self._changed = trio.Event()
         self._nursery: trio.Nursery | None = None
+        self._dialing: set[str] = set()  # peers a dial loop runs for
         # called when a validator's stream is up: what was sent before it connected never reached it
         self.on_connect: Callable[[str], None] | None = None
         p2p.set_stream_handler(protocol_id, self._accept)
@@ -334,6 +335,20 @@ class ConsensusTransport:
                 return
             await changed.wait()
 
+    def set_validators(self, validator_peer_ids: Iterable[str], *, dial_all: bool) -> None:
+        """The validator set changed (open membership, issue 12): dial the new validators, and let a stream whose
+        role changed (a listener that became a validator, a validator that left) reconnect in its new role."""
+        new = set(validator_peer_ids) - {self.p2p.peer_id}
+        changed = (new ^ self.peers) | (self.peers if dial_all != self.dial_all else set())
+        self.peers, self.dial_all = new, dial_all
+        for peer in changed:
+            s = self._sessions.get(peer)
+            if s is not None:
+                s.scope.cancel()
+        if self._nursery is not None:
+            for peer in sorted(new - self._dialing):
+                self._nursery.start_soon(self._dial_loop, peer)
+
     def cut_off(self, peer: str, reason: str) -> None:
         """Drop a peer's stream and refuse it for `cutoff_backoff` seconds (also for the consensus layer)."""
         self.counters["cut_off"] += 1
@@ -367,8 +382,18 @@ class ConsensusTransport:
         return self._banned_until.get(peer, 0.0) > trio.current_time()
 
     async def _dial_loop(self, peer: str) -> None:
+        self._dialing.add(peer)
+        try:
+            await self._dial_while_needed(peer)
+        finally:
+            self._dialing.discard(peer)
+
+    async def _dial_while_needed(self, peer: str) -> None:
         backoff = 0.1
-        while True:
+        while peer in self.peers:  # set_validators may take it out (and start a new loop if it comes back)
+            if not (self.dial_all or self.p2p.peer_id < peer):  # the other side dials (our role changed)
+                await trio.sleep(0.5)
+                continue
             while self._banned(peer) or peer not in self.p2p.connected_peers():
                 await trio.sleep(0.1)
             try:
