@@ -50,47 +50,6 @@ def chain_facts(home: Path, me: bytes) -> tuple[int | None, list[int]]:
         store.close()
 
 
-def test_trainer_joins_open_network_and_contributes_from_h_plus_2(tmp_path: Path) -> None:
-    ports = free_ports(5)
-    task, rules = _task_and_rules("logreg", "digits", "iid", 0.5, "fedavg", 0, 100.0, 1, 0.1, 1500)
-    rules["admission"] = "open"
-    addrs = create_testnet(tmp_path, 4, chain_id="join-test", host="127.0.0.1", listen_host="127.0.0.1",
-                           ports=ports[:4], task_rules=(task, rules), force=True)
-    views = [NodeView(f"node{i}", tmp_path / f"node{i}") for i in range(4)]
-    joiner = tmp_path / "joiner"
-    res = flnode("init", "--home", str(joiner), "--moniker", "hospital", "--port", str(ports[4]))
-    assert res.returncode == 0, res.stderr
-    me = NodeKey.load(joiner / "node_key.json").public_key
-    procs = [start_node(v.home) for v in views]
-    log = open(joiner / "node.log", "ab")  # noqa: SIM115 - handed to the child
-    try:
-        wait_until("height 2", lambda: min(heights(views)) >= 2, 90, views[0].home)
-        join = subprocess.Popen(
-            [sys.executable, "-m", "flnode.cli.main", "join", "--home", str(joiner), "--genesis",
-             str(views[0].home / "genesis.json"), *(x for _, a in addrs for x in ("--bootstrap", a))],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        procs.append(join)  # it dials every validator: a follower decides a height from their votes
-        wait_until("join committed", lambda: chain_facts(views[0].home, me)[0] is not None, 60, joiner)
-        hj = chain_facts(views[0].home, me)[0]
-        assert hj is not None
-        out = json.loads(flnode("members", "--home", str(views[1].home), "--json").stdout)
-        row = next(r for r in out["members"] if r["moniker"] == "hospital")
-        assert row["role"] == "trainer" and row["since"] == hj + 2 and row["power"] == 0
-        wait_until("joiner's updates", lambda: len(chain_facts(views[0].home, me)[1]) >= 2, 60, joiner)
-        target = max(heights(views)) + 1
-        wait_until("joiner synced", lambda: min(heights([*views, NodeView("j", joiner)])) >= target, 60, joiner)
-    finally:
-        stop_nodes(procs)
-        log.close()
-    _, contributed = chain_facts(views[0].home, me)
-    assert contributed and min(contributed) >= hj + 2, (hj, contributed)
-    h = min(heights([*views, NodeView("j", joiner)]))
-    assert len({model_hash_at(home, h) for home in [*(v.home for v in views), joiner]}) == 1
-    for home in (views[2].home, joiner):
-        res = flnode("chain", "verify", "--home", str(home), timeout=120)
-        assert res.returncode == 0, res.stdout + res.stderr
-
-
 def signers(home: Path, lo: int) -> dict[int, set[bytes]]:
     """Who signed each certificate from height `lo` on."""
     store = ChainStore.open(home / "data" / "chain.sqlite", readonly=True)
@@ -117,45 +76,64 @@ def tx_height(home: Path, kind: TxKind, signer: bytes) -> int | None:
         store.close()
 
 
-def test_validator_joins_and_another_leaves_while_committing(tmp_path: Path) -> None:
-    ports = free_ports(5)
+def start_join(home: Path, genesis: Path, addrs: list[tuple[str, str]], role: str) -> subprocess.Popen[bytes]:
+    log = open(home / "node.log", "ab")  # noqa: SIM115 - handed to the child
+    # it dials every validator: a follower decides a height from their votes
+    return subprocess.Popen(
+        [sys.executable, "-m", "flnode.cli.main", "join", "--home", str(home), "--role", role, "--genesis",
+         str(genesis), *(x for _, a in addrs for x in ("--bootstrap", a))],
+        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+
+def test_trainer_and_validator_join_and_a_validator_leaves_while_committing(tmp_path: Path) -> None:
+    """Open admission, 4 validators: a trainer and a validator join; each counts from h+2 (the trainer's updates
+    are in blocks, the validator signs certificates); then a genesis validator leaves and signs no certificate
+    from h+2; the network keeps committing, every model matches and chain verify passes."""
+    ports = free_ports(6)
     task, rules = _task_and_rules("logreg", "digits", "iid", 0.5, "fedavg", 0, 100.0, 1, 0.1, 1500)
     rules["admission"] = "open"
-    addrs = create_testnet(tmp_path, 4, chain_id="val-test", host="127.0.0.1", listen_host="127.0.0.1",
+    addrs = create_testnet(tmp_path, 4, chain_id="join-test", host="127.0.0.1", listen_host="127.0.0.1",
                            ports=ports[:4], task_rules=(task, rules), force=True)
     views = [NodeView(f"node{i}", tmp_path / f"node{i}") for i in range(4)]
-    joiner = tmp_path / "joiner"
-    assert flnode("init", "--home", str(joiner), "--moniker", "v5", "--port", str(ports[4])).returncode == 0
-    me = NodeKey.load(joiner / "node_key.json").public_key
+    trainer, validator = tmp_path / "hospital", tmp_path / "v5"
+    for home, port in ((trainer, ports[4]), (validator, ports[5])):
+        res = flnode("init", "--home", str(home), "--moniker", home.name, "--port", str(port))
+        assert res.returncode == 0, res.stderr
+    t_key, v_key = (NodeKey.load(h / "node_key.json").public_key for h in (trainer, validator))
     leaver = NodeKey.load(views[3].home / "node_key.json").public_key
+    everyone = [*views, NodeView("hospital", trainer), NodeView("v5", validator)]
     procs = [start_node(v.home) for v in views]
-    log = open(joiner / "node.log", "ab")  # noqa: SIM115 - handed to the child
     try:
         wait_until("height 2", lambda: min(heights(views)) >= 2, 90, views[0].home)
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "flnode.cli.main", "join", "--home", str(joiner), "--role", "validator",
-             "--genesis", str(views[0].home / "genesis.json"), *(x for _, a in addrs for x in ("--bootstrap", a))],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
-        wait_until("join committed", lambda: tx_height(views[0].home, TxKind.JOIN, me) is not None, 60, joiner)
-        hj = tx_height(views[0].home, TxKind.JOIN, me)
-        assert hj is not None
-        wait_until("the new validator signs", lambda: any(me in s for s in signers(views[0].home, 1).values()),
-                   60, joiner)
+        procs.append(start_join(trainer, views[0].home / "genesis.json", addrs, "trainer"))
+        procs.append(start_join(validator, views[0].home / "genesis.json", addrs, "validator"))
+        db = views[0].home
+        wait_until("joins committed", lambda: None not in (tx_height(db, TxKind.JOIN, t_key),
+                                                           tx_height(db, TxKind.JOIN, v_key)), 60, trainer)
+        ht, hv = tx_height(db, TxKind.JOIN, t_key), tx_height(db, TxKind.JOIN, v_key)
+        assert ht is not None and hv is not None
+        out = json.loads(flnode("members", "--home", str(views[1].home), "--json").stdout)
+        row = {r["moniker"]: r for r in out["members"]}
+        assert row["hospital"]["role"] == "trainer" and row["hospital"]["since"] == ht + 2
+        assert row["hospital"]["power"] == 0 and row["v5"]["role"] == "validator"
+        wait_until("the trainer's updates", lambda: len(chain_facts(db, t_key)[1]) >= 2, 60, trainer)
+        wait_until("the new validator signs", lambda: any(v_key in s for s in signers(db, 1).values()), 60,
+                   validator)
         assert flnode("leave", "--home", str(views[3].home)).returncode == 0
-        wait_until("leave committed", lambda: tx_height(views[0].home, TxKind.LEAVE, leaver) is not None, 60,
-                   views[3].home)
-        hl = tx_height(views[0].home, TxKind.LEAVE, leaver)
+        wait_until("leave committed", lambda: tx_height(db, TxKind.LEAVE, leaver) is not None, 60, views[3].home)
+        hl = tx_height(db, TxKind.LEAVE, leaver)
         assert hl is not None
-        wait_until("commits after the leave", lambda: min(heights(views[:3])) >= hl + 5, 60, views[0].home)
+        wait_until("commits after the leave", lambda: min(heights(everyone)) >= hl + 4, 60, views[0].home)
     finally:
         stop_nodes(procs)
-        log.close()
-    sig = signers(views[0].home, 1)
-    assert all(me not in s for h, s in sig.items() if h < hj + 2)  # it counts from h + 2 only
-    assert any(me in s for h, s in sig.items() if h >= hj + 2)
+    _, contributed = chain_facts(db, t_key)
+    assert contributed and min(contributed) >= ht + 2, (ht, contributed)
+    sig = signers(db, 1)
+    assert all(v_key not in s for h, s in sig.items() if h < hv + 2)  # it counts from h + 2 only
+    assert any(v_key in s for h, s in sig.items() if h >= hv + 2)
     assert all(leaver not in s for h, s in sig.items() if h >= hl + 2)  # a leaver's votes no longer count
-    h = min(heights([*views, NodeView("j", joiner)]))
-    assert len({model_hash_at(home, h) for home in [*(v.home for v in views), joiner]}) == 1
-    for home in (views[0].home, joiner):
+    h = min(heights(everyone))
+    assert len({model_hash_at(v.home, h) for v in everyone}) == 1
+    for home in (views[2].home, trainer, validator):
         res = flnode("chain", "verify", "--home", str(home), timeout=120)
         assert res.returncode == 0, res.stdout + res.stderr
