@@ -45,6 +45,9 @@ class NodeConfig:
     # TCP port of the direct consensus link (node/net/direct.py) on the listen address; 0 = any free port,
     # -1 = off (consensus frames over libp2p streams only)
     direct_port: int = 0
+    # libp2p connections (gossip, blobs, sync) this node dials up to; 0 = every bootstrap peer. Consensus does not
+    # need a full libp2p mesh: direct links find each other through the neighbours' directories.
+    p2p_max_peers: int = 16
     log_level: str = "info"
     log_format: str = "text"  # text | json
     data_path: str = ""  # optional own .npz (x, y) instead of the genesis data set shard
@@ -145,6 +148,11 @@ def _v_choice(choices: tuple[str, ...]) -> Callable[[Any], None]:
     return check
 
 
+def _v_nonnegative(v: Any) -> None:
+    if v < 0:
+        raise ValueError(f"{v} must be 0 or more")
+
+
 def _v_retention(v: Any) -> None:
     if v < 0:
         raise ValueError(f"{v} must be 0 (keep all) or a number of heights")
@@ -205,6 +213,12 @@ FIELDS: dict[str, FieldSpec] = {
             int,
             "TCP port of the direct, encrypted consensus link between validators; 0 = any free port, -1 = off.",
             _v_direct_port,
+        ),
+        _spec(
+            "p2p_max_peers",
+            int,
+            "Bootstrap peers dialled until this many libp2p connections are up; 0 = all of them.",
+            _v_nonnegative,
         ),
         _spec("log_level", str, "debug | info | warning | error | critical.", _v_choice(LOG_LEVELS)),
         _spec("log_format", str, "text | json (one JSON object per line).", _v_choice(LOG_FORMATS)),

@@ -197,6 +197,7 @@ class Daemon:
             topics=[self.topics.updates],
             validator=self._validate_gossip,
             announce=list(config.announce) or None,
+            max_peers=config.p2p_max_peers,
         )
         self.validator_peers = {peer_id_of(v.key_bytes): v.key_bytes for v in genesis.validators}
         # Consensus travels over direct streams between validators; a non-validator listens to every validator.

@@ -66,6 +66,7 @@ CASES: dict[str, tuple[Any, str, Any, tuple[Any, Any, Any]]] = {
         ("127.0.0.1:26680", "127.0.0.1:8080", "[::1]:80"),
     ),
     "direct_port": (26700, "-1", 0, (26700, -1, 0)),
+    "p2p_max_peers": (8, "0", 24, (8, 0, 24)),
     "log_level": ("warning", "DEBUG", "error", ("warning", "debug", "error")),
     "log_format": ("json", "text", "json", ("json", "text", "json")),
     "data_path": ("mine.npz", "/data/site.npz", "x.npz", ("mine.npz", "/data/site.npz", "x.npz")),

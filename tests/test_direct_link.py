@@ -119,3 +119,52 @@ async def test_real_sockets_round_trip_wrong_peer_and_garbage() -> None:
             n.cancel_scope.cancel()
     assert {p for p, _ in got} == {peer_id_of(client_key.public_key)}
     assert b"".join(d for _, d in got) == big + b"again"
+
+
+def test_directory_prefers_first_hand_and_refuses_malformed_answers() -> None:
+    from flnode.node.net.direct import Directory
+    from flnode.protocol.encoding import pack
+
+    d = Directory()
+    d.learn_firsthand("A", "10.0.0.1", 1000)
+    assert d.learn_relayed([("A", "6.6.6.6", 1), ("B", "10.0.0.2", 2000), ("ME", "x", 1)], me="ME") == 1
+    assert d.get("A") == ("10.0.0.1", 1000) and d.get("B") == ("10.0.0.2", 2000) and d.get("ME") is None
+    d.learn_firsthand("B", "10.0.0.3", 2001)  # its own answer replaces what others said
+    assert d.get("B") == ("10.0.0.3", 2001)
+    port, entries = Directory.parse(d.answer(4242))
+    assert port == 4242 and sorted(entries) == [("A", "10.0.0.1", 1000), ("B", "10.0.0.3", 2001)]
+    d.forget("A")
+    assert d.get("A") is None
+    for bad in (b"\xc1", pack([1]), pack(["x", []]), pack([70000, []])):
+        with pytest.raises(NetError):
+            Directory.parse(bad)
+    port, entries = Directory.parse(pack([1, [["p", "h", 0], ["p", "h", 5], "junk", ["q" * 65, "h", 5]]]))
+    assert entries == [("p", "h", 5)]  # malformed entries are skipped
+
+
+async def test_validators_not_connected_by_libp2p_still_get_direct_links() -> None:
+    """A line of libp2p connections (a-b-c-d); direct links between every pair come from relayed directories."""
+    from flnode.node.net import ConsensusTransport, P2PNode
+    from flnode.node.net.consensus_stream import DirectConfig
+
+    keys = [NodeKey.generate() for _ in range(4)]
+    ids = {peer_id_of(k.public_key) for k in keys}
+    nodes: list[P2PNode] = []
+    ts: list[ConsensusTransport] = []
+    with trio.fail_after(30):
+        async with trio.open_nursery() as n:
+            for k in keys:
+                node = P2PNode(k.seed, ["/ip4/127.0.0.1/tcp/0"], bootstrap=[nodes[-1].listen_addrs()[0]] if nodes else [],
+                               max_peers=1)
+                t = ConsensusTransport(node, ids, direct=DirectConfig(k, CHAIN, "127.0.0.1"))
+                await n.start(node.run)
+                await n.start(t.run)
+                nodes.append(node)
+                ts.append(t)
+            for i, t in enumerate(ts):
+                await t.wait_connected(peer_id_of(k.public_key) for j, k in enumerate(keys) if j != i)
+            assert peer_id_of(keys[3].public_key) not in nodes[0].connected_peers()  # no libp2p a-d connection
+            ts[0].broadcast(b"from a", height=1, round=0)
+            assert await ts[3].inbound.receive() == (peer_id_of(keys[0].public_key), b"from a")
+            assert all(t.counters["libp2p_sessions"] == 0 and t.counters["direct_sessions"] >= 1 for t in ts)
+            n.cancel_scope.cancel()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import ipaddress
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
@@ -23,7 +24,7 @@ from typing import Any, Protocol
 import trio
 from flnode.protocol.crypto import NodeKey
 
-from .direct import DIRECT_PROTOCOL, DirectListener, dial
+from .direct import DIRECT_PROTOCOL, MAX_DIRECTORY_ANSWER, DirectListener, Directory, dial
 from .gate import has_quorum
 from .host import FRAME_HEADER, NetError, P2PNode, Stream, encode_frames
 
@@ -63,6 +64,13 @@ class DirectConfig:
 
 def digest(data: bytes) -> bytes:
     return hashlib.blake2b(data, digest_size=16).digest()
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 class FrameTooBig(NetError):
@@ -281,11 +289,12 @@ class ConsensusTransport:
         p2p.set_stream_handler(protocol_id, self._accept)
         self.direct = direct
         self._listener: DirectListener | None = None
-        self._direct_ports: dict[str, int] = {}
+        self.directory = Directory()
+        self._asked: dict[str, float] = {}  # libp2p peer -> when we last asked it for its directory
         if direct is not None:
             self._listener = DirectListener(direct.key, direct.chain_id, self._accept, direct.host, direct.port,
                                             self.counters)
-            p2p.set_handler(DIRECT_PROTOCOL, self._serve_direct_port, max_request=16)
+            p2p.set_handler(DIRECT_PROTOCOL, self._serve_directory, max_request=16)
 
     # ---------------------------------------------------------------- API
 
@@ -370,6 +379,8 @@ class ConsensusTransport:
                     except OSError as exc:  # consensus still runs over libp2p streams
                         log.warning("no direct link listener", extra={"error": str(exc)[:200]})
                         self._listener = None
+                if self._listener is not None:
+                    nursery.start_soon(self._directory_loop)
                 for peer in sorted(self.peers):
                     if self.dial_all or self.p2p.peer_id < peer:  # the lower id dials
                         nursery.start_soon(self._dial_loop, peer)
@@ -394,7 +405,8 @@ class ConsensusTransport:
             if not (self.dial_all or self.p2p.peer_id < peer):  # the other side dials (our role changed)
                 await trio.sleep(0.5)
                 continue
-            while self._banned(peer) or peer not in self.p2p.connected_peers():
+            # a direct link needs only its address (from any peer's directory); a libp2p stream, a connection
+            while self._banned(peer) or not (self.directory.get(peer) or peer in self.p2p.connected_peers()):
                 await trio.sleep(0.1)
             try:
                 stream: LinkStream | None = await self._dial_direct(peer)
@@ -411,32 +423,58 @@ class ConsensusTransport:
             await trio.sleep(backoff)
             backoff = min(5.0, backoff * 2)
 
-    async def _serve_direct_port(self, peer: str, request: bytes) -> bytes:
-        port = self._listener.port if self._listener is not None else 0
-        return port.to_bytes(2, "big")
+    async def _serve_directory(self, peer: str, request: bytes) -> bytes:
+        return self.directory.answer(self._listener.port if self._listener is not None else 0)
+
+    async def _ask_directory(self, peer: str) -> None:
+        """Ask a libp2p-connected peer for its direct port and what it knows of others'."""
+        self._asked[peer] = trio.current_time()
+        try:
+            raw = await self.p2p.request(peer, DIRECT_PROTOCOL, b"", max_response=MAX_DIRECTORY_ANSWER,
+                                         timeout=self.open_timeout)
+            port, relayed = Directory.parse(raw)
+        except NetError as exc:  # not up yet, or a peer without the protocol: ask again later
+            self.counters["direct_no_port"] += 1
+            log.debug("no directory answer", extra={"peer": peer[:16], "error": str(exc)[:200]})
+            return
+        host = self.p2p.remote_host(peer)
+        if port and host is not None:
+            self.directory.learn_firsthand(peer, host, port)
+        if host is not None and not _loopback(host):  # its loopback entries mean its own machine, not ours
+            relayed = [e for e in relayed if not _loopback(e[1])]
+        self.directory.learn_relayed(relayed, self.p2p.peer_id)
+
+    async def _directory_loop(self) -> None:
+        """Learn direct addresses from libp2p neighbours, so validators need not all be libp2p-connected: each
+        neighbour is asked at once, then again while some validator's address is still unknown (after 1 s, 2 s,
+        4 s, ... up to 30 s between asks)."""
+        interval: dict[str, float] = {}
+        while True:
+            now = trio.current_time()
+            missing = any(self.directory.get(p) is None for p in self.peers)
+            for peer in self.p2p.connected_peers():
+                last = self._asked.get(peer)
+                if last is None or (missing and now - last >= interval.get(peer, 1.0)):
+                    if last is not None:
+                        interval[peer] = min(30.0, interval.get(peer, 1.0) * 2)
+                    await self._ask_directory(peer)
+            await trio.sleep(0.5)
 
     async def _dial_direct(self, peer: str) -> LinkStream | None:
         """A direct link to `peer` if both sides have one; None means: use a libp2p stream."""
         if self.direct is None or self._listener is None:
             return None
-        port = self._direct_ports.get(peer)
-        if port is None:
-            try:
-                raw = await self.p2p.request(peer, DIRECT_PROTOCOL, b"", max_response=16, timeout=self.open_timeout)
-            except NetError as exc:  # not up yet, or a peer without the protocol: libp2p this time, ask again later
-                self.counters["direct_no_port"] += 1
-                log.debug("no direct port", extra={"peer": peer[:16], "error": str(exc)[:200]})
-                return None
-            port = self._direct_ports[peer] = int.from_bytes(raw[:2], "big") if len(raw) == 2 else 0
-        host = self.p2p.remote_host(peer)
-        if not port or host is None:
-            self.counters["direct_no_port" if not port else "direct_no_host"] += 1
+        if self.directory.get(peer) is None and peer in self.p2p.connected_peers():
+            await self._ask_directory(peer)
+        addr = self.directory.get(peer)
+        if addr is None:
+            self.counters["direct_no_host"] += 1
             return None
         try:
-            return await dial(host, port, self.direct.key, self.direct.chain_id, peer, timeout=self.open_timeout)
+            return await dial(addr[0], addr[1], self.direct.key, self.direct.chain_id, peer, timeout=self.open_timeout)
         except NetError as exc:
             self.counters["direct_dial_failed"] += 1
-            self._direct_ports.pop(peer, None)  # ask again next time: it may have restarted on another port
+            self.directory.forget(peer)  # ask again: it may have restarted on another port
             log.debug("direct dial failed", extra={"peer": peer[:16], "error": str(exc)[:200]})
             return None
 

@@ -148,6 +148,7 @@ class P2PNode:
         max_message_size: int = 1 << 20,
         announce: Sequence[str] | None = None,
         mesh_degree: int = 6,
+        max_peers: int = 0,
     ) -> None:
         from libp2p.identity_utils import create_identity_from_seed
 
@@ -159,6 +160,9 @@ class P2PNode:
         self._max_message_size = max_message_size
         self._announce = [multiaddr.Multiaddr(a) for a in announce] if announce else None
         self._mesh_degree = mesh_degree
+        # Dial bootstrap peers only while fewer than this many are connected (0: all). Each node prefers its own
+        # subset (ordered by a hash of both ids), so the libp2p graph is a random one of about twice this degree.
+        self._max_peers = max_peers
         self._handlers: dict[str, tuple[Handler, int]] = {}
         self._stream_handlers: dict[str, StreamHandler] = {}
         self._key_pair = create_identity_from_seed(seed)
@@ -444,13 +448,18 @@ class P2PNode:
         """(p12) libp2p's bootstrap gives up after 3 failures; we keep dialling known peers, with back-off."""
         backoff: dict[str, float] = {}
         next_try: dict[str, float] = {}
+        mine = self.peer_id.encode()
+        order = sorted(self._bootstrap, key=lambda a: hashlib.blake2b(mine + a.encode(), digest_size=8).digest())
         while True:
             connected = set(self.connected_peers())
             now = trio.current_time()
-            for addr in self._bootstrap:
+            for addr in order:
                 pid = addr.rsplit("/p2p/", 1)[-1]
                 if pid in connected or next_try.get(addr, 0) > now:
                     continue
+                if self._max_peers and len(connected) >= self._max_peers:
+                    break
+                connected.add(pid)  # counted as soon as tried: one pass dials at most up to the limit
                 if await self.connect(addr):
                     backoff.pop(addr, None)
                     log.info("connected", extra={"peer": pid[:16]})
