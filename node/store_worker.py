@@ -22,8 +22,24 @@ T = TypeVar("T")
 BLOB_THREADS = 4
 
 
+def _fixed_mmap_threshold() -> None:
+    """Blob threads allocate and free multi-megabyte buffers (pieces of large blobs). glibc raises its mmap
+    threshold to the size of the first such buffer freed, after which these buffers come from per-thread heaps that
+    are not given back: measured at 10M parameters, a node's RSS grew ~50 MB per height. A fixed 1 MiB threshold
+    (which also turns the dynamic adjustment off) returns them to the system when freed. Linux/glibc only."""
+    try:
+        import ctypes
+        import ctypes.util
+
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 class StoreWorker:
     def __init__(self, store: ChainStore) -> None:
+        _fixed_mmap_threshold()
         self.store = store
         self._limiter = trio.CapacityLimiter(1)
         self.blob_limiter = trio.CapacityLimiter(BLOB_THREADS)

@@ -123,3 +123,13 @@ def test_compressed_training_still_learns_digits(mode: str) -> None:
     compression.reset()
     acc = train_rounds(genesis(compression=mode, compression_topk=0.1), 6)
     assert acc[-1] > 0.6, acc
+
+
+@pytest.mark.parametrize("model", ["logreg", "mlp"])
+def test_the_exact_blob_size_from_headers_equals_an_encoded_update(model: str) -> None:
+    from flnode.node.app import task_for
+    from flnode.protocol.tensors import encode_tensors
+
+    g = genesis(model=model)
+    zeros = {n: np.zeros(s, np.float32) for n, s in task_for(g.task).param_spec()}
+    assert update_blob_size(g) == len(encode_tensors(zeros))

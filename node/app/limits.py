@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import functools
 
-import numpy as np
 from flnode.protocol.genesis import Genesis, TaskSpec
-from flnode.protocol.tensors import encode_tensors
 
 from .data import load_dataset, partition
 from .tasks import task_for
@@ -22,19 +20,11 @@ def param_spec(genesis: Genesis) -> list[tuple[str, tuple[int, ...]]]:
     return list(_param_spec(genesis.task))
 
 
-@functools.lru_cache(maxsize=8)
-def _blob_size(spec: TaskSpec) -> int:
-    # The codec's size depends on names and shapes only, never on values: encode zeros once.
-    return len(encode_tensors({n: np.zeros(s, np.float32) for n, s in _param_spec(spec)}))
-
-
 def update_blob_size(genesis: Genesis) -> int:
     """The exact byte size of every well-formed update blob of the genesis task (protocol/tensors.py format)."""
-    if genesis.rules.compression != "none":
-        from .compression import blob_size  # compression imports this module
+    from .compression import blob_size  # from headers alone (compression imports this module)
 
-        return blob_size(genesis)
-    return _blob_size(genesis.task)
+    return blob_size(genesis)
 
 
 @functools.lru_cache(maxsize=8)
