@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 
 class ValidatorSet:
@@ -24,6 +24,46 @@ class ValidatorSet:
         self._priorities = {a: 0 for a in self.addresses}
         self._sequence: list[bytes] = []
         self._round_zero: dict[int, int] = {}  # height -> index in the sequence of (height, 0)
+        self._first_height = 1  # the sequence starts at (this height, round 0)
+        self._initial = dict(self._priorities)
+
+    @classmethod
+    def carried(cls, previous: ValidatorSet, powers: Mapping[bytes, int], height: int) -> ValidatorSet:
+        """The set from `height` on when the powers change there, as CometBFT updates a set (open membership):
+        validators that stay keep their priority as of the start of `height`, a new one starts at -1.125 times
+        the new total power (so it does not propose at once), then priorities are rescaled to a window of twice
+        the total power and centred on zero."""
+        vs = cls(powers)
+        before = previous._priorities_at(height)
+        total = vs.total_power
+        pr = {a: before.get(a, -(total + (total >> 3))) for a in vs.addresses}
+        diff = max(pr.values()) - min(pr.values())
+        if diff > 2 * total:  # RescalePriorities: Go's integer division truncates toward zero
+            ratio = -(-diff // (2 * total))
+            pr = {a: (p // ratio if p >= 0 else -(-p // ratio)) for a, p in pr.items()}
+        avg = sum(pr.values()) // len(pr)  # shiftByAvgProposerPriority: big.Int division, floor for n > 0
+        vs._priorities = {a: p - avg for a, p in pr.items()}
+        vs._initial = dict(vs._priorities)
+        vs._first_height = height
+        return vs
+
+    @classmethod
+    def from_schedule(cls, schedule: Sequence[tuple[int, Mapping[bytes, int]]]) -> ValidatorSet:
+        """The set after a history of (first height, powers) changes, the first at height 1."""
+        vs = cls(schedule[0][1])
+        for height, powers in schedule[1:]:
+            vs = cls.carried(vs, powers, height)
+        return vs
+
+    def _priorities_at(self, height: int) -> dict[bytes, int]:
+        """Priorities at the start of `height` (after one step per earlier height), replayed on a copy."""
+        pr = dict(self._initial)
+        for _ in range(height - self._first_height):
+            for a in self.addresses:
+                pr[a] += self.powers[a]
+            best = max(self.addresses, key=lambda a: (pr[a], [-b for b in a]))
+            pr[best] -= self.total_power
+        return pr
 
     def power(self, validator: bytes) -> int:
         return self.powers.get(validator, 0)
@@ -43,7 +83,9 @@ class ValidatorSet:
     def proposer(self, height: int, round: int) -> bytes:
         # CometBFT advances the priorities once per height (state.NextValidators) and, inside a height, r more
         # times for round r (CopyIncrementProposerPriority(r)): the proposer of (h, r) is step (h - 1) + r.
-        index = (height - 1) + round
+        index = (height - self._first_height) + round
+        if index < 0:
+            raise ValueError(f"this set starts at height {self._first_height}, not {height}")
         while len(self._sequence) <= index:
             self._advance()
         return self._sequence[index]

@@ -48,7 +48,7 @@ from flnode.node.app.participant import (
     load_participant,
     trainer_record,
 )
-from flnode.node.app.powers import SLASH_DELAY
+from flnode.node.app.powers import SLASH_DELAY, validator_schedule
 from flnode.node.chain.execution import build_block, certificate_powers, check_block, missing_blobs
 from flnode.node.chain.store import ChainStore
 from flnode.node.config import NodeConfig
@@ -271,12 +271,14 @@ class Daemon:
         if cached is not None and cached[0] is self.state:
             return cached[1]  # asked for every message: computed once per (state, height)
         powers = validator_powers(self.genesis, self.state, height)
-        key = tuple(sorted(powers.items()))
+        carry = self.genesis.rules.admission != "genesis"  # open membership: priorities carried across changes
+        key: Any = validator_schedule(self.genesis, self.state, height) if carry else tuple(sorted(powers.items()))
         vs = self._sets.get(key)
         if vs is None:
             if len(self._sets) > 16:
                 self._sets.clear()
-            vs = self._sets[key] = ValidatorSet(powers)
+            vs = self._sets[key] = (ValidatorSet.from_schedule([(h, dict(p)) for h, p in key]) if carry
+                                    else ValidatorSet(powers))
         if len(self._set_at) > 8:
             self._set_at.clear()
         self._set_at[height] = (self.state, vs)

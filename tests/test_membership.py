@@ -245,3 +245,38 @@ def test_proposer_skips_invalid_txs_and_wire_form_is_canonical() -> None:
     assert len(good.encode()) <= MembershipTx.MAX_SIZE
     with pytest.raises(ValidationError):
         execute(g, s0, [], (), [good] * 65)
+
+
+def test_proposer_priority_carried_across_set_changes() -> None:
+    from flnode.consensus import ValidatorSet
+
+    keys = [bytes([i]) * 32 for i in range(1, 6)]
+    base = ValidatorSet(dict.fromkeys(keys[:4], 1))
+    same = ValidatorSet.carried(base, base.powers, 7)  # priorities centred and in the window: nothing moves
+    assert [same.proposer(h, r) for h in range(7, 40) for r in range(3)] == \
+           [base.proposer(h, r) for h in range(7, 40) for r in range(3)]
+    grown = ValidatorSet.carried(base, {**base.powers, keys[4]: 1}, 7)
+    seq = [grown.proposer(h, 0) for h in range(7, 57)]
+    assert keys[4] not in seq[:4]  # a newcomer starts at -1.125 x total power: it waits its turn
+    assert max(map(seq.count, keys)) - min(map(seq.count, keys)) <= 2  # then the round robin is fair again
+    rebuilt = ValidatorSet.from_schedule([(1, base.powers), (7, grown.powers)])  # what every node computes
+    assert [rebuilt.proposer(h, 0) for h in range(7, 57)] == seq
+    with pytest.raises(ValueError):
+        grown.proposer(6, 0)
+    heavy = ValidatorSet.carried(grown, {**grown.powers, keys[0]: 100}, 20)  # rescaled into the window
+    assert [heavy.proposer(h, 0) for h in range(20, 120)].count(keys[0]) > 90
+
+
+def test_validator_schedule_from_the_latest_state() -> None:
+    from flnode.node.app.powers import validator_schedule
+
+    g = genesis("open")
+    s = block(g, genesis_state(g), [join(g, NEW[0], role=Role.VALIDATOR), join(g, NEW[1])])  # block 1
+    s = block(g, s, [MembershipTx.leave(VALS[3], g.chain_id, 1)])  # block 2: ends at 4
+    gp = {k.public_key: 1 for k in VALS}
+    want = ((1, tuple(sorted(gp.items()))), (3, tuple(sorted({**gp, NEW[0].public_key: 1}.items()))))
+    assert validator_schedule(g, s, 3) == want
+    later = empty_blocks(g, s, 5)
+    four = {**gp, NEW[0].public_key: 1}
+    del four[VALS[3].public_key]
+    assert validator_schedule(g, later, 9) == (*want, (4, tuple(sorted(four.items()))))

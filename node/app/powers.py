@@ -23,3 +23,20 @@ def validator_powers(genesis: Genesis, state: AppState, height: int) -> dict[byt
         raise ValueError(f"the state after height {state.height} cannot tell the powers at height {height}")
     members = member_powers(genesis, state.membership, height)  # genesis powers, plus and minus membership txs
     return {k: p for k, p in members.items() if state.slashed.get(k, height + 1) > height}
+
+
+Schedule = tuple[tuple[int, tuple[tuple[bytes, int], ...]], ...]
+
+
+def validator_schedule(genesis: Genesis, state: AppState, height: int) -> Schedule:
+    """Every change of the powers up to `height`, as (first height, sorted powers), the first at height 1: what
+    carrying proposer priorities across set changes needs (consensus ValidatorSet.from_schedule). The state keeps
+    every admission, end and slashing, so the latest state alone tells the whole history."""
+    ms = state.membership
+    marks = {m.since for m in ms.members.values()} | set(ms.ended.values()) | set(state.slashed.values())
+    out = [(1, tuple(sorted(validator_powers(genesis, state, 1).items())))]
+    for h in sorted(x for x in marks if 1 < x <= height):
+        powers = tuple(sorted(validator_powers(genesis, state, h).items()))
+        if powers != out[-1][1]:
+            out.append((h, powers))
+    return tuple(out)
