@@ -246,6 +246,8 @@ class Genesis:
             raise GenesisError(f"genesis: unknown admission {self.rules.admission!r} (genesis | open | validators)")
         if self.rules.max_members < 0 or self.rules.member_power < 1:
             raise GenesisError("genesis: max_members must be >= 0 and member_power >= 1")
+        if self.rules.admission != "genesis" and self.rules.dp_mode != "off":  # DP accounting is per genesis name
+            raise GenesisError("genesis: open membership does not support differential privacy yet (dp_mode off)")
         self._check_dp()
 
     def _check_dp(self) -> None:

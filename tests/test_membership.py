@@ -280,3 +280,8 @@ def test_validator_schedule_from_the_latest_state() -> None:
     four = {**gp, NEW[0].public_key: 1}
     del four[VALS[3].public_key]
     assert validator_schedule(g, later, 9) == (*want, (4, tuple(sorted(four.items()))))
+
+
+def test_open_membership_refuses_dp_for_now() -> None:
+    with pytest.raises(GenesisError, match="differential privacy"):
+        genesis("open", dp_mode="record")
