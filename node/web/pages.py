@@ -267,7 +267,11 @@ APP_JS = r"""// Live refresh, one request a second: /api/live returns the status
     badge.textContent = text;
     badge.className = ok ? "live on" : "live off";
   }
+  var timer = null, busy = false;
   async function tick() {
+    if (busy) return;  // one poll at a time: the running one schedules the next
+    busy = true;
+    clearTimeout(timer);
     try {
       var url = view ? "/api/live?view=" + view + "&height=" + height : "/api/status";
       var r = await fetch(url, {cache: "no-store"});
@@ -286,8 +290,10 @@ APP_JS = r"""// Live refresh, one request a second: /api/live returns the status
     } catch (e) {
       state(false, "offline");
     }
-    setTimeout(tick, 1000);
+    busy = false;
+    timer = setTimeout(tick, document.hidden ? 10000 : 1000);  // a background tab costs the node a tenth
   }
+  document.addEventListener("visibilitychange", function () { if (!document.hidden) tick(); });
   tick();
 })();
 """
