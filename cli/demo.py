@@ -145,6 +145,10 @@ def demo(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON summary instead of the live view.")] = False,
     keep: Annotated[bool, typer.Option("--keep", help="After the last round, keep the network running (and the "
                                        "web explorer live) until Ctrl-C.")] = False,
+    trainers: Annotated[int, typer.Option("--trainers", min=0, max=32, help="Trainer processes that join by "
+                                          "transaction (open membership); then validators do not train.")] = 0,
+    validators: Annotated[int, typer.Option("--validators", min=0, max=32, help="Validators with --trainers "
+                                            "(default: --nodes).")] = 0,
 ) -> None:
     """Run N real `flnode start` processes on 127.0.0.1 and show federated learning live."""
     from rich.console import Console
@@ -157,14 +161,22 @@ def demo(
     home = home.expanduser().resolve()
     if home.exists() and any(home.iterdir()) and not (home / "node0").exists():
         fail(f"{home} exists and is not a demo home; choose another --home")
-    ports = free_ports(nodes)
+    nodes = validators or nodes
+    ports = free_ports(nodes + trainers)
     task_rules = _task_and_rules(model, "digits", partition, 0.5, aggregator, 0, 100.0, 1, 0.1, 2000, trainer)
-    create_testnet(home, nodes, chain_id="flnode-demo", host="127.0.0.1", listen_host="127.0.0.1", ports=ports,
-                   task_rules=task_rules, force=True)
+    if trainers:  # trainers join by transaction; the proposer waits for their updates, not for the validators'
+        task_rules[1].update(admission="open", max_members=nodes + trainers, min_updates=trainers)
+    addrs = create_testnet(home, nodes, chain_id="flnode-demo", host="127.0.0.1", listen_host="127.0.0.1",
+                           ports=ports[:nodes], task_rules=task_rules, force=True)
+    if trainers:
+        from .members_cmd import prepare_trainers
+
+        prepare_trainers(home, nodes, trainers, ports[nodes:], [a for _, a in addrs])
     web_url = enable_web(home / "node0")
     console.print(f"live explorer of node0: [bold]{web_url}[/bold] (open it in a browser while the demo runs; "
                   "--keep keeps it running after the last round)")
     views = [NodeView(f"node{i}", home / f"node{i}") for i in range(nodes)]
+    views += [NodeView(f"trainer{i}", home / f"trainer{i}") for i in range(trainers)]
     limit = timeout or (60.0 + 5.0 * rounds)
     t0 = time.monotonic()
     procs = [start_node(v.home) for v in views]

@@ -248,3 +248,42 @@ def members(
     Console().print(t)
     for q in queued:
         typer.echo(f"queued here, not yet on chain: {q}")
+
+
+def prepare_joiner(home: Path, genesis_file: Path, port: int, bootstrap: list[str], moniker: str, role: str,
+                   data_seed: int) -> None:
+    """A new home that asks to join when started (`flnode demo --trainers`): key, config, the network's genesis
+    and a queued join request for its seed's shard of the built-in data."""
+    from flnode.node.app import participant_data
+    from flnode.node.app.membership import shard_of
+    from flnode.node.config import NodeConfig, home_paths, write_config
+    from flnode.protocol.crypto import NodeKey
+    from flnode.protocol.genesis import Genesis
+
+    cfg = NodeConfig(moniker=moniker, listen=(f"/ip4/127.0.0.1/tcp/{port}",), bootstrap=tuple(bootstrap))
+    paths = home_paths(home, cfg)
+    home.mkdir(parents=True, exist_ok=True)
+    NodeKey.generate().save(paths.node_key)
+    paths.sign_state.unlink(missing_ok=True)
+    write_config(home, cfg)
+    shutil.copyfile(genesis_file, paths.genesis)
+    if paths.data_dir.exists():
+        shutil.rmtree(paths.data_dir)
+    genesis = Genesis.load(paths.genesis)
+    index, parts = shard_of(genesis, data_seed)
+    _queue(paths, {"kind": "join", "role": role, "moniker": moniker, "data_seed": data_seed,
+                   "samples": len(participant_data(genesis.task, parts, index))})
+
+
+def prepare_trainers(home: Path, validators: int, trainers: int, ports: list[int], bootstrap: list[str]) -> None:
+    """`flnode demo --trainers N`: the validators only validate; N trainer homes ask to join when started."""
+    from dataclasses import replace
+
+    from flnode.node.config import load_config, write_config
+
+    for i in range(validators):
+        node = home / f"node{i}"
+        write_config(node, replace(load_config(node).config, participate=False))
+    for i in range(trainers):
+        prepare_joiner(home / f"trainer{i}", home / "node0" / "genesis.json", ports[i], bootstrap, f"trainer{i}",
+                       "trainer", i)
