@@ -119,6 +119,9 @@ def show(
             if detail["trainer"] is not None:  # this node's own client at this height
                 tr = detail["trainer"]
                 c.print(f"  {'own update':16} {tr.get('error') or tr.get('metrics')} ({_trainer_cell(tr)})")
+            for m in detail["membership"]:
+                c.print(f"  [cyan]membership[/cyan]       {m['kind']} {m['target']} (signed by {m['signer']}), "
+                        f"from height {height + 2}")
             for sl in detail["slashed"]:
                 c.print(f"  [red]slashed[/red]          {sl['validator']}: no voting power from height {sl['from_height']}")
             t = Table(title="updates")
@@ -206,11 +209,13 @@ def _detail(genesis: Any, store: Any, h: int) -> dict[str, Any]:
             "penalty": receipt.penalties.get(u.author, 0),
         })
     threshold = genesis.rules.rewards.exclude_below
+    from flnode.node.app.membership import name_of
+
     participants = [
-        {"name": genesis.name_of(k), "public_key": k.hex(), "balance": state.balances.get(k, 0),
+        {"name": name_of(genesis, state, k), "public_key": k.hex(), "balance": state.balances.get(k, 0),
          "reputation": state.reputation.get(k, 0), "excluded": state.reputation.get(k, 0) < threshold,
          "slashed_from": state.slashed.get(k)}
-        for k in genesis.participant_keys
+        for k in [*genesis.participant_keys, *sorted(set(state.membership.members) - set(genesis.powers))]
     ]
     return {
         **row,
@@ -220,6 +225,9 @@ def _detail(genesis: Any, store: Any, h: int) -> dict[str, Any]:
         "updates": updates,
         "participants": participants,
         "privacy": _privacy(genesis, store, h),
+        # membership transactions (issue 12), each taking effect from height h + 2
+        "membership": [{"kind": t.kind.name.lower(), "signer": name_of(genesis, state, t.signer),
+                        "target": name_of(genesis, state, t.target), "what": t.describe()} for t in block.txs],
     }
 
 
