@@ -35,7 +35,6 @@ class ChainReader:
         self._pool: queue.SimpleQueue[ChainStore] = queue.SimpleQueue()
         self._opened: list[ChainStore] = []
         self._open_lock = threading.Lock()
-        self._size = connections
         # At most `connections` reads at once; more requests wait here (in trio), not in a thread.
         self.limiter = trio.CapacityLimiter(connections)
         self._rows: OrderedDict[int, dict[str, Any]] = OrderedDict()  # committed rows are immutable once complete
