@@ -158,6 +158,8 @@ def testnet_init(
     dp_epsilon: Annotated[float, typer.Option(help="Every participant's epsilon budget (0: unlimited).")] = 0.0,
     dp_budget: Annotated[list[str] | None, typer.Option(help="NAME=EPSILON budget of one node (repeatable).")] = None,
     dp_participants: Annotated[int, typer.Option(help="Participants sharing the noise (0: all).")] = 0,
+    admission: Annotated[str, typer.Option(help="Membership: genesis (fixed) | open | validators (> 2/3 vote).")] = "genesis",
+    max_members: Annotated[int, typer.Option(help="Cap on members under open membership (0: none).")] = 0,
 ) -> None:
     """Write N homes with one shared genesis and each other's addresses as bootstrap peers."""
     task, rules = _task_and_rules(model, dataset, partition, alpha, aggregator, seed, norm_bound, local_epochs,
@@ -175,6 +177,8 @@ def testnet_init(
         rules.update(dp_mode=dp_mode, dp_clip=dp_clip, dp_noise=dp_noise, dp_sample_rate=dp_sample_rate,
                      dp_sampling=dp_sampling, dp_delta=dp_delta, dp_epsilon_budget=dp_epsilon, dp_budgets=budgets,
                      dp_participants=dp_participants)
+    if admission != "genesis" or max_members:  # open membership (issue 12): later rules, hashed only when set
+        rules.update(admission=admission, max_members=max_members)
     info = create_testnet(
         directory, nodes, chain_id=chain_id, host=host, hosts=_csv(hosts), hostnames=_csv(hostnames),
         listen_host=listen_host, base_port=base_port, same_port=same_port, task_rules=(task, rules), force=force,
