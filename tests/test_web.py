@@ -183,6 +183,16 @@ def test_participants_count_every_update(net: Net) -> None:
         assert r["balance"] > 0 and r["accepted"] >= 1
 
 
+def test_members_of_a_genesis_network(net: Net) -> None:
+    m = get_json(f"{net.url}api/members")
+    assert m["chain_id"] == "web-test" and m["height"] >= 6
+    assert [(r["name"], r["genesis"], r["in_force"], r["power"] > 0) for r in sorted(m["members"], key=lambda r: r["name"])] \
+        == [(f"node{i}", True, True, True) for i in range(4)]
+    assert m["requests"] == [] and m["removals"] == []
+    status, _, body = get(net.url + "participants")
+    assert status == 200 and body.decode().count("<table id=members>") == 1
+
+
 @pytest.mark.parametrize(
     ("path", "status"),
     [
@@ -244,7 +254,7 @@ def test_pages_render_and_carry_no_key_material(net: Net) -> None:
     seeds = [json.loads((v.home / "node_key.json").read_text())["seed"] for v in net.views]
     top = get_json(net.url + "api/status")["height"]
     for path in ("", "blocks", "blocks?page=1", f"blocks/{top}", "participants", "api/status", "api/blocks",
-                 f"api/blocks/{top}", "api/participants", "metrics", "static/app.js", "static/style.css",
+                 f"api/blocks/{top}", "api/participants", "api/members", "metrics", "static/app.js", "static/style.css",
                  "?fragment=1", "participants?fragment=1"):
         code, headers, body = get(net.url + path)
         assert code == 200, path

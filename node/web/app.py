@@ -124,7 +124,7 @@ class WebApp:
         self.pacer = Pacer(max_rate)
         self.exact: dict[str, Callable[..., Awaitable[Response]]] = {
             "/api/status": self.api_status, "/api/blocks": self.api_blocks, "/api/live": self.api_live,
-            "/api/participants": self.api_participants, "/": self.page_overview, "/blocks": self.page_blocks,
+            "/api/participants": self.api_participants, "/api/members": self.api_members, "/": self.page_overview, "/blocks": self.page_blocks,
             "/participants": self.page_participants, "/static/app.js": self.static_js,
             "/static/style.css": self.static_css, "/metrics": self.prometheus,
         }
@@ -268,6 +268,9 @@ class WebApp:
             out["html"] = (await self.cached(path, raw)).body.decode()
         return Response.json(out)
 
+    async def api_members(self, query: dict[str, str]) -> Response:
+        return Response.json(await self.reader.run(self.reader.members))
+
     async def api_participants(self, query: dict[str, str]) -> Response:
         return Response.json(await self.reader.run(self.reader.participants))
 
@@ -306,7 +309,8 @@ class WebApp:
 
     async def page_participants(self, query: dict[str, str]) -> Response:
         data = await self.reader.run(self.reader.participants)
-        table = pages.participants_table(data["participants"])
+        members = await self.reader.run(self.reader.members)
+        table = pages.participants_table(data["participants"]) + pages.members_tables(members)
         if query.get("fragment"):
             return Response.html(table)
         return Response.html(pages.participants_page(self.genesis.chain_id, data["height"], table))

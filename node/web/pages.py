@@ -181,6 +181,8 @@ def block_page(chain_id: str, d: dict[str, Any]) -> str:
                       if "error" in t else _e(", ".join(f"{k} {v:.4g}" if isinstance(v, int | float) else f"{k} {v}"
                                                        for k, v in (t.get("metrics") or {}).items()))
                       + (f' <span class=muted>({t["fit_s"]:.2f} s)</span>' if t.get("fit_s") is not None else "")))
+    for tx in d.get("membership") or []:
+        facts.append(("membership", f'{_e(tx["what"])} <span class=muted>(from height {h + 2})</span>'))
     for sl in d["slashed"]:
         facts.append(("slashed", f'{_e(sl["validator"])}: no voting power from height {sl["from_height"]}'))
     dl = "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in facts)
@@ -237,6 +239,24 @@ def _eps(p: dict[str, Any]) -> str:
         return "–"  # no differential privacy on this chain
     budget = p.get("epsilon_budget")
     return f'{p["epsilon_spent"]:.3f}' + ("" if budget is None else f" of {budget:g}")
+
+
+def members_tables(m: dict[str, Any]) -> str:
+    rows = "".join(
+        f'<tr><td>{_e(r["name"])}</td><td>{_e(r["role"])}</td><td>{r["power"]}</td>'
+        f'<td>{"genesis" if r["genesis"] else r["since"]}</td><td>{_e(r["ended"] or "")}</td>'
+        f'<td>{"yes" if r["in_force"] else "no"}</td></tr>'
+        for r in m["members"]
+    )
+    out = ("<h2>Members</h2><table id=members><thead><tr><th>member</th><th>role</th><th>voting power</th>"
+           f"<th>since height</th><th>ended at</th><th>in force</th></tr></thead><tbody>{rows}</tbody></table>")
+    pending = [(r["what"], r["votes"], r["opened"]) for r in m["requests"]]
+    pending += [(f"remove {r['target']}", r["votes"], r["opened"]) for r in m["removals"]]
+    if pending:
+        out += ("<h2>Being voted on</h2><table><thead><tr><th>transaction</th><th>votes</th><th>opened at</th>"
+                "</tr></thead><tbody>" + "".join(f"<tr><td>{_e(w)}</td><td>{v}</td><td>{o}</td></tr>"
+                                                 for w, v, o in pending) + "</tbody></table>")
+    return out
 
 
 def participants_page(chain_id: str, height: int, table: str) -> str:

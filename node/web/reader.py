@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import trio
+from flnode.node.app import AppState
+from flnode.node.app.membership import Membership, counts_at, name_of
 from flnode.node.chain.store import ChainStore, StoreError
 from flnode.protocol.genesis import Genesis
 
@@ -168,10 +170,10 @@ class ChainReader:
         ]
         threshold = g.rules.rewards.exclude_below
         participants = [
-            {"name": g.name_of(k), "public_key": k.hex(), "balance": state.balances.get(k, 0),
+            {"name": name_of(g, state, k), "public_key": k.hex(), "balance": state.balances.get(k, 0),
              "reputation": state.reputation.get(k, 0), "excluded": state.reputation.get(k, 0) < threshold,
              "slashed_from": state.slashed.get(k)}
-            for k in g.participant_keys
+            for k in self.participant_keys(state)
         ]
         detail = {
             **row,
@@ -181,6 +183,9 @@ class ChainReader:
             "updates": updates,
             "participants": participants,
             "privacy": self.privacy(store, h),
+            # membership transactions (issue 12), each taking effect from height h + 2
+            "membership": [{"kind": t.kind.name.lower(), "signer": name_of(g, state, t.signer),
+                            "target": name_of(g, state, t.target), "what": t.describe()} for t in block.txs],
             # beyond chain show: who signed the commit, and whom the evidence names
             "signers": [g.name_of(v) for v, _ in cert.signatures] if cert else [],
             "evidence_validators": [g.name_of(e.validator) for e in block.evidence],
@@ -216,10 +221,10 @@ class ChainReader:
         state = store.light_state(counted) if counted > 0 else None
         threshold = g.rules.rewards.exclude_below
         rows = []
-        for k in g.participant_keys:
+        for k in self.participant_keys(state):
             rep = state.reputation.get(k, 0) if state else 0
             rows.append({
-                "name": g.name_of(k), "public_key": k.hex(),
+                "name": name_of(g, state, k) if state else g.name_of(k), "public_key": k.hex(),
                 "balance": state.balances.get(k, 0) if state else 0,
                 "reputation": rep, "excluded": state is not None and rep < threshold,
                 "slashed_from": state.slashed.get(k) if state else None,
@@ -231,6 +236,38 @@ class ChainReader:
             row["epsilon_spent"] = spent["epsilon_spent"] if spent else None
             row["epsilon_budget"] = spent["epsilon_budget"] if spent else None
         return {"chain_id": g.chain_id, "height": counted, "participants": rows}
+
+    def participant_keys(self, state: AppState | None) -> list[bytes]:
+        """Genesis participants, then members admitted by transaction (as `chain show` lists them)."""
+        extra = sorted(set(state.membership.members) - set(self.genesis.powers)) if state else []
+        return [*self.genesis.participant_keys, *extra]
+
+    def members(self, store: ChainStore) -> dict[str, Any]:
+        """Who is in the network after the latest block: genesis validators and admitted members, whether each
+        is in force at the next height, and the joins and removals still being voted on."""
+        g = self.genesis
+        top = self.latest(store)
+        ms = store.light_state(top).membership if top > 0 else Membership()
+        rows = []
+        for k in [*g.participant_keys, *sorted(set(ms.members) - set(g.powers))]:
+            m = None if k in g.powers else ms.members.get(k)
+            rows.append({
+                "name": m.moniker if m else g.name_of(k), "public_key": k.hex(), "genesis": m is None,
+                "role": m.role.name.lower() if m else "both", "power": m.power if m else g.powers[k],
+                "since": m.since if m else 1, "ended": ms.ended.get(k),
+                "in_force": counts_at(g, ms, k, top + 1),
+            })
+
+        def who(k: bytes) -> str:
+            m = ms.members.get(k)
+            return m.moniker if m is not None and k not in g.powers else g.name_of(k)
+
+        requests = [{"target": tx.moniker or who(k), "public_key": k.hex(), "kind": tx.kind.name.lower(),
+                     "what": tx.describe(), "votes": len(b.votes), "opened": b.opened}
+                    for k, (tx, b) in sorted(ms.requests.items())]
+        removals = [{"target": who(k), "public_key": k.hex(), "votes": len(b.votes), "opened": b.opened}
+                    for k, b in sorted(ms.removals.items())]
+        return {"chain_id": g.chain_id, "height": top, "members": rows, "requests": requests, "removals": removals}
 
     def series(self, store: ChainStore, last: int = CHART_HEIGHTS) -> dict[str, Any]:
         """Per-height test accuracy, test loss and round time of the last ``last`` heights (for the charts)."""
