@@ -37,6 +37,8 @@ def sim(
                           "arrives). Comma-separated; default: immediate.")
     ] = "",
     twins: Annotated[bool, typer.Option("--twins", help="Add a twin: a second honest copy of validator 0's key.")] = False,
+    set_changes: Annotated[int, typer.Option("--set-changes", min=0, help="Change the validator set every K heights "
+                                             "(open membership; Byzantine < 1/3 of each set).")] = 0,
     allow_unsafe: Annotated[
         bool, typer.Option("--allow-unsafe", help="Allow byzantine >= n/3 (the checker should then find violations).")
     ] = False,
@@ -68,7 +70,7 @@ def sim(
     if unsafe and not allow_unsafe:
         fail(f"{byzantine} Byzantine of {nodes} is at or above n/3: BFT promises nothing there; add --allow-unsafe")
     cfg = SimConfig(nodes=nodes, byzantine=byzantine, heights=heights, faults=fault_set, byzantine_modes=mode_set,
-                    twins=twins, validation=validation_set)
+                    twins=twins, validation=validation_set, set_changes=set_changes)
     t0 = time.process_time()
     summary = run_many(replace(cfg), range(first_seed, first_seed + seeds))
     cpu = time.process_time() - t0

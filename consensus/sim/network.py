@@ -122,6 +122,10 @@ class SimConfig:
     liveness_ms_per_height: int = 30_000
     timeouts: TimeoutConfig = field(default_factory=lambda: TimeoutConfig(300, 100, 200, 100, 200, 100))
     max_events: int = 2_000_000
+    # Open membership: every this many heights the validator set changes (0: never): a random subset of the nodes
+    # with random powers 1..3, Byzantine nodes holding less than 1/3 of each set's power. The nodes outside a set
+    # keep running as followers (and a Byzantine one's votes must not count); proposer priorities carry over.
+    set_changes: int = 0
 
 
 @dataclass
@@ -148,6 +152,7 @@ class SimResult:
     max_rounds_stored: int = 0  # most rounds with vote storage in one honest machine at one height
     max_round_ahead: int = 0  # furthest round above its current one that an honest machine stored votes for
     max_votes_per_round: int = 0  # most votes an honest machine stored for one round
+    set_changes: int = 0  # validator-set changes applied (SimConfig.set_changes)
     memory_failures: list[str] = field(default_factory=list)  # honest buffers above their bounds
 
     @property
@@ -180,6 +185,8 @@ class Simulation:
         n = cfg.nodes
         keys = [hashlib.sha256(b"validator-%d" % i).digest() for i in range(n)]
         self.validators = ValidatorSet({k: 1 for k in keys})
+        self.schedule: list[tuple[int, dict[bytes, int]]] = [(1, dict(self.validators.powers))]
+        self._set_cache: dict[int, ValidatorSet] = {0: self.validators}
         self.nodes: list[_Node] = []
         byz = set(range(n - cfg.byzantine, n))
         for i, k in enumerate(keys):
@@ -231,6 +238,10 @@ class Simulation:
         self.dup_p = cfg.dup_p if "dup" in cfg.faults else 0.0
         self.gst = min(cfg.gst_ms, 1_000 + cfg.fault_ms_per_height * cfg.heights)
         self._plan_faults()
+        if cfg.set_changes:
+            if cfg.twins:
+                raise ValueError("set_changes and twins do not combine")
+            self._plan_sets(keys, byz)
         self.last_fault_ms = max((at for at, _, idx, _ in self.queue if idx < 0), default=0)
 
     def add_twin(self, idx: int) -> int:
@@ -252,6 +263,27 @@ class Simulation:
         if height <= self.cfg.heights:
             self._perform(twin.idx, twin.machine.step(StartHeight(height)))
         return twin.idx
+
+    def _plan_sets(self, keys: list[bytes], byz: set[int]) -> None:
+        """A new validator set every cfg.set_changes heights, Byzantine power below 1/3 of each."""
+        rng, n = self.rng, len(keys)
+        for h in range(1 + self.cfg.set_changes, self.cfg.heights + 1, self.cfg.set_changes):
+            while True:
+                members = rng.sample(range(n), rng.randint(max(1, n - 3), n))
+                powers = {keys[i]: rng.randint(1, 3) for i in members}
+                bad = sum(p for i, p in zip(members, powers.values(), strict=True) if i in byz)
+                if 3 * bad < sum(powers.values()):
+                    break
+            self.schedule.append((h, powers))
+
+    def set_at(self, height: int) -> ValidatorSet:
+        """The set in force at `height`, priorities carried across the changes before it."""
+        k = sum(1 for h, _ in self.schedule[1:] if h <= height)
+        vs = self._set_cache.get(k)
+        if vs is None:
+            vs = self._set_cache[k] = ValidatorSet.carried(self.set_at(self.schedule[k][0] - 1), self.schedule[k][1],
+                                                          self.schedule[k][0])
+        return vs
 
     def _machine(self, key: bytes) -> Tendermint:
         return Tendermint(self.validators, key, lambda kind, payload, k=key: fake_sign(k, kind, payload), self.cfg.timeouts)
@@ -385,7 +417,7 @@ class Simulation:
                 fr = rng.randint(0, 1 << 20)
             junk: Proposal | Vote
             if rng.random() < 0.25:
-                lead = [rr for rr in range(r, r + 2 * MAX_ROUND_AHEAD) if self.validators.proposer(fh, rr) == key]
+                lead = [rr for rr in range(r, r + 2 * MAX_ROUND_AHEAD) if self.set_at(fh).proposer(fh, rr) == key]
                 pr = rng.choice(lead)
                 p = Proposal(fh, pr, -1, make_block(fh, key, rng.randint(1 << 30, 1 << 40), node.bad_blocks), key)
                 junk = replace(p, signature=fake_sign(key, Proposal.KIND, p.sign_payload()))
@@ -592,6 +624,10 @@ class Simulation:
                 self._sync(idx)
             self._perform(idx, m.step(ev))  # type: ignore[arg-type]
             return
+        if isinstance(item, StartHeight) and len(self.schedule) > 1:
+            vs = self.set_at(item.height)
+            if vs is not m.validators and (m.decided is not None or not m.started_round):
+                m.set_validators(vs)
         if isinstance(item, TimeoutFired):
             if item.height != m.height or item.round != m.round or m.decided is not None:
                 return  # a stale timer: the machine ignores it (fast path; same behaviour)
@@ -647,7 +683,7 @@ class Simulation:
                 node.torn = False
             committed = max(node.commits, default=0)
             node.machine = Tendermint.restore(
-                self.validators, node.key, lambda kind, payload, k=node.key: fake_sign(k, kind, payload),
+                self.set_at(committed + 1), node.key, lambda kind, payload, k=node.key: fake_sign(k, kind, payload),
                 self.cfg.timeouts, records,
             )
             node.up = True
@@ -728,6 +764,7 @@ class Simulation:
             max_round_ahead=self.max_round_ahead,
             max_votes_per_round=self.max_votes_per_round,
             memory_failures=self.memory_failures[:5],
+            set_changes=len(self.schedule) - 1,
         )
 
     def _cert_ok(self, block: Block, cert: CommitCertificate) -> bool:
@@ -736,14 +773,15 @@ class Simulation:
         power = 0
         seen = set()
         for v, sig in cert.signatures:
-            if v in seen or self.validators.power(v) == 0:
+            vs = self.set_at(cert.height)  # the set of that height: a stale set must not certify a block
+            if v in seen or vs.power(v) == 0:
                 return False
             seen.add(v)
             vote = Vote(VoteType.PRECOMMIT, cert.height, cert.round, cert.block_hash, v, sig)
             if not fake_verify(v, Vote.KIND, vote.sign_payload(), sig):
                 return False
-            power += self.validators.power(v)
-        return power >= self.validators.quorum()
+            power += vs.power(v)
+        return power >= self.set_at(cert.height).quorum()
 
 
 def _verify_message(msg: Proposal | Vote) -> bool:
