@@ -149,6 +149,8 @@ def demo(
                                           "transaction (open membership); then validators do not train.")] = 0,
     validators: Annotated[int, typer.Option("--validators", min=0, max=32, help="Validators with --trainers "
                                             "(default: --nodes).")] = 0,
+    join_late: Annotated[int, typer.Option("--join-late", min=0, help="Of the trainers, this many start (and ask "
+                                           "to join) only after a third of the rounds.")] = 0,
 ) -> None:
     """Run N real `flnode start` processes on 127.0.0.1 and show federated learning live."""
     from rich.console import Console
@@ -179,7 +181,9 @@ def demo(
     views += [NodeView(f"trainer{i}", home / f"trainer{i}") for i in range(trainers)]
     limit = timeout or (60.0 + 5.0 * rounds)
     t0 = time.monotonic()
-    procs = [start_node(v.home) for v in views]
+    late = views[len(views) - min(join_late, trainers):] if join_late else []
+    started = views[: len(views) - len(late)]
+    procs = [start_node(v.home) for v in started]
     ok = False
 
     def table() -> Table:
@@ -203,7 +207,10 @@ def demo(
                 for v in views:
                     read_node(v)
                 live.update(table())
-                dead = [v.name for v, p in zip(views, procs, strict=True) if p.poll() is not None]
+                if late and views[0].height >= max(2, rounds // 3):  # --join-late: these trainers join mid-run
+                    procs += [start_node(v.home) for v in late]
+                    started, late = started + late, []
+                dead = [v.name for v, p in zip(started, procs, strict=True) if p.poll() is not None]
                 if dead:
                     console.print(f"[red]node process exited early: {', '.join(dead)} (see its node.log)")
                     break
