@@ -191,6 +191,8 @@ def _print_privacy(genesis: Any, rows: list[dict[str, Any]]) -> None:
 
 
 def _detail(genesis: Any, store: Any, h: int) -> dict[str, Any]:
+    from flnode.node.app.membership import name_of as member_name
+
     block = store.get_block(h)
     receipt = store.get_receipt(h)
     state = store.light_state(h)
@@ -200,7 +202,7 @@ def _detail(genesis: Any, store: Any, h: int) -> dict[str, Any]:
     updates = []
     for u in block.updates:
         updates.append({
-            "author": genesis.name_of(u.author),
+            "author": member_name(genesis, state, u.author),  # a joined member by its moniker
             "samples": u.num_samples,
             "local_loss": u.loss_ppm / 1e6,
             "local_accuracy": u.accuracy_ppm / 1e6,  # both signed by the author (fit's or evaluate's metrics)
