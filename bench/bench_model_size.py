@@ -103,7 +103,9 @@ def measure(label: str, nodes: int, rounds: int, mbps: float, compression: str) 
     hidden = SIZES[label]
     params = (FEATURES + 11) * hidden + 10
     task, rules = _task_and_rules("mlp", "synthetic", "iid", 0.5, "fedavg", 0, 1e12, 1, 0.01, 600_000)
-    task.update({"hidden": hidden, "synthetic_samples": 400, "batch_size": 64, "synthetic_features": FEATURES})
+    # a 100M-parameter fit takes ~1 min on the busy machine: the default 60 s training budget would drop updates
+    task.update({"hidden": hidden, "synthetic_samples": 400, "batch_size": 64, "synthetic_features": FEATURES,
+                 "train_budget_ms": 900_000})
     plain = params * 4 + 4096
     rules.update({"max_blob_bytes": plain + (1 << 20), "timeout_propose_ms": 600_000, "timeout_prevote_ms": 30_000,
                   "timeout_precommit_ms": 30_000, "compression": compression, "compression_topk": 0.01})
@@ -169,15 +171,18 @@ def accuracy(modes: list[str], rounds: int = 20) -> list[dict[str, Any]]:
         data = {k.public_key: participant_data(g.task, 4, g.index_of(k.public_key)) for k in keys}
         _, test = load_dataset(g.task)
         t = task_for(g.task)
-        accs, size = [], 0
+        accs, size, loss = [], 0, 0.0
         for _ in range(rounds):
             ups = [make_update(g, k, state, data[k.public_key], g.index_of(k.public_key))[:2] for k in keys]
             size = len(ups[0][1])
             state, receipt = execute(g, state, ups, [])
             assert len(receipt.accepted) == 4
-            accs.append(t.evaluate(state.model, test).accuracy)
+            m = t.evaluate(state.model, test)
+            accs.append(m.accuracy)
+            loss = float(m.loss)
         rows.append({"compression": mode, "bytes_per_update": size, "accuracy_r5": round(accs[4], 4),
-                     "accuracy_r10": round(accs[9], 4), "accuracy_r20": round(accs[-1], 4)})
+                     "accuracy_r10": round(accs[9], 4), "accuracy_r20": round(accs[-1], 4),
+                     "test_loss_r20": round(loss, 4)})
     base = rows[0]["bytes_per_update"] if rows else 1
     for row in rows:
         row["bytes_saved"] = f"{100 * (1 - row['bytes_per_update'] / base):.1f}%"
