@@ -16,6 +16,7 @@ from flnode.protocol.errors import ProtocolError, ValidationError
 from flnode.protocol.genesis import Genesis
 from flnode.protocol.hashing import digest
 from flnode.protocol.messages import Block
+from flnode.protocol.tensors import BlobReader
 
 from .execution import certificate_powers, check_block
 from .store import ChainStore, StoreError
@@ -92,9 +93,9 @@ def _reexecute(
 ) -> AppState | None:
     """Re-execute one block on `state`; None if one of its update blobs is gone (pruned meanwhile)."""
     h = block.height
-    blobs = {}
+    blobs: dict[bytes, BlobReader] = {}
     for u in block.updates:
-        blob = store.get_blob(u.blob_hash)
+        blob = store.blob_reader(u.blob_hash)  # hash-checked once, then read a chunk at a time (large models)
         if blob is not None:
             blobs[u.blob_hash] = blob
         elif store.blob_floor() >= h:
@@ -105,8 +106,7 @@ def _reexecute(
         raise ValidationError("stored model hash differs from the recomputed one")
     if row[1] != encode_state(new_state):
         raise ValidationError("stored app state (balances, reputation) differs from the recomputed one")
-    stored_model = store.get_blob(new_state.model_hash)
-    if stored_model is None or digest(stored_model) != new_state.model_hash:
+    if store.blob_reader(new_state.model_hash) is None:  # None: missing, or does not hash to its name
         raise ValidationError("stored model blob is missing or corrupt")
     if receipt.encode() != recomputed.encode():
         raise ValidationError("stored receipt (rewards, rejections) differs from the recomputed one")
