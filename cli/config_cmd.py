@@ -14,6 +14,7 @@ from .options import (
     AnnounceOpt,
     BootstrapOpt,
     DataPathOpt,
+    HttpOpt,
     ListenOpt,
     LogFormatOpt,
     LogLevelOpt,
@@ -46,6 +47,7 @@ def show(
     listen: ListenOpt = None,
     announce: AnnounceOpt = None,
     metrics_listen: MetricsOpt = None,
+    http_listen: HttpOpt = None,
     log_level: LogLevelOpt = None,
     log_format: LogFormatOpt = None,
     data_path: DataPathOpt = None,
@@ -58,7 +60,8 @@ def show(
     if not home.is_dir():
         fail(f"home {home} does not exist")
     flags = config_flags(bootstrap=bootstrap, listen=listen, announce=announce, metrics_listen=metrics_listen,
-                         log_level=log_level, log_format=log_format, data_path=data_path, trainer=trainer)
+                         http_listen=http_listen, log_level=log_level, log_format=log_format, data_path=data_path,
+                         trainer=trainer)
     eff = load_config(home, flags, os.environ)
     paths = home_paths(home, eff.config)
     settings = {

@@ -22,6 +22,7 @@ from .options import (
     AnnounceOpt,
     BootstrapOpt,
     DataPathOpt,
+    HttpOpt,
     ListenOpt,
     LogFormatOpt,
     LogLevelOpt,
@@ -291,6 +292,22 @@ def _check_ports_free(listen: tuple[str, ...]) -> None:
                     fail(f"cannot listen on {addr}: {exc.strerror} (port in use?)")
 
 
+def _check_http_free(name: str, hostport: str) -> None:
+    """The web and metrics servers start inside the daemon: a taken port is one line here, not a traceback."""
+    if not hostport:
+        return
+    host, _, port = hostport.rpartition(":")
+    host = host.strip("[]")
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(fam, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, int(port)))
+            s.listen()
+        except OSError as exc:
+            fail(f"cannot serve {name} on {hostport}: {exc.strerror} (port in use?)")
+
+
 @user_errors
 def start(
     home: HomeOpt,
@@ -298,6 +315,7 @@ def start(
     listen: ListenOpt = None,
     announce: AnnounceOpt = None,
     metrics_listen: MetricsOpt = None,
+    http_listen: HttpOpt = None,
     log_level: LogLevelOpt = None,
     log_format: LogFormatOpt = None,
     data_path: DataPathOpt = None,
@@ -317,7 +335,8 @@ def start(
     if not home.is_dir():
         fail(f"home {home} does not exist (run `flnode init --home {home}` first)")
     flags = config_flags(bootstrap=bootstrap, listen=listen, announce=announce, metrics_listen=metrics_listen,
-                         log_level=log_level, log_format=log_format, data_path=data_path, trainer=trainer)
+                         http_listen=http_listen, log_level=log_level, log_format=log_format, data_path=data_path,
+                         trainer=trainer)
     eff = load_config(home, flags, os.environ)
     cfg = eff.config
     paths = home_paths(home, cfg)
@@ -326,6 +345,8 @@ def start(
     key = NodeKey.load(paths.node_key)
     with _home_lock(paths.lock):
         _check_ports_free(cfg.listen)
+        _check_http_free("http_listen", cfg.http_listen)
+        _check_http_free("metrics_listen", cfg.metrics_listen)
         store = ChainStore.open(paths.chain_db, genesis_hash=genesis.hash())
         try:
             try:

@@ -10,6 +10,7 @@ BootstrapOpt = Annotated[list[str] | None, typer.Option("--bootstrap", help="Pee
 ListenOpt = Annotated[list[str] | None, typer.Option("--listen", help="Listen multiaddr (repeatable).")]
 AnnounceOpt = Annotated[list[str] | None, typer.Option("--announce", help="Address to advertise (repeatable).")]
 MetricsOpt = Annotated[str | None, typer.Option("--metrics-listen", help="host:port for Prometheus text.")]
+HttpOpt = Annotated[str | None, typer.Option("--http-listen", help="host:port of the read-only web explorer.")]
 LogLevelOpt = Annotated[str | None, typer.Option("--log-level")]
 LogFormatOpt = Annotated[str | None, typer.Option("--log-format", help="text | json")]
 DataPathOpt = Annotated[str | None, typer.Option("--data-path", help="Own .npz (x, y) to train on.")]

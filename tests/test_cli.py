@@ -103,6 +103,9 @@ def test_port_in_use_and_second_daemon_on_one_home(tmp_path: Path) -> None:
         assert runner.invoke(app, ["init", "--home", str(home), "--port", str(port)]).exit_code == 0
         res = flnode("start", "--home", str(home), "--listen", f"/ip4/127.0.0.1/tcp/{port}")
         assert res.returncode == 2 and "port in use" in res.stderr, res.stderr
+        for flag in ("--http-listen", "--metrics-listen"):  # the web and metrics servers: one line, no traceback
+            res = flnode("start", "--home", str(home), "--listen", "/ip4/127.0.0.1/tcp/0", flag, f"127.0.0.1:{port}")
+            assert res.returncode == 2 and "port in use" in res.stderr and "Traceback" not in res.stderr, res.stderr
     first = subprocess.Popen(
         [sys.executable, "-m", "flnode.cli.main", "start", "--home", str(home), "--listen", "/ip4/127.0.0.1/tcp/0"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
