@@ -34,52 +34,6 @@ def _open(home: Path) -> tuple[Any, Any]:
     return genesis, ChainStore.open(paths.chain_db, readonly=True, genesis_hash=genesis.hash())
 
 
-def _slashed_by(genesis: Any, store: Any, block: Any) -> list[dict[str, Any]]:
-    """Validators this block's evidence slashed (first conviction), with the height their power drops to 0."""
-    from flnode.node.app import slash_height
-
-    if not block.evidence:
-        return []
-    state = store.light_state(block.height)  # no model needed: still there after pruning
-    start = slash_height(block.height)
-    return [
-        {"validator": genesis.name_of(v), "public_key": v.hex(), "from_height": start}
-        for v in sorted({e.validator for e in block.evidence}) if state.slashed.get(v) == start
-    ]
-
-
-def _height_row(genesis: Any, store: Any, h: int) -> dict[str, Any]:
-    block = store.get_block(h)
-    cert = store.get_certificate(h)
-    receipt = store.get_receipt(h)
-    metrics = store.get_metrics(h) or {}
-    return {
-        "height": h,
-        "round": cert.round if cert else None,
-        "proposer": genesis.name_of(block.header.proposer),
-        "accepted": len(receipt.accepted) if receipt else 0,
-        "rejected": len(receipt.rejected) if receipt else 0,
-        "aggregator": receipt.aggregator if receipt else "",
-        "model_hash": block.header.model_hash.hex(),
-        "block_hash": block.hash().hex(),
-        "test_accuracy": metrics.get("test_accuracy"),
-        "round_time_s": metrics.get("round_time_s"),
-        "trainer": _trainer(metrics),
-        "rewards": sum(receipt.rewards.values()) if receipt else 0,
-        "slashed": _slashed_by(genesis, store, block),
-    }
-
-
-def _trainer(metrics: dict[str, Any]) -> dict[str, Any] | None:
-    """This node's own update at the height: its client's fit metrics and time, or the error that cost the round."""
-    if "trainer_error" in metrics:
-        return {"error": metrics["trainer_error"], "error_kind": metrics.get("trainer_error_kind", "")}
-    if "fit_metrics" in metrics:
-        return {"fit_s": metrics.get("fit_s"), "num_examples": metrics.get("num_examples"),
-                "metrics": metrics["fit_metrics"]}
-    return None
-
-
 def _trainer_cell(t: dict[str, Any] | None) -> str:
     if t is None:
         return ""
@@ -99,6 +53,7 @@ def show(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """A table of the chain: height, round, proposer, updates accepted/rejected, model hash, accuracy, rewards."""
+    from flnode.node.chain import views
     from rich.console import Console
     from rich.table import Table
 
@@ -108,7 +63,7 @@ def show(
         if height is not None:
             if not 1 <= height <= top:
                 fail(f"height {height} is not committed (chain height {top})")
-            detail = _detail(genesis, store, height)
+            detail = views.block_detail(genesis, store, height)
             if as_json:
                 typer.echo(json.dumps(detail))
                 return
@@ -139,8 +94,8 @@ def show(
             c.print(t)
             _print_privacy(genesis, detail["privacy"])
             return
-        rows = [_height_row(genesis, store, h) for h in range(max(1, top - last + 1), top + 1)]
-        dp = _privacy(genesis, store, top)
+        rows = [views.height_row(genesis, store, h) for h in range(max(1, top - last + 1), top + 1)]
+        dp = views.privacy_rows(genesis, store, top)
         if as_json:
             typer.echo(json.dumps({"chain_id": genesis.chain_id, "height": top, "blocks": rows, "privacy": dp}))
             return
@@ -163,13 +118,6 @@ def show(
         store.close()
 
 
-def _privacy(genesis: Any, store: Any, h: int) -> list[dict[str, Any]]:
-    """Epsilon spent and left per participant after height h (empty when DP is off)."""
-    from flnode.node.app import privacy
-
-    return privacy.report(genesis, store.light_state(h)) if h >= 1 else []
-
-
 def _print_privacy(genesis: Any, rows: list[dict[str, Any]]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -188,49 +136,6 @@ def _print_privacy(genesis: Any, rows: list[dict[str, Any]]) -> None:
                   "" if p["epsilon_left"] is None else f"{p['epsilon_left']:.3f}",
                   "[red]budget spent[/red]" if p["exhausted"] else "")
     Console().print(t)
-
-
-def _detail(genesis: Any, store: Any, h: int) -> dict[str, Any]:
-    from flnode.node.app.membership import name_of as member_name
-
-    block = store.get_block(h)
-    receipt = store.get_receipt(h)
-    state = store.light_state(h)
-    row = _height_row(genesis, store, h)
-    outcome = {a: "accepted" for a in receipt.accepted}
-    by_hash = {ah: reason for _, ah, reason in receipt.rejected}
-    updates = []
-    for u in block.updates:
-        updates.append({
-            "author": member_name(genesis, state, u.author),  # a joined member by its moniker
-            "samples": u.num_samples,
-            "local_loss": u.loss_ppm / 1e6,
-            "local_accuracy": u.accuracy_ppm / 1e6,  # both signed by the author (fit's or evaluate's metrics)
-            "outcome": f"rejected: {by_hash[u.hash()]}" if u.hash() in by_hash else outcome.get(u.author, "?"),
-            "reward": receipt.rewards.get(u.author, 0),
-            "penalty": receipt.penalties.get(u.author, 0),
-        })
-    threshold = genesis.rules.rewards.exclude_below
-    from flnode.node.app.membership import name_of
-
-    participants = [
-        {"name": name_of(genesis, state, k), "public_key": k.hex(), "balance": state.balances.get(k, 0),
-         "reputation": state.reputation.get(k, 0), "excluded": state.reputation.get(k, 0) < threshold,
-         "slashed_from": state.slashed.get(k)}
-        for k in [*genesis.participant_keys, *sorted(set(state.membership.members) - set(genesis.powers))]
-    ]
-    return {
-        **row,
-        "prev_block_hash": block.header.prev_block_hash.hex(),
-        "app_hash": block.header.app_hash.hex(),
-        "evidence": len(block.evidence),
-        "updates": updates,
-        "participants": participants,
-        "privacy": _privacy(genesis, store, h),
-        # membership transactions (issue 12), each taking effect from height h + 2
-        "membership": [{"kind": t.kind.name.lower(), "signer": name_of(genesis, state, t.signer),
-                        "target": name_of(genesis, state, t.target), "what": t.describe()} for t in block.txs],
-    }
 
 
 @chain_app.command("verify")

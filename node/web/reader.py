@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import trio
 from flnode.node.app import AppState
 from flnode.node.app.membership import Membership, counts_at, name_of
+from flnode.node.chain import views
 from flnode.node.chain.store import ChainStore, StoreError
 from flnode.protocol.genesis import Genesis
 
@@ -84,23 +85,9 @@ class ChainReader:
         except StoreError:
             return 0  # the node has not created its tables yet
 
-    def _slashed_by(self, store: ChainStore, block: Any) -> list[dict[str, Any]]:
-        from flnode.node.app import slash_height
-
-        if not block.evidence:
-            return []
-        state = store.light_state(block.height)
-        start = slash_height(block.height)
-        return [
-            {"validator": self.genesis.name_of(v), "public_key": v.hex(), "from_height": start}
-            for v in sorted({e.validator for e in block.evidence}) if state.slashed.get(v) == start
-        ]
-
     def privacy(self, store: ChainStore, h: int) -> list[dict[str, Any]]:
         """Epsilon spent per participant after h, as `chain show` reports it ([] when DP is off)."""
-        from flnode.node.app import privacy
-
-        return privacy.report(self.genesis, store.light_state(h)) if h >= 1 else []
+        return views.privacy_rows(self.genesis, store, h)
 
     def height_row(self, store: ChainStore, h: int) -> dict[str, Any]:
         """One row of ``flnode chain show --json``'s ``blocks``."""
@@ -108,28 +95,7 @@ class ChainReader:
             cached = self._rows.get(h)
         if cached is not None:
             return cached
-        g = self.genesis
-        block = store.get_block(h)
-        if block is None:
-            raise KeyError(h)
-        cert = store.get_certificate(h)
-        receipt = store.get_receipt(h)
-        metrics = store.get_metrics(h) or {}
-        row = {
-            "height": h,
-            "round": cert.round if cert else None,
-            "proposer": g.name_of(block.header.proposer),
-            "accepted": len(receipt.accepted) if receipt else 0,
-            "rejected": len(receipt.rejected) if receipt else 0,
-            "aggregator": receipt.aggregator if receipt else "",
-            "model_hash": block.header.model_hash.hex(),
-            "block_hash": block.hash().hex(),
-            "test_accuracy": metrics.get("test_accuracy"),
-            "round_time_s": metrics.get("round_time_s"),
-            "trainer": _trainer(metrics),
-            "rewards": sum(receipt.rewards.values()) if receipt else 0,
-            "slashed": self._slashed_by(store, block),
-        }
+        row = views.height_row(self.genesis, store, h)
         if row["test_accuracy"] is not None:  # metrics land just after the commit; cache only the final row
             self._remember(self._rows, h, row, 4096)
         return row
@@ -150,42 +116,10 @@ class ChainReader:
         block = store.get_block(h)
         if block is None:
             return None
-        receipt = store.get_receipt(h)
         cert = store.get_certificate(h)
-        state = store.light_state(h)
         row = self.height_row(store, h)
-        outcome = {a: "accepted" for a in receipt.accepted} if receipt else {}
-        by_hash = {ah: reason for _, ah, reason in receipt.rejected} if receipt else {}
-        updates = [
-            {
-                "author": g.name_of(u.author),
-                "samples": u.num_samples,
-                "local_loss": u.loss_ppm / 1e6,
-                "local_accuracy": u.accuracy_ppm / 1e6,  # both signed by the author
-                "outcome": f"rejected: {by_hash[u.hash()]}" if u.hash() in by_hash else outcome.get(u.author, "?"),
-                "reward": receipt.rewards.get(u.author, 0) if receipt else 0,
-                "penalty": receipt.penalties.get(u.author, 0) if receipt else 0,
-            }
-            for u in block.updates
-        ]
-        threshold = g.rules.rewards.exclude_below
-        participants = [
-            {"name": name_of(g, state, k), "public_key": k.hex(), "balance": state.balances.get(k, 0),
-             "reputation": state.reputation.get(k, 0), "excluded": state.reputation.get(k, 0) < threshold,
-             "slashed_from": state.slashed.get(k)}
-            for k in self.participant_keys(state)
-        ]
         detail = {
-            **row,
-            "prev_block_hash": block.header.prev_block_hash.hex(),
-            "app_hash": block.header.app_hash.hex(),
-            "evidence": len(block.evidence),
-            "updates": updates,
-            "participants": participants,
-            "privacy": self.privacy(store, h),
-            # membership transactions (issue 12), each taking effect from height h + 2
-            "membership": [{"kind": t.kind.name.lower(), "signer": name_of(g, state, t.signer),
-                            "target": name_of(g, state, t.target), "what": t.describe()} for t in block.txs],
+            **views.block_detail(g, store, h, row),
             # beyond chain show: who signed the commit, and whom the evidence names
             "signers": [g.name_of(v) for v, _ in cert.signatures] if cert else [],
             "evidence_validators": [g.name_of(e.validator) for e in block.evidence],
@@ -239,8 +173,7 @@ class ChainReader:
 
     def participant_keys(self, state: AppState | None) -> list[bytes]:
         """Genesis participants, then members admitted by transaction (as `chain show` lists them)."""
-        extra = sorted(set(state.membership.members) - set(self.genesis.powers)) if state else []
-        return [*self.genesis.participant_keys, *extra]
+        return views.member_keys(self.genesis, state) if state else list(self.genesis.participant_keys)
 
     def members(self, store: ChainStore) -> dict[str, Any]:
         """Who is in the network after the latest block: genesis validators and admitted members, whether each
@@ -292,13 +225,3 @@ class ChainReader:
             cache[h] = value
             while len(cache) > size:
                 cache.popitem(last=False)
-
-
-def _trainer(metrics: dict[str, Any]) -> dict[str, Any] | None:
-    """This node's own update at the height: its client's fit metrics and time, or the error that cost the round."""
-    if "trainer_error" in metrics:
-        return {"error": metrics["trainer_error"], "error_kind": metrics.get("trainer_error_kind", "")}
-    if "fit_metrics" in metrics:
-        return {"fit_s": metrics.get("fit_s"), "num_examples": metrics.get("num_examples"),
-                "metrics": metrics["fit_metrics"]}
-    return None
