@@ -807,6 +807,7 @@ class Daemon:
             if self.state.height + 1 != height:
                 continue  # the chain moved on while we trained
             await self._publish_update(height, ann, blob, result.loss)
+            del blob, result  # the update (blob + delta: 2 model copies) is on disk now; not held through the round
 
     async def _privacy_allows(self, state: AppState) -> bool:
         """Differential privacy: train only while one more round keeps this node within its epsilon budget."""
