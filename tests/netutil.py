@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from flnode.cli.demo import NodeView, read_node
 from flnode.node.chain.store import ChainStore
@@ -25,3 +26,19 @@ def model_hash_at(home: Path, height: int) -> str:
 
 def model_hashes_at(views: list[NodeView], height: int) -> set[str]:
     return {model_hash_at(v.home, height) for v in views}
+
+
+def read_store(home: Path, fn: Any) -> Any:
+    """fn(store) on a read-only connection to a node's chain store (safe while the node runs)."""
+    store = ChainStore.open(home / "data" / "chain.sqlite", readonly=True)
+    try:
+        return fn(store)
+    finally:
+        store.close()
+
+
+def log_tail(home: Path, n: int = 3000) -> str:
+    try:
+        return (home / "node.log").read_text()[-n:]
+    except OSError:
+        return "(no log)"

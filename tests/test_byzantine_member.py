@@ -21,9 +21,8 @@ import trio
 from flnode.cli.demo import NodeView, free_ports, start_node, stop_nodes
 from flnode.cli.node_cmd import _task_and_rules, create_testnet
 from flnode.node.app import initial_model
-from flnode.node.chain.store import ChainStore
 from flnode.protocol.genesis import Genesis
-from netutil import heights, model_hashes_at
+from netutil import heights, log_tail, model_hashes_at, read_store
 
 pytestmark = pytest.mark.slow
 
@@ -48,35 +47,20 @@ def make_net(tmp_path: Path, n: int, chain_id: str) -> tuple[Genesis, list[NodeV
     return Genesis.load(tmp_path / "node0" / "genesis.json"), [NodeView(f"node{i}", tmp_path / f"node{i}") for i in range(n)]
 
 
-def _tail(home: Path, n: int = 3000) -> str:
-    try:
-        return (home / "node.log").read_text()[-n:]
-    except OSError:
-        return "(no log)"
-
-
 async def wait_until(cond: Any, views: list[NodeView], procs: list[subprocess.Popen[bytes]], timeout: float) -> None:
     try:
         with trio.fail_after(timeout):
             while not cond():
                 dead = [v.name for v, p in zip(views, procs, strict=True) if p.poll() is not None]
-                assert not dead, f"{dead} exited: {_tail(views[0].home)}"
+                assert not dead, f"{dead} exited: {log_tail(views[0].home)}"
                 await trio.sleep(0.25)
     except trio.TooSlowError:
-        raise AssertionError(f"timed out at heights {heights(views)}; node0 log: {_tail(views[0].home)}") from None
+        raise AssertionError(f"timed out at heights {heights(views)}; node0 log: {log_tail(views[0].home)}") from None
 
 
 def chain_verify(home: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "flnode.cli.main", "chain", "verify", "--home", str(home)],
                           capture_output=True, text=True, timeout=120)
-
-
-def read_store(home: Path, fn: Any) -> Any:
-    store = ChainStore.open(home / "data" / "chain.sqlite", readonly=True)
-    try:
-        return fn(store)
-    finally:
-        store.close()
 
 
 def slashed_at(home: Path, h: int) -> dict[bytes, int]:

@@ -17,34 +17,19 @@ from flnode.cli.node_cmd import _task_and_rules, create_testnet
 from flnode.node.app import privacy
 from flnode.node.chain.store import ChainStore, StoreError
 from flnode.protocol.genesis import Genesis
-from netutil import heights
+from netutil import heights, log_tail, read_store
 
 pytestmark = pytest.mark.slow
 
 FORCED = Path(__file__).with_name("dp_forced_node.py")
 
 
-def read_store(home: Path, fn: Any) -> Any:
-    store = ChainStore.open(home / "data" / "chain.sqlite", readonly=True)
-    try:
-        return fn(store)
-    finally:
-        store.close()
-
-
-def _tail(home: Path, n: int = 3000) -> str:
-    try:
-        return (home / "node.log").read_text()[-n:]
-    except OSError:
-        return "(no log)"
-
-
 def wait_until(cond: Any, views: list[NodeView], procs: list[subprocess.Popen[bytes]], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
         dead = [v.name for v, p in zip(views, procs, strict=True) if p.poll() is not None]
-        assert not dead, f"{dead} exited: {_tail(views[0].home)}"
-        assert time.monotonic() < deadline, f"{what}: timed out at heights {heights(views)}; {_tail(views[0].home)}"
+        assert not dead, f"{dead} exited: {log_tail(views[0].home)}"
+        assert time.monotonic() < deadline, f"{what}: timed out at heights {heights(views)}; {log_tail(views[0].home)}"
         time.sleep(0.25)
 
 
