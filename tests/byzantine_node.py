@@ -59,7 +59,7 @@ INFLATED_SAMPLES = 1 << 40
 
 class ByzantineDaemon(Daemon):
     def __init__(self, *args: Any, attacks: set[str], flood_rate: float = 200.0, flood_seconds: float = 12.0,
-                 **kwargs: Any) -> None:
+                 swap_proposals: int = 1, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         unknown = attacks - set(ATTACKS)
         if unknown:
@@ -67,6 +67,10 @@ class ByzantineDaemon(Daemon):
         self.attacks = attacks
         self.flood_rate = flood_rate
         self.flood_seconds = flood_seconds
+        # Each swapped body gets this node cut off for 10 s, which also silences its equivocating votes: swap a
+        # few proposals, then let the equivocations through so the evidence and slashing can be checked too.
+        self.swap_proposals = swap_proposals
+        self._swapped_proposals = 0
         self._own_out: set[bytes] = set()  # digests of what we publish: our own gossip validator lets it out
         self._own_blobs: set[bytes] = set()
         self._template: Proposal | None = None  # a real proposal of the current height, for flood blocks
@@ -137,6 +141,9 @@ class ByzantineDaemon(Daemon):
             await self._swap(msg)
 
     async def _swap(self, p: Proposal) -> None:
+        if self._swapped_proposals >= self.swap_proposals:
+            return
+        self._swapped_proposals += 1
         b = p.block
         if b.updates:
             variants = [b.updates[:-1], b.updates[1:], tuple(reversed(b.updates))]
@@ -232,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--attacks", default=",".join(ATTACKS))
     ap.add_argument("--flood-rate", type=float, default=200.0, help="flood proposals per second")
     ap.add_argument("--flood-seconds", type=float, default=12.0)
+    ap.add_argument("--swap-proposals", type=int, default=1, help="how many proposals to swap bodies of")
     ap.add_argument("--log-format", default="json")
     args = ap.parse_args(argv)
     attacks = {a.strip() for a in args.attacks.split(",") if a.strip()}
@@ -244,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     store = ChainStore.open(paths.chain_db, genesis_hash=genesis.hash())
     try:
         daemon = ByzantineDaemon(genesis, key, cfg, store, status_path=paths.status, data_file=paths.data_file,
-                                 attacks=attacks, flood_rate=args.flood_rate, flood_seconds=args.flood_seconds)
+                                 attacks=attacks, flood_rate=args.flood_rate, flood_seconds=args.flood_seconds,
+                                 swap_proposals=args.swap_proposals)
 
         async def run() -> None:
             async with trio.open_nursery() as nursery:
