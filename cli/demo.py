@@ -137,7 +137,7 @@ def demo(
     home: Annotated[Path, typer.Option("--home", help="Where the node homes are written (kept afterwards).")] = Path(
         "demo-home"
     ),
-    aggregator: Annotated[str, typer.Option(help="fedavg | median | trimmed_mean | multi_krum")] = "fedavg",
+    aggregator: Annotated[str, typer.Option(help="fedavg | median | trimmed_mean | multi_krum | centered_clip")] = "fedavg",
     model: Annotated[str, typer.Option(help="logreg | mlp")] = "logreg",
     partition: Annotated[str, typer.Option(help="iid | dirichlet")] = "iid",
     trainer: Annotated[str, typer.Option("--trainer", help="Own client, 'pkg.module:make_client'.")] = "",

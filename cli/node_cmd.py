@@ -142,7 +142,7 @@ def testnet_init(
     dataset: Annotated[str, typer.Option(help="digits | synthetic | path to .npz")] = "digits",
     partition: Annotated[str, typer.Option(help="iid | dirichlet")] = "iid",
     alpha: Annotated[float, typer.Option(help="Dirichlet alpha for non-IID splits.")] = 0.5,
-    aggregator: Annotated[str, typer.Option(help="fedavg | median | trimmed_mean | multi_krum")] = "fedavg",
+    aggregator: Annotated[str, typer.Option(help="fedavg | median | trimmed_mean | multi_krum | centered_clip")] = "fedavg",
     seed: Annotated[int, typer.Option()] = 0,
     norm_bound: Annotated[float, typer.Option(help="Max L2 norm of an update.")] = 100.0,
     local_epochs: Annotated[int, typer.Option()] = 1,

@@ -78,7 +78,7 @@ class RewardRules:
 
 @dataclass(frozen=True)
 class Rules:
-    aggregator: str = "fedavg"  # "fedavg" | "median" | "trimmed_mean" | "multi_krum"
+    aggregator: str = "fedavg"  # "fedavg" | "median" | "trimmed_mean" | "multi_krum" | "centered_clip"
     server_lr: float = 1.0
     trim_fraction: float = 0.2
     krum_byzantine: int = 1  # f assumed by Multi-Krum
@@ -234,7 +234,7 @@ class Genesis:
                 raise ValueError
         except ValueError:
             raise GenesisError("genesis: initial_model_hash must be 64 hex characters") from None
-        if self.rules.aggregator not in ("fedavg", "median", "trimmed_mean", "multi_krum"):
+        if self.rules.aggregator not in ("fedavg", "median", "trimmed_mean", "multi_krum", "centered_clip"):
             raise GenesisError(f"genesis: unknown aggregator {self.rules.aggregator!r}")
         if self.rules.max_samples_per_update < 0 or self.rules.weight_median_multiple < 0:
             raise GenesisError("genesis: max_samples_per_update and weight_median_multiple must be >= 0")

@@ -224,7 +224,42 @@ def test_multi_krum_drops_the_attacker() -> None:
     assert np.abs(res.new_model["w"]).max() < 10
 
 
-@pytest.mark.parametrize("rule", ["fedavg", "median", "trimmed_mean", "multi_krum"])
+def _cc_reference(ups: list[WeightedUpdate]) -> np.ndarray:
+    """Centered clipping on whole float64 arrays: median start, tau = lower median distance, 3 iterations."""
+    from flnode.node.app.validation import fixed_order_sum_squares
+
+    xs = [u.delta["w"].astype(np.float64).reshape(-1) for u in sorted(ups, key=lambda u: u.key)]  # type: ignore[union-attr]
+    n = len(xs)
+    s = np.sort(np.stack(xs), axis=0, kind="stable")
+    v = s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) * 0.5
+    d = [math.sqrt(fixed_order_sum_squares(x - v)) for x in xs]
+    tau = sorted(d)[(n - 1) // 2]
+    for it in range(3):
+        if it:
+            d = [math.sqrt(fixed_order_sum_squares(x - v)) for x in xs]
+        acc = np.zeros_like(v)
+        for x, di in zip(xs, d, strict=True):
+            acc += (1.0 if di <= tau else tau / di) * (x - v)
+        v = v + acc / n
+    return v.reshape(ups[0].delta["w"].shape)
+
+
+@given(seed=st.integers(0, 10_000), n=st.integers(1, 9))
+@settings(max_examples=examples(40), deadline=None, suppress_health_check=list(HealthCheck))
+def test_centered_clip_matches_the_reference(seed: int, n: int) -> None:
+    ups = _random_updates(seed, n)
+    got = aggregate({"w": np.zeros((5, 3), np.float32)}, ups, Rules(aggregator="centered_clip")).new_model["w"]
+    assert np.array_equal(got, (0.0 + _cc_reference(ups)).astype(np.float32))
+
+
+def test_centered_clip_bounds_a_large_attacker() -> None:
+    ups = _random_updates(2, 7)
+    ups[3] = replace(ups[3], delta={"w": ups[3].delta["w"] * 0 + 1000.0})
+    res = aggregate({"w": np.zeros((5, 3), np.float32)}, ups, Rules(aggregator="centered_clip"))
+    assert np.abs(res.new_model["w"]).max() < 5 and not res.outliers
+
+
+@pytest.mark.parametrize("rule", ["fedavg", "median", "trimmed_mean", "multi_krum", "centered_clip"])
 def test_every_arrival_order_gives_the_same_model(rule: str) -> None:
     ups = _random_updates(3, 5)
     rules = Rules(aggregator=rule, krum_byzantine=1)
@@ -244,7 +279,7 @@ rng = np.random.default_rng(5)
 ups = [WeightedUpdate(digest(bytes([i])), bytes([i]) * 32, {"w": rng.normal(size=(300, 200)).astype(np.float32)}, 10 + i)
        for i in range(6)]
 out = []
-for rule in ("fedavg", "median", "trimmed_mean", "multi_krum"):
+for rule in ("fedavg", "median", "trimmed_mean", "multi_krum", "centered_clip"):
     m = aggregate({"w": np.zeros((300, 200), np.float32)}, ups, Rules(aggregator=rule, krum_byzantine=1)).new_model
     out.append(digest(m["w"].tobytes()).hex())
 print(",".join(out))
