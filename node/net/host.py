@@ -270,32 +270,14 @@ class P2PNode:
             log.debug("closing stale connections failed", extra={"error": repr(exc)[:200]})
 
     async def request(self, peer: str, protocol_id: str, payload: bytes, *, max_response: int, timeout: float) -> bytes:
-        from libp2p.custom_types import TProtocol
-        from libp2p.peer.id import ID
+        """One framed request and its whole response (small ones: directory, status, blocks); errors as NetError."""
+        buf = bytearray()
 
-        if self._host is None:
-            raise NetError("not running")
-        stream = None
-        try:
-            with trio.fail_after(timeout):
-                stream = await self._host.new_stream(ID.from_base58(peer), [TProtocol(protocol_id)])
-                await write_frame(stream, payload)
-                response = await read_frame(stream, max_response)
-                await stream.close()
-                return response
-        except NetError:
-            raise
-        except trio.TooSlowError:
-            raise NetError(f"request to {peer[:16]} timed out after {timeout}s") from None
-        except Exception as exc:
-            raise NetError(f"request to {peer[:16]} failed: {exc!r}"[:300]) from None
-        finally:
-            if stream is not None:
-                try:
-                    with trio.move_on_after(1):
-                        await stream.reset()
-                except Exception:
-                    pass
+        async def collect(chunk: bytes) -> None:
+            buf.extend(chunk)
+
+        await self.request_into(peer, protocol_id, payload, collect, max_response=max_response, timeout=timeout)
+        return bytes(buf)
 
     async def request_into(
         self, peer: str, protocol_id: str, payload: bytes, sink: Callable[[bytes], Awaitable[None]], *,
