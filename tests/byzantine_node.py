@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
 import time
 from dataclasses import replace
@@ -49,6 +48,7 @@ from flnode.protocol.messages import (
     encode_gossip,
 )
 from flnode.protocol.tensors import encode_tensors
+from netutil import run_until_signal
 
 log = logging.getLogger("flnode.byzantine")
 
@@ -254,16 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         daemon = ByzantineDaemon(genesis, key, cfg, store, status_path=paths.status, data_file=paths.data_file,
                                  attacks=attacks, flood_rate=args.flood_rate, flood_seconds=args.flood_seconds,
                                  swap_proposals=args.swap_proposals)
-
-        async def run() -> None:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(daemon.run)
-                with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                    async for _ in signals:
-                        nursery.cancel_scope.cancel()
-                        break
-
-        trio.run(run)
+        run_until_signal(daemon)
     finally:
         store.close()
     return 0

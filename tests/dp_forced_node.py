@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 from pathlib import Path
 
-import trio
 from flnode.node.app import AppState
 from flnode.node.daemon import Daemon
+from netutil import run_until_signal
 
 
 class ForcedDaemon(Daemon):
@@ -43,16 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         daemon = ForcedDaemon(genesis, NodeKey.load(paths.node_key), cfg, store, status_path=paths.status,
                               data_file=paths.data_file, sign_state_path=paths.sign_state)
-
-        async def run() -> None:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(daemon.run)
-                with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                    async for _ in signals:
-                        nursery.cancel_scope.cancel()
-                        break
-
-        trio.run(run)
+        run_until_signal(daemon)
     finally:
         store.close()
     return 0

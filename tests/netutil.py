@@ -42,3 +42,20 @@ def log_tail(home: Path, n: int = 3000) -> str:
         return (home / "node.log").read_text()[-n:]
     except OSError:
         return "(no log)"
+
+
+def run_until_signal(daemon: Any) -> None:
+    """Run a daemon (the test-only node scripts) until SIGINT or SIGTERM, as `flnode start` does."""
+    import signal
+
+    import trio
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(daemon.run)
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for _ in signals:
+                    nursery.cancel_scope.cancel()
+                    break
+
+    trio.run(run)
