@@ -590,7 +590,9 @@ class Daemon:
                 if a.base_model_hash == self.state.model_hash and self.blobs.holds(a.blob_hash)]
 
     def _ready_authors(self, height: int) -> set[bytes]:
-        return {a.author for a in self._ready_announcements(height)}
+        """Authors of _ready_announcements (unordered: asked on every arrival, so no sort)."""
+        return {a.author for a in self.pool.unordered(height)
+                if a.base_model_hash == self.state.model_hash and self.blobs.holds(a.blob_hash)}
 
     async def _ready_updates(self, height: int) -> list[tuple[UpdateAnnouncement, BlobReader]]:
         anns = self._ready_announcements(height)
@@ -914,12 +916,13 @@ class Daemon:
     # ---------------------------------------------------------------- status
 
     async def _loop_lag_monitor(self) -> None:
-        """How late a 10 ms sleep wakes up: how long something held the event loop (a blocking call would show)."""
+        """How late a 50 ms sleep wakes up: how long something held the event loop (a blocking call would show).
+        Not shorter: each expiring sleep costs ~0.1 ms of CPU, which 16 processes on 2 cores feel at 100 Hz."""
         worst = 0.0
         while True:
             t0 = self._now()
-            await trio.sleep(0.01)
-            lag = self._now() - t0 - 0.01
+            await trio.sleep(0.05)
+            lag = self._now() - t0 - 0.05
             if lag > worst:
                 worst = lag
                 self.metrics.set("loop_lag_max_ms", round(worst * 1000, 1))

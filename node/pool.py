@@ -7,6 +7,7 @@ equivocation) and a small window of heights.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from flnode.protocol.messages import DuplicateVoteEvidence, UpdateAnnouncement
@@ -31,6 +32,10 @@ class UpdatePool:
             return False
         anns.append(ann)
         return True
+
+    def unordered(self, height: int) -> Iterator[UpdateAnnouncement]:
+        for anns in self.by_height.get(height, {}).values():
+            yield from anns
 
     def for_height(self, height: int) -> list[UpdateAnnouncement]:
         out = [a for anns in self.by_height.get(height, {}).values() for a in anns]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field, fields
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ class ValidatorInfo:
     public_key: str  # hex of the 32-byte Ed25519 key
     power: int = 1
 
-    @property
+    @cached_property  # frozen: computed once (a hot path decodes it per message otherwise)
     def key_bytes(self) -> bytes:
         return bytes.fromhex(self.public_key)
 
@@ -135,9 +136,26 @@ class Genesis:
     rules: Rules = field(default_factory=Rules)
 
     # ---- derived views ----
+    # The views are computed once per (frozen) genesis: admission asks them for every message it checks.
+    @cached_property
+    def _powers(self) -> dict[bytes, int]:
+        return {v.key_bytes: v.power for v in self.validators}
+
+    @cached_property
+    def _names(self) -> dict[bytes, str]:
+        return {v.key_bytes: v.name for v in reversed(self.validators)}  # the first of equal keys wins
+
+    @cached_property
+    def _order(self) -> dict[bytes, int]:
+        keys = sorted(v.key_bytes for v in self.validators)
+        return {k: i for i, k in reversed(list(enumerate(keys)))}
+
     @property
     def powers(self) -> dict[bytes, int]:
-        return {v.key_bytes: v.power for v in self.validators}
+        return dict(self._powers)  # a copy: callers may change theirs
+
+    def is_validator(self, key: bytes) -> bool:
+        return key in self._powers
 
     @property
     def participant_keys(self) -> list[bytes]:
@@ -145,14 +163,15 @@ class Genesis:
         return sorted(v.key_bytes for v in self.validators)
 
     def name_of(self, key: bytes) -> str:
-        for v in self.validators:
-            if v.key_bytes == key:
-                return v.name
-        return key.hex()[:12]
+        name = self._names.get(key)
+        return name if name is not None else key.hex()[:12]
 
     def index_of(self, key: bytes) -> int:
         """Position in canonical participant order; fixes which data shard a participant trains on."""
-        return self.participant_keys.index(key)
+        i = self._order.get(key)
+        if i is None:
+            raise ValueError(f"{key.hex()[:12]} is not a participant")
+        return i
 
     def to_json_dict(self) -> dict[str, Any]:
         d = asdict(self)

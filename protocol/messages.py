@@ -59,7 +59,12 @@ class Message:
         return cls.from_list(unpack(data, max_size=cls.MAX_SIZE))
 
     def hash(self) -> bytes:
-        return digest(self.encode())
+        """Cached: a message is frozen, and pools sort and index by this on every arrival."""
+        h: bytes | None = self.__dict__.get("_hash_cache")
+        if h is None:
+            h = digest(self.encode())
+            self.__dict__["_hash_cache"] = h  # beside the dataclass fields: not compared, not encoded
+        return h
 
 
 class VoteType(IntEnum):

@@ -38,7 +38,7 @@ def samples_cap(genesis: Genesis, author: bytes, declared: int | None = None) ->
     author's shard size of the task's training set. `author` must be a participant. A member admitted by
     transaction declared its count when it joined: that is its cap (and so its weight's bound)."""
     cap = genesis.rules.max_samples_per_update
-    if author not in genesis.powers and declared is not None:
+    if not genesis.is_validator(author) and declared is not None:
         return min(declared, cap) if cap > 0 else declared
     if cap > 0:
         return cap

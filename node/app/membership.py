@@ -117,7 +117,7 @@ class Membership:
 
 
 def genesis_member(genesis: Genesis, key: bytes) -> bool:
-    return key in genesis.powers
+    return genesis.is_validator(key)
 
 
 def counts_at(genesis: Genesis, ms: Membership, key: bytes, height: int) -> bool:

@@ -90,6 +90,8 @@ def fixed_order_sum_squares(values: np.ndarray) -> float:
     rows of 4096 and the rows are added in order with elementwise adds (each correctly rounded; no reduction whose
     order numpy may choose), then the 4096 column sums once more with math.fsum (exactly rounded)."""
     sq = np.square(np.asarray(values).ravel().astype(np.float64))
+    if sq.size <= _BLOCK:  # one row: its padding would only add exact zeros to the fsum
+        return math.fsum(sq.tolist())
     pad = (-sq.size) % _BLOCK
     if pad:
         sq = np.concatenate([sq, np.zeros(pad, dtype=np.float64)])
@@ -124,6 +126,7 @@ class SumSquares:
 
     def __init__(self) -> None:
         self.acc = np.zeros(_BLOCK, dtype=np.float64)
+        self.used = 0  # acc[used:] is still all +0.0: the fsum leaves it out (same bits, less work)
 
     def add(self, values64: np.ndarray) -> None:
         sq = np.square(values64)
@@ -133,9 +136,10 @@ class SumSquares:
             acc += sq[start : start + _BLOCK]
         if full < sq.size:
             acc[: sq.size - full] += sq[full:]
+        self.used = _BLOCK if full else max(self.used, sq.size)
 
     def total(self) -> float:
-        return math.fsum(self.acc.tolist())
+        return math.fsum(self.acc[: self.used].tolist())
 
 
 def scan_update(tensors: StreamedTensors) -> tuple[bool, float]:
