@@ -87,6 +87,8 @@ from .signer import LastSignGuard, guarded
 from .store_worker import StoreWorker
 from .supervise import supervised
 
+AHEAD_GRACE_S = 1.0  # how long a peer's later height may wait for our own commit before we sync
+STALL_POLL_S = 6.0  # with no sign of a later height, peers' tips are polled only after this long without a commit
 log = logging.getLogger("flnode.daemon")
 
 BLOCKS_PROTOCOL = "/flnode/blocks/1.0.0"
@@ -233,6 +235,7 @@ class Daemon:
         self._timing: dict[str, float] = {}  # phase marks of the current height, seconds since it started
         self._behind = trio.Event()  # set when a message shows peers at a higher height
         self._ahead_seen = False
+        self._ahead_of_us: tuple[int, str | None] = (0, None)  # a height some peer committed, and that peer
         self._last_commit = 0.0
         self._applying: int | None = None  # height of a committed block being applied
         self._privacy_stopped = False  # logged once: our epsilon budget allows no further round
@@ -353,6 +356,7 @@ class Daemon:
             self._supervise("sync", self._sync_loop)
             self._supervise("status", self._status_loop)
             self._supervise("loop_lag", self._loop_lag_monitor)
+            self._supervise("blob_flusher", self.blobs.run_flusher)
             if self.data is not None:
                 self._supervise("participant", self._participant_loop)
             self._supervise("membership", self.members.run)
@@ -445,9 +449,12 @@ class Daemon:
     async def _on_message(self, msg: Message, from_peer: str | None) -> None:
         self.metrics.inc("gossip_received")
         self._note_peer_position(msg)
-        if getattr(msg, "height", 0) > self.state.height + 1 and not self._ahead_seen:
-            self._ahead_seen = True  # someone is past our height: ask for blocks now
-            self._behind.set()
+        if getattr(msg, "height", 0) > self.state.height + 1:  # its sender committed msg.height - 1
+            if msg.height - 1 > self._ahead_of_us[0]:
+                self._ahead_of_us = (msg.height - 1, from_peer)
+            if not self._ahead_seen:
+                self._ahead_seen = True
+                self._behind.set()
         if isinstance(msg, Vote):
             await self._events_send.send(VoteReceived(msg))
         elif isinstance(msg, Proposal):
@@ -722,6 +729,7 @@ class Daemon:
             self.store.commit_height(block, cert, new_state, receipt, new_state.model)  # streamed to its file
             self.store.prune_records(new_state.height + 1)
 
+        await self.blobs.flush()  # the block's small update blobs are in their files before the height is stored
         await self.worker.run(store_height)
         if self.config.blob_retention_heights:
             removed: list[bytes] = []
@@ -865,9 +873,22 @@ class Daemon:
             with trio.move_on_after(2.0):
                 await self._behind.wait()
             self._behind = trio.Event()
-            if self._now() - self._last_commit < 1.5 and not self._ahead_seen:
-                continue
-            self._ahead_seen = False
+            if self._now() - self._last_commit < STALL_POLL_S and not self._ahead_seen:
+                continue  # no sign of being behind: a slow round is not a reason to poll (at 32 nodes it was)
+            if self._ahead_seen:
+                # Being one commit behind the fastest peer is the normal state of a busy network: wait a moment
+                # for our own commit before asking anyone (at 16 nodes every node polled every peer every height).
+                with trio.move_on_after(AHEAD_GRACE_S):
+                    while self.state.height < self._ahead_of_us[0]:
+                        await self._changed.wait()
+                self._ahead_seen = False
+                target, ahead_peer = self._ahead_of_us
+                if self.state.height >= target and self._now() - self._last_commit < STALL_POLL_S:
+                    continue
+                if ahead_peer is not None and ahead_peer in self.net.connected_peers():
+                    await self._sync_from(ahead_peer, target)  # the peer that showed it: no status poll
+                    if self.state.height >= target:
+                        continue
             for peer in self.net.connected_peers():
                 try:
                     raw = await self.net.request(peer, STATUS_PROTOCOL, b"", max_response=256, timeout=5.0)

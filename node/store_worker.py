@@ -68,10 +68,6 @@ class StoreWorker:
         """Raises DiskFullError (a StoreError) when the disk is full: stop fetching, keep voting."""
         await self.run(self.store.put_blob, h, data, height, limiter=self.blob_limiter)
 
-    def put_blob_now(self, h: bytes, data: bytes, height: int | None = None) -> None:
-        """put_blob on the caller's thread, for small blobs: a file write, no fsync, no SQLite."""
-        self.store.put_blob(h, data, height)
-
     async def get_blobs(self, hashes: list[bytes]) -> dict[bytes, bytes]:
         """The blobs we hold among `hashes`, in one trip to a blob thread."""
         def read() -> dict[bytes, bytes]:

@@ -256,7 +256,7 @@ class ConsensusTransport:
         write_timeout: float = 5.0,
         open_timeout: float = 2.0,
         cutoff_backoff: float = 10.0,
-        tick: float = 0.002,
+        tick: float = 0.0,
         protocol_id: str = CONSENSUS_PROTOCOL,
         max_subscribers: int = 8,
         dial_all: bool = False,
@@ -541,7 +541,9 @@ class ConsensusTransport:
             while True:
                 await s.wakeup.wait()
                 if self.tick:
-                    await trio.sleep(self.tick)  # let one consensus step's messages join this write
+                    await trio.sleep(self.tick)
+                else:  # one scheduling pass: what the same consensus step queues joins this write (a sleep that
+                    await trio.lowlevel.checkpoint()  # expires costs ~0.1 ms of CPU per write, per peer)
                 s.wakeup = trio.Event()
                 batch = s.queue.take_all()
                 if not batch:
