@@ -192,6 +192,26 @@ def _csv(s: str) -> list[str]:
     return [x.strip() for x in s.split(",") if x.strip()]
 
 
+def _free_ports_besides(n: int, host: str, taken: set[int]) -> list[int]:
+    """n TCP ports free on `host` now, none of them in `taken`."""
+    import socket
+
+    socks: list[socket.socket] = []
+    ports: list[int] = []
+    try:
+        while len(ports) < n:
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            socks.append(s)
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+            if port not in taken:
+                ports.append(port)
+    finally:
+        for s in socks:
+            s.close()
+    return ports
+
+
 def create_testnet(
     directory: Path,
     nodes: int,
@@ -219,6 +239,7 @@ def create_testnet(
             fail(f"{what} lists {len(lst)} entries for {nodes} nodes")
     directory = directory.expanduser()
     names = [f"node{i}" for i in range(nodes)]
+    explicit_ports = ports is not None
     if ports is None:
         ports = [base_port if same_port else base_port + i for i in range(nodes)]
     keys = [NodeKey.generate() for _ in range(nodes)]
@@ -229,6 +250,12 @@ def create_testnet(
             addrs.append(f"/dns4/{hostnames[i]}/tcp/{ports[i]}/p2p/{pid}")
         else:
             addrs.append(f"/ip4/{hosts[i] if hosts else host}/tcp/{ports[i]}/p2p/{pid}")
+    # One machine (explicit ports on a loopback listen address: demo, tests, benches): fixed direct link ports,
+    # so validators link up and commit before libp2p starts (NodeConfig.direct_peers). Elsewhere the direct
+    # port stays "any free port", learned through libp2p neighbours.
+    direct_ports = _free_ports_besides(nodes, listen_host, set(ports)) if (
+        explicit_ports and not hosts and not hostnames and listen_host.startswith("127.")) else []
+    direct = [f"{peer_id_of(keys[i].public_key)}@{listen_host}:{direct_ports[i]}" for i in range(len(direct_ports))]
     task, rules = task_rules or _task_and_rules("logreg", "digits", "iid", 0.5, "fedavg", 0, 100.0, 1, 0.1, 2000)
     genesis = make_genesis(chain_id, list(zip(names, [k.public_key for k in keys], strict=True)), task, rules)
     for i, name in enumerate(names):
@@ -238,6 +265,8 @@ def create_testnet(
             listen=(f"/ip4/{hosts[i] if hosts and listen_host == 'host' else listen_host}/tcp/{ports[i]}",),
             announce=(addrs[i].rsplit("/p2p/", 1)[0],) if (hosts or hostnames) else (),
             bootstrap=tuple(a for j, a in enumerate(addrs) if j != i),
+            direct_port=direct_ports[i] if direct_ports else 0,
+            direct_peers=tuple(d for j, d in enumerate(direct) if j != i),
         )
         paths = home_paths(home, cfg)
         if paths.node_key.exists() and not force:

@@ -45,6 +45,9 @@ class NodeConfig:
     # TCP port of the direct consensus link (node/net/direct.py) on the listen address; 0 = any free port,
     # -1 = off (consensus frames over libp2p streams only)
     direct_port: int = 0
+    # Validators' direct link addresses known in advance, "<peer id>@<host>:<port>" (testnet init writes them):
+    # with them a validator links up and commits before it has started libp2p at all (a quicker start-up).
+    direct_peers: tuple[str, ...] = ()
     # libp2p connections (gossip, blobs, sync) this node dials up to; 0 = every bootstrap peer. Consensus does not
     # need a full libp2p mesh: direct links find each other through the neighbours' directories.
     p2p_max_peers: int = 16
@@ -106,6 +109,22 @@ def check_multiaddr(addr: str, *, peer_id: bool) -> None:
 def _v_direct_port(v: Any) -> None:
     if not -1 <= v <= 65535:
         raise ValueError("must be -1 (off), 0 (any free port) or a TCP port")
+
+
+def parse_direct_peer(entry: str) -> tuple[str, str, int]:
+    """'<peer id>@<host>:<port>' -> (peer id, host, port); ValueError says what is wrong."""
+    peer, at, addr = entry.partition("@")
+    host, colon, port = addr.rpartition(":")
+    if not at or not colon or not host or not _BASE58.match(peer):
+        raise ValueError(f"{entry!r}: expected <peer id>@<host>:<port>")
+    if not re.fullmatch(_PORT, port) or not 0 < int(port) <= 65535:
+        raise ValueError(f"{entry!r}: bad TCP port {port!r}")
+    return peer, host.strip("[]"), int(port)
+
+
+def _v_direct_peers(v: Any) -> None:
+    for e in v:
+        parse_direct_peer(e)
 
 
 def _v_listen(v: Any) -> None:
@@ -213,6 +232,13 @@ FIELDS: dict[str, FieldSpec] = {
             int,
             "TCP port of the direct, encrypted consensus link between validators; 0 = any free port, -1 = off.",
             _v_direct_port,
+        ),
+        _spec(
+            "direct_peers",
+            tuple,
+            "Validators' direct link addresses, <peer id>@<host>:<port>: consensus links up without waiting for "
+            "libp2p (which then starts after the first commit).",
+            _v_direct_peers,
         ),
         _spec(
             "p2p_max_peers",

@@ -51,7 +51,7 @@ from flnode.node.app.participant import (
 from flnode.node.app.powers import SLASH_DELAY, validator_schedule
 from flnode.node.chain.execution import build_block, certificate_powers, check_block, missing_blobs
 from flnode.node.chain.store import ChainStore
-from flnode.node.config import NodeConfig
+from flnode.node.config import NodeConfig, parse_direct_peer
 from flnode.node.metrics import Metrics, serve_metrics
 from flnode.node.net import NetError, P2PNode, peer_id_of
 from flnode.node.pool import UpdatePool
@@ -88,6 +88,7 @@ from .store_worker import StoreWorker
 from .supervise import supervised
 
 AHEAD_GRACE_S = 1.0  # how long a peer's later height may wait for our own commit before we sync
+P2P_DEFER_MAX_S = 20.0  # libp2p starts after the first commit, or after this long without one
 STALL_POLL_S = 6.0  # with no sign of a later height, peers' tips are polled only after this long without a commit
 log = logging.getLogger("flnode.daemon")
 
@@ -210,6 +211,7 @@ class Daemon:
             direct=direct_config(config, key, self.chain_id),
         )
         self.transport.on_connect = self._on_validator_connected
+        self.transport.directory.configure([parse_direct_peer(e) for e in config.direct_peers], self.net.peer_id)
         self._peer_of = {k: p for p, k in self.validator_peers.items()}  # validator key -> peer id
         if not self.state.membership.empty():
             self._validators_changed(self.validators)
@@ -338,11 +340,16 @@ class Daemon:
         self._height_started = self._last_commit = trio.current_time()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            await nursery.start(self.net.run)
+            deferred = self._defer_p2p()
+            if deferred:
+                nursery.start_soon(self._start_p2p_later)
+            else:
+                await nursery.start(self.net.run)
             await nursery.start(self.transport.run)
             log.info(
                 "node started",
-                extra={"height": self.state.height, "peer_id": self.net.peer_id, "addrs": ",".join(self.net.listen_addrs())},
+                extra={"height": self.state.height, "peer_id": self.net.peer_id,
+                       "addrs": "libp2p after the first commit" if deferred else ",".join(self.net.listen_addrs())},
             )
             if self.config.metrics_listen:
                 await nursery.start(serve_metrics, self.metrics, self.config.metrics_listen)
@@ -361,6 +368,23 @@ class Daemon:
                 self._supervise("participant", self._participant_loop)
             self._supervise("membership", self.members.run)
             task_status.started()
+
+    def _defer_p2p(self) -> bool:
+        """A validator starting a chain from genesis whose validators' direct link addresses are configured
+        needs no libp2p to link up and commit; libp2p's import and connections (~1.5 s of CPU per process) wait
+        until then. Measured: 16 and 32 processes starting together on 2 cores reach their first commit that much
+        sooner. A node restarting on an existing chain may need blocks from peers: it starts libp2p at once."""
+        return (self.is_validator and bool(self.config.direct_peers) and self.state.height == 0
+                and self.transport.direct is not None)
+
+    async def _start_p2p_later(self) -> None:
+        start = self.state.height
+        with trio.move_on_after(P2P_DEFER_MAX_S):  # if consensus cannot commit alone, libp2p may be what is missing
+            while self.state.height == start and not self._ahead_seen:
+                await self._changed.wait()
+        assert self._nursery is not None
+        await self._nursery.start(self.net.run)
+        log.info("libp2p started", extra={"height": self.state.height, "addrs": ",".join(self.net.listen_addrs())})
 
     def _supervise(self, name: str, fn: Any, *args: Any, restart: bool = True) -> None:
         assert self._nursery is not None

@@ -181,3 +181,22 @@ async def test_request_timeout_is_bounded() -> None:
         except NetError as exc:
             assert "timed out" in str(exc)
         assert trio.current_time() - t0 < 3
+
+
+def test_peer_ids_are_libp2p_s_without_importing_libp2p() -> None:
+    """peer_id_of computes libp2p's peer id itself, so the daemon starts without the 0.8 s libp2p import."""
+    import subprocess
+    import sys
+
+    from libp2p.crypto.ed25519 import Ed25519PublicKey
+    from libp2p.identity_utils import create_identity_from_seed
+    from libp2p.peer.id import ID
+
+    for _ in range(64):
+        key = NodeKey.generate()
+        want = ID.from_pubkey(Ed25519PublicKey.from_bytes(key.public_key)).to_base58()
+        assert peer_id_of(key.public_key) == want
+        assert P2PNode(key.seed, LOCAL).peer_id == ID.from_pubkey(create_identity_from_seed(key.seed).public_key).to_base58()
+    code = "import sys, flnode.node.daemon, flnode.cli.node_cmd; print(any(m.split('.')[0] == 'libp2p' for m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

@@ -64,13 +64,19 @@ class Directory:
 
     def __init__(self) -> None:
         self._addrs: dict[str, tuple[str, int]] = {}
+        self._configured: dict[str, tuple[str, int]] = {}
         self._firsthand: set[str] = set()
 
     def __len__(self) -> int:
         return len(self._addrs)
 
     def get(self, peer: str) -> tuple[str, int] | None:
-        return self._addrs.get(peer)
+        return self._addrs.get(peer) or self._configured.get(peer)
+
+    def configure(self, entries: list[tuple[str, str, int]], me: str) -> None:
+        """Addresses from the node's config (direct_peers): used until a learned one replaces them, and never
+        forgotten (a peer not yet listening at start-up is dialled there again)."""
+        self._configured = {p: (h, port) for p, h, port in entries if p != me}
 
     def learn_firsthand(self, peer: str, host: str, port: int) -> None:
         self._addrs[peer] = (host, port)

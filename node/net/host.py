@@ -13,8 +13,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import base58
 import multiaddr
 import trio
+from nacl.signing import SigningKey
 
 log = logging.getLogger("flnode.net")
 
@@ -37,6 +39,11 @@ Validator = Callable[[str, bytes, str | None], bool]  # (topic, data, forwarding
 StreamHandler = Callable[[str, "Stream"], Awaitable[None]]
 
 
+def _import_libp2p() -> None:
+    import libp2p  # noqa: F401  # the package imports nearly all of itself (transports, dns, quic, crypto)
+    import libp2p.pubsub.gossipsub  # noqa: F401
+
+
 class NetError(Exception):
     """A request failed: timeout, reset, refused, oversize, or the peer is unknown."""
 
@@ -49,11 +56,15 @@ class InboundMessage:
 
 
 def peer_id_of(public_key: bytes) -> str:
-    """The libp2p peer ID of an Ed25519 public key: a validator's network identity is its signing key."""
-    from libp2p.crypto.ed25519 import Ed25519PublicKey
-    from libp2p.peer.id import ID
+    """The libp2p peer ID of an Ed25519 public key: a validator's network identity is its signing key.
 
-    return ID.from_pubkey(Ed25519PublicKey.from_bytes(public_key)).to_base58()
+    Computed here, as libp2p defines it (the identity multihash of the protobuf-encoded key, in base58btc), so a
+    node knows every id before it imports libp2p: that import costs 0.8 s of CPU, which 16 or 32 processes
+    starting together on 2 cores pay before anyone can commit (tests check it against libp2p's own)."""
+    if len(public_key) != 32:
+        raise ValueError("an Ed25519 public key is 32 bytes")
+    encoded = b"\x08\x01\x12\x20" + public_key  # PublicKey{Type: Ed25519, Data: key}
+    return base58.b58encode(b"\x00" + bytes([len(encoded)]) + encoded).decode()
 
 
 async def _read_exactly(stream: Any, n: int) -> bytes:
@@ -150,8 +161,6 @@ class P2PNode:
         mesh_degree: int = 6,
         max_peers: int = 0,
     ) -> None:
-        from libp2p.identity_utils import create_identity_from_seed
-
         self._seed = seed
         self._listen = [multiaddr.Multiaddr(a) for a in listen]
         self._bootstrap = list(bootstrap)
@@ -165,10 +174,8 @@ class P2PNode:
         self._max_peers = max_peers
         self._handlers: dict[str, tuple[Handler, int]] = {}
         self._stream_handlers: dict[str, StreamHandler] = {}
-        self._key_pair = create_identity_from_seed(seed)
-        from libp2p.peer.id import ID
-
-        self.peer_id: str = ID.from_pubkey(self._key_pair.public_key).to_base58()
+        # libp2p makes its Ed25519 key from this seed in run(): its id is this one (no libp2p import here)
+        self.peer_id: str = peer_id_of(bytes(SigningKey(seed).verify_key))
         self._inbound_send, self.inbound = trio.open_memory_channel[InboundMessage](10_000)
         self.counters: dict[str, int] = {}
         self._host: Any = None
@@ -240,11 +247,11 @@ class P2PNode:
 
     async def open_stream(self, peer: str, protocol_id: str, *, timeout: float) -> Stream:
         """A new long-lived stream to a peer; the caller resets it when done."""
+        if self._host is None:  # checked first: these imports would load all of libp2p on the event loop
+            raise NetError("not running")
         from libp2p.custom_types import TProtocol
         from libp2p.peer.id import ID
 
-        if self._host is None:
-            raise NetError("not running")
         pid = ID.from_base58(peer)
         try:
             with trio.fail_after(timeout):
@@ -287,11 +294,11 @@ class P2PNode:
         its size (0: the peer has nothing). Same framing as request(); errors as NetError. `idle_timeout`: the
         longest wait for the next bytes, so a slow but moving transfer is not cut off by a tight total timeout
         (on a busy machine a retry from scratch only adds load)."""
+        if self._host is None:  # checked first: these imports would load all of libp2p on the event loop
+            raise NetError("not running")
         from libp2p.custom_types import TProtocol
         from libp2p.peer.id import ID
 
-        if self._host is None:
-            raise NetError("not running")
         stream = None
         try:
             with trio.fail_after(timeout):
@@ -387,10 +394,10 @@ class P2PNode:
 
     def remote_host(self, peer: str) -> str | None:
         """The IP address our newest connection to `peer` goes to (where its direct link listens too)."""
-        from libp2p.peer.id import ID
-
         if self._host is None:
             return None
+        from libp2p.peer.id import ID
+
         try:
             for conn in reversed(self._host.get_network().get_connections(ID.from_base58(peer))):
                 addr = conn.muxed_conn.get_remote_address()
@@ -458,7 +465,9 @@ class P2PNode:
     # ---------------------------------------------------------------- lifecycle
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        await trio.to_thread.run_sync(_import_libp2p)  # 0.8 s of CPU: the event loop keeps its turns meanwhile
         from libp2p import new_host
+        from libp2p.identity_utils import create_identity_from_seed
         from libp2p.network.config import ConnectionConfig
         from libp2p.pubsub import pubsub as pubsub_mod
         from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, GossipSub
@@ -471,7 +480,12 @@ class P2PNode:
         # (p6) outbound frame cap and queue depth have no public knob.
         pubsub_mod.RpcQueue = functools.partial(  # type: ignore[misc,assignment]
             RpcQueue, max_size=1024, max_message_size=self._max_message_size + 4096)
-        kwargs: dict[str, Any] = {"key_pair": self._key_pair}
+        key_pair = create_identity_from_seed(self._seed)
+        from libp2p.peer.id import ID
+
+        if ID.from_pubkey(key_pair.public_key).to_base58() != self.peer_id:  # peer_id_of and libp2p disagree
+            raise RuntimeError("libp2p derives another peer id from this key")
+        kwargs: dict[str, Any] = {"key_pair": key_pair}
         kwargs["connection_config"] = ConnectionConfig(max_connections_per_peer=1)  # (p8) fast dials
         if self._announce:
             kwargs["announce_addrs"] = self._announce
