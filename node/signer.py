@@ -50,11 +50,16 @@ class LastSigned:
 class LastSignGuard:
     """The last signature's (height, round, step, sign-bytes hash) in a small JSON file at `path`."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, deferred: bool = False) -> None:
+        """deferred: check_and_record only updates memory, and flush() (on the store thread, before the signed
+        message is sent) makes it durable; a signature is never sent before its position is on disk either way,
+        but the event loop no longer waits for two fsyncs per signature."""
         self.path = Path(path)
         self._tmp = self.path.with_name(self.path.name + ".tmp")
         self._lock = threading.Lock()
         self.last = self._load()
+        self.deferred = deferred
+        self._unwritten: LastSigned | None = None
 
     def _load(self) -> LastSigned | None:
         # a leftover .tmp (crash before the rename) is ignored: the rename is the commit point
@@ -85,8 +90,18 @@ class LastSignGuard:
                         raise DoubleSignRefused(f"refusing to sign {pos} again over different bytes")
                     return
             new = LastSigned(height, round, step, payload_hash)
-            self._write(new)
+            if self.deferred:
+                self._unwritten = new
+            else:
+                self._write(new)
             self.last = new
+
+    def flush(self) -> None:
+        """Write the highest position recorded since the last flush (deferred mode; safe from any thread)."""
+        with self._lock:
+            if self._unwritten is not None:
+                self._write(self._unwritten)
+                self._unwritten = None
 
     def _write(self, last: LastSigned) -> None:
         body = json.dumps({"height": last.height, "round": last.round, "step": last.step,
