@@ -124,7 +124,10 @@ async def test_hostile_peer_does_not_crash_or_stall_anyone(tmp_path: Path) -> No
     procs = [start_node(v.home) for v in views]
     try:
         await _wait_heights(views, 2, 90, procs)
-        victim_addr = json.loads((tmp_path / "node0" / "data" / "status.json").read_text())["addrs"][0]
+        with trio.fail_after(30):  # libp2p starts after the first commit (direct links carry consensus before)
+            while not (addrs := json.loads((tmp_path / "node0" / "data" / "status.json").read_text())["addrs"]):
+                await trio.sleep(0.2)
+        victim_addr = addrs[0]
         victim = victim_addr.rsplit("/p2p/", 1)[1]
         topics = Topics.for_chain(genesis.chain_id)
         attacker = P2PNode(NodeKey.generate().seed, ["/ip4/127.0.0.1/tcp/0"], bootstrap=[victim_addr],
