@@ -23,6 +23,8 @@ from flnode.consensus.sim import FAULTS, SimConfig, run_many
 
 from bench.common import RESULTS, print_table, write_json
 
+SKIP = 10  # start-up heights left out of the latency: libp2p starts after the first commit
+
 
 def simulator(n: int, heights: int, seeds: int, faults: tuple[str, ...], byzantine: int = 0) -> dict[str, object]:
     t0 = time.process_time()
@@ -56,7 +58,7 @@ def loopback(n: int, heights: int) -> dict[str, object]:
             while time.monotonic() < deadline:
                 for v in views:
                     read_node(v)
-                if min(v.height for v in views) >= heights + 2:
+                if min(v.height for v in views) >= heights + SKIP:
                     break
                 time.sleep(0.2)
         finally:
@@ -64,7 +66,7 @@ def loopback(n: int, heights: int) -> dict[str, object]:
         lat = []
         rounds = []
         for v in views:
-            for h in range(3, min(v.height, heights + 2) + 1):  # skip start-up heights
+            for h in range(SKIP + 1, min(v.height, heights + SKIP) + 1):  # skip start-up heights (libp2p starts)
                 m = v.metrics.get(h) or {}
                 if "proposal_t" in m and "commit_t" in m:
                     lat.append((m["commit_t"] - m["proposal_t"]) * 1000)
