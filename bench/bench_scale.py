@@ -59,6 +59,7 @@ def one_run(n: int, rounds: int, timeout: float) -> dict[str, Any]:
         cpu_at_1: list[float] | None = None  # CPU when every node holds height 1: start-up is not per-height cost
         t0 = time.monotonic()
         finished = False
+        last_height_s: float | None = None
         h_at_1 = 0
         try:
             while time.monotonic() - t0 < timeout:
@@ -72,6 +73,7 @@ def one_run(n: int, rounds: int, timeout: float) -> dict[str, Any]:
                     h_at_1 = min(v.height for v in views)
                 if all(v.height >= rounds for v in views):
                     finished = True
+                    last_height_s = time.time() - started
                     break
                 if any(p.poll() is not None for p in procs):
                     break
@@ -114,6 +116,8 @@ def one_run(n: int, rounds: int, timeout: float) -> dict[str, Any]:
             "heights_min": min(heights),
             "first_commit_s": round(max(first_commit), 2) if len(first_commit) == n else None,
             "median_round_s": round(statistics.median(round_times), 3) if round_times else None,
+            # start to every node at the last height: first commit and round times together, start-up included
+            "all_at_last_height_s": round(last_height_s, 1) if last_height_s is not None else None,
             "cpu_s_per_node_height": (
                 round(statistics.mean(c - c1 for c, c1 in zip(cpu, cpu_at_1, strict=True)) / (committed - h_at_1), 4)
                 if cpu_at_1 is not None and committed > h_at_1 else None
@@ -158,7 +162,7 @@ def main() -> None:
     # enough heights that the median is the steady state: libp2p starts after the first commit, which slows the
     # next few heights while 16-64 processes import and connect it
     def rounds_for(n: int) -> int:
-        return a.rounds or (5 if a.quick else 20 if n <= 16 else 12 if n <= 32 else 6)
+        return a.rounds or (5 if a.quick else 50 if n <= 8 else 30 if n <= 16 else 12 if n <= 32 else 6)
 
     runs = a.runs or (1 if a.quick else 3)
     rows, all_runs = [], []

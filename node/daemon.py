@@ -596,6 +596,8 @@ class Daemon:
                 m = a.message
                 skip = self._past(m) if isinstance(m, Vote) and m.validator != self.me else None
                 self.transport.broadcast(encode_gossip(m), height=m.height, round=m.round, skip=skip)
+                if isinstance(m, Vote) and m.validator == self.me and m.height == self.state.height + 1:
+                    self._mark("prevote_t" if m.type == VoteType.PREVOTE else "precommit_t")
                 if self._trace:
                     log.debug("sent", extra={"what": type(m).__name__, "type": getattr(m, "type", None),
                                              "h": m.height, "r": m.round, "t": round(self._now() - self._height_started, 3)})
@@ -607,6 +609,7 @@ class Daemon:
                 self._spawn("validate", self._validate_value, a.height, a.round, a.block)
             elif isinstance(a, act.Commit):
                 if self._applying is None and a.block.height == self.state.height + 1:
+                    self._mark("decided_t")
                     self._applying = a.block.height
                     assert self._nursery is not None
                     self._nursery.start_soon(self._apply_commit, a.block, a.certificate)

@@ -12,19 +12,18 @@ from collections.abc import Iterator
 from typing import Any
 
 import trio
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
 
 PREFIX = "flnode_"
 
 
 class Metrics:
+    """prometheus_client is imported on the first scrape, not at start-up: it pulls in http, email and ssl, CPU
+    that 16-32 node processes starting together on one machine pay before their first commit."""
+
     def __init__(self) -> None:
         self.counters: Counter[str] = Counter()
         self.gauges: dict[str, float] = {}
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(_Collector(self))
+        self._registry: Any = None
 
     def inc(self, name: str, by: int = 1) -> None:
         self.counters[name] += by
@@ -32,23 +31,41 @@ class Metrics:
     def set(self, name: str, value: float) -> None:
         self.gauges[name] = value
 
+    @property
+    def registry(self) -> Any:
+        if self._registry is None:
+            from prometheus_client import CollectorRegistry
+
+            self._registry = CollectorRegistry(auto_describe=False)
+            self._registry.register(_collector(self))
+        return self._registry
+
     def render(self) -> str:
         """The Prometheus text exposition (counters get the conventional ``_total`` suffix)."""
+        from prometheus_client import generate_latest
+
         return generate_latest(self.registry).decode()
 
-    content_type = CONTENT_TYPE_LATEST
+    @property
+    def content_type(self) -> str:
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return str(CONTENT_TYPE_LATEST)
 
 
-class _Collector(Collector):
-    def __init__(self, metrics: Metrics) -> None:
-        self.metrics = metrics
+def _collector(metrics: Metrics) -> Any:
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+    from prometheus_client.registry import Collector
 
-    def collect(self) -> Iterator[Metric]:
-        # Copies: the collector may run while the event loop mutates the dicts.
-        for name, value in sorted(dict(self.metrics.counters).items()):
-            yield CounterMetricFamily(PREFIX + name, f"flnode counter {name}", value=value)
-        for name, fvalue in sorted(dict(self.metrics.gauges).items()):
-            yield GaugeMetricFamily(PREFIX + name, f"flnode gauge {name}", value=fvalue)
+    class _Collector(Collector):
+        def collect(self) -> Iterator[Metric]:
+            # Copies: the collector may run while the event loop mutates the dicts.
+            for name, value in sorted(dict(metrics.counters).items()):
+                yield CounterMetricFamily(PREFIX + name, f"flnode counter {name}", value=value)
+            for name, fvalue in sorted(dict(metrics.gauges).items()):
+                yield GaugeMetricFamily(PREFIX + name, f"flnode gauge {name}", value=fvalue)
+
+    return _Collector()
 
 
 async def serve_metrics(metrics: Metrics, listen: str, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
