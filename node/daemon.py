@@ -88,6 +88,7 @@ from .store_worker import StoreWorker
 from .supervise import supervised
 
 AHEAD_GRACE_S = 1.0  # how long a peer's later height may wait for our own commit before we sync
+BUNDLE_GRACE_S = 0.5  # a proposal naming a small update we lack waits this long for its bundle before fetching
 P2P_DEFER_MAX_S = 20.0  # libp2p starts after the first commit, or after this long without one
 STALL_POLL_S = 6.0  # with no sign of a later height, peers' tips are polled only after this long without a commit
 log = logging.getLogger("flnode.daemon")
@@ -137,8 +138,11 @@ def timeouts_from(genesis: Genesis) -> TimeoutConfig:
         precommit_ms=r.timeout_precommit_ms,
         precommit_delta_ms=r.timeout_precommit_delta_ms,
         # consensus streams are reliable while connected (a reconnect re-sends): re-send only when a round is
-        # clearly stuck, after the propose timeout, not after the prevote one
-        rebroadcast_ms=max(r.timeout_propose_ms, r.timeout_prevote_ms),
+        # clearly stuck, after the propose timeout, not after the prevote one, and later the more validators
+        # there are: a re-send relays the polka's 2f+1 prevotes to every peer (n^2 messages per node), and at 32
+        # validators on 2 cores a healthy round takes about as long as the propose timeout (measured: the runs
+        # with most relayed duplicates were the slowest)
+        rebroadcast_ms=max(r.timeout_propose_ms, r.timeout_prevote_ms) * max(1, len(genesis.validators) // 16),
     )
 
 
@@ -700,7 +704,12 @@ class Daemon:
         unknown = missing_blobs(block, self.blobs.holds)
         if not unknown:
             return True
-        missing = [h for h in unknown if not await self.blobs.has(h)]
+        inline = {u.blob_hash for u in block.updates if u.blob_size <= UpdateBundle.INLINE_MAX}
+        if inline & set(unknown):  # their authors' bundles are usually on the way: a fetch would race them
+            with trio.move_on_after(BUNDLE_GRACE_S):
+                while any(not self.blobs.holds(h) for h in inline & set(unknown)):
+                    await self._changed.wait()
+        missing = [h for h in unknown if not self.blobs.holds(h) and not await self.blobs.has(h)]
         if not missing:
             return True
         size = {u.blob_hash: u.blob_size for u in block.updates}
