@@ -585,16 +585,19 @@ class Daemon:
                                           "detail": str(event)[:80]})
             await self._perform(self.machine.step(event))
 
-    def _persist_own(self, height: int, record: bytes) -> None:
-        """On the store thread: one hop for both fsync'd writes (they used to block the event loop)."""
-        if self._sign_guard is not None:
-            self._sign_guard.flush()
-        self.store.append_record(height, record)
+    async def _persist_own(self, height: int, record: bytes) -> None:
+        """The guard file and the consensus record, fsync'd at the same time on two threads (they used to block
+        the event loop one after the other): an own vote waits for the slower of the two, not for their sum."""
+        guard = self._sign_guard
+        async with trio.open_nursery() as n:
+            if guard is not None:
+                n.start_soon(lambda: self.worker.run(guard.flush, limiter=self.worker.blob_limiter))
+            n.start_soon(self.worker.append_record, height, record)
 
     async def _perform(self, actions: list[Any]) -> None:
         for a in actions:
             if isinstance(a, act.Persist):  # the signature's guard position and record durable before it is sent
-                await self.worker.run(self._persist_own, self.state.height + 1, a.record)
+                await self._persist_own(self.state.height + 1, a.record)
             elif isinstance(a, act.Broadcast):
                 self.metrics.inc("broadcast")
                 m = a.message
