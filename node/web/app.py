@@ -235,7 +235,7 @@ class WebApp:
                 lo = max(1, hi - 29)  # chain show's default: the last 30
             if hi is None:
                 hi = lo + MAX_PAGE - 1
-            return self.reader.blocks(store, lo, hi)
+            return self.reader.blocks(store, lo, hi, top)
 
         return Response.json(await self.reader.run(read))
 
@@ -291,7 +291,7 @@ class WebApp:
         def read(store: Any) -> dict[str, Any]:
             top = self.reader.latest(store)
             hi = top - (page - 1) * PAGE_SIZE
-            return self.reader.blocks(store, max(1, hi - PAGE_SIZE + 1), hi) if hi >= 1 else {
+            return self.reader.blocks(store, max(1, hi - PAGE_SIZE + 1), hi, top) if hi >= 1 else {
                 "chain_id": self.genesis.chain_id, "height": top, "blocks": []}
 
         data = await self.reader.run(read)

@@ -100,9 +100,10 @@ class ChainReader:
             self._remember(self._rows, h, row, 4096)
         return row
 
-    def blocks(self, store: ChainStore, start: int, end: int) -> dict[str, Any]:
-        """``flnode chain show --json`` for heights start..end (clipped to the committed height)."""
-        top = self.latest(store)
+    def blocks(self, store: ChainStore, start: int, end: int, top: int | None = None) -> dict[str, Any]:
+        """``flnode chain show --json`` for heights start..end (clipped to the committed height `top`, read here
+        unless the caller already did: one answer names one tip, even while the node commits meanwhile)."""
+        top = self.latest(store) if top is None else top
         rows = [self.height_row(store, h) for h in range(max(1, start), min(end, top) + 1)]
         return {"chain_id": self.genesis.chain_id, "height": top, "blocks": rows, "privacy": self.privacy(store, top)}
 
