@@ -70,6 +70,7 @@ class ByzantineDaemon(Daemon):
         # Each swapped body gets this node cut off for 10 s, which also silences its equivocating votes: swap a
         # few proposals, then let the equivocations through so the evidence and slashing can be checked too.
         self.swap_proposals = swap_proposals
+        self._over_cap_sent = False
         self._swapped_proposals = 0
         self._own_out: set[bytes] = set()  # digests of what we publish: our own gossip validator lets it out
         self._own_blobs: set[bytes] = set()
@@ -142,9 +143,10 @@ class ByzantineDaemon(Daemon):
             await self._swap(msg)
 
     async def _swap(self, p: Proposal) -> None:
-        if self._swapped_proposals >= self.swap_proposals or self.state.height < 3:
-            return  # not before height 4: a swapped body cuts our direct links off for 10 s, and the inflated
-            # updates of heights 1 and 3 should reach the validators first (their libp2p starts late)
+        if self._swapped_proposals >= self.swap_proposals or self.state.height < 3 or (
+                "inflate" in self.attacks and not self._over_cap_sent):
+            return  # a swapped body cuts our direct links off for 10 s: first an over-cap update must have gone
+            # out (honest validators take it from the direct links: their libp2p starts after the first commit)
         self._swapped_proposals += 1
         b = p.block
         if b.updates:
@@ -215,6 +217,8 @@ class ByzantineDaemon(Daemon):
             # stands in the way (heights 1 and 2 come before any penalty can get us excluded)
             blob = self._malicious_blob()
             samples = INFLATED_SAMPLES if height % 2 == 1 else samples_cap(self.genesis, self.me)
+            self._over_cap_sent = self._over_cap_sent or (  # sent while in step with the others: not stale
+                height % 2 == 1 and bool(self.transport.connected()) and self._ahead_of_us[0] <= self.state.height)
             ann = replace(ann, blob_hash=digest(blob), blob_size=len(blob), num_samples=samples,
                           signature=b"").signed(self.key, self.chain_id)
             self.metrics.inc("byz_inflated")

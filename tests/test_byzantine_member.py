@@ -103,6 +103,16 @@ def check_honest(genesis: Genesis, honest: list[NodeView], min_height: int) -> i
     return top
 
 
+def attacks_seen(byz: NodeView, honest: list[NodeView]) -> bool:
+    try:
+        made = counters(byz.home)
+        refused = sum(counters(v.home).get("rejected_samples_over_cap", 0) for v in honest)
+    except (OSError, ValueError, KeyError):
+        return False
+    return refused > 0 and all(made.get(c, 0) > 0 for c in ("byz_swapped", "byz_flooded", "byz_inflated",
+                                                              "byz_equivocations"))
+
+
 async def test_one_byzantine_member_of_four_with_every_attack(tmp_path: Path) -> None:
     genesis, views = make_net(tmp_path, 4, "byz-4")
     byz = views[3]
@@ -115,6 +125,8 @@ async def test_one_byzantine_member_of_four_with_every_attack(tmp_path: Path) ->
         # equivocation evidence is included and the validator slashed; give it a few more heights if needed
         await wait_until(lambda: byz_key in slashed_at(honest[0].home, min(heights(honest))), views, procs,
                          max(5.0, 85 - (time.monotonic() - t0)))
+        # every attack made and seen (status files are written every 2 s; the swap waits for an over-cap update)
+        await wait_until(lambda: attacks_seen(byz, honest), views, procs, max(5.0, 90 - (time.monotonic() - t0)))
         assert all(p.poll() is None for p in procs)
     finally:
         stop_nodes(procs)
