@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Container
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -18,14 +19,17 @@ import typer
 from .errors import fail, user_errors
 
 
-def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
-    socks, ports = [], []
+def free_ports(n: int, host: str = "127.0.0.1", besides: Container[int] = ()) -> list[int]:
+    """n TCP ports free on `host` now, none of them in `besides`."""
+    socks: list[socket.socket] = []
+    ports: list[int] = []
     try:
-        for _ in range(n):
+        while len(ports) < n:
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind((host, 0))
             socks.append(s)
-            ports.append(s.getsockname()[1])
+            s.bind((host, 0))
+            if (port := s.getsockname()[1]) not in besides:
+                ports.append(port)
     finally:
         for s in socks:
             s.close()

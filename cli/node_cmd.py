@@ -192,26 +192,6 @@ def _csv(s: str) -> list[str]:
     return [x.strip() for x in s.split(",") if x.strip()]
 
 
-def _free_ports_besides(n: int, host: str, taken: set[int]) -> list[int]:
-    """n TCP ports free on `host` now, none of them in `taken`."""
-    import socket
-
-    socks: list[socket.socket] = []
-    ports: list[int] = []
-    try:
-        while len(ports) < n:
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            socks.append(s)
-            s.bind((host, 0))
-            port = s.getsockname()[1]
-            if port not in taken:
-                ports.append(port)
-    finally:
-        for s in socks:
-            s.close()
-    return ports
-
-
 def create_testnet(
     directory: Path,
     nodes: int,
@@ -231,6 +211,8 @@ def create_testnet(
     from flnode.node.config import NodeConfig, home_paths, write_config
     from flnode.node.net import peer_id_of
     from flnode.protocol.crypto import NodeKey
+
+    from .demo import free_ports
 
     hosts = hosts or []
     hostnames = hostnames or []
@@ -253,7 +235,7 @@ def create_testnet(
     # One machine (explicit ports on a loopback listen address: demo, tests, benches): fixed direct link ports,
     # so validators link up and commit before libp2p starts (NodeConfig.direct_peers). Elsewhere the direct
     # port stays "any free port", learned through libp2p neighbours.
-    direct_ports = _free_ports_besides(nodes, listen_host, set(ports)) if (
+    direct_ports = free_ports(nodes, listen_host, besides=set(ports)) if (
         explicit_ports and not hosts and not hostnames and listen_host.startswith("127.")) else []
     direct = [f"{peer_id_of(keys[i].public_key)}@{listen_host}:{direct_ports[i]}" for i in range(len(direct_ports))]
     task, rules = task_rules or _task_and_rules("logreg", "digits", "iid", 0.5, "fedavg", 0, 100.0, 1, 0.1, 2000)

@@ -33,8 +33,8 @@ SLOWEST_BYTES_PER_S = 1 << 20  # a transfer may take this long in total while it
 IDLE_TIMEOUT_S = 10.0  # ...and no more than this between two pieces
 PARALLEL = 3
 SERVE_PIECE = 1 << 20  # read from the file and written to the stream at a time
-FLUSH_BYTES = 4 << 20
-BATCH_PUT_BYTES = 64 << 10  # smaller blobs are written in batches, one thread hop for all that arrived meanwhile  # received bytes gathered before one thread hop hashes and writes them
+FLUSH_BYTES = 4 << 20  # received bytes gathered before one thread hop hashes and writes them
+BATCH_PUT_BYTES = 64 << 10  # smaller blobs are written in batches, one thread hop for all that arrived meanwhile
 
 
 def fetch_timeout(size: int) -> float:
@@ -168,15 +168,12 @@ class BlobService:
         if len(data) <= BATCH_PUT_BYTES:
             self._unwritten[h] = (data, height)  # held in memory until the flusher's next batch
             self._flush_wanted.set()
-            self._held.add(h)
-            self._remember(h, data)
-            self.on_stored(h)
-            return True
-        try:
-            await self.worker.put_blob(h, data, height)
-        except BlobWriteError as exc:
-            self._write_failed(exc)
-            return False
+        else:
+            try:
+                await self.worker.put_blob(h, data, height)
+            except BlobWriteError as exc:
+                self._write_failed(exc)
+                return False
         self._held.add(h)
         self._remember(h, data)
         self.on_stored(h)

@@ -633,15 +633,17 @@ class Daemon:
 
     # ---------------------------------------------------------------- proposer
 
+    def _ready(self, ann: UpdateAnnouncement) -> bool:
+        """On the current model, and its blob held here (no I/O)."""
+        return ann.base_model_hash == self.state.model_hash and self.blobs.holds(ann.blob_hash)
+
     def _ready_announcements(self, height: int) -> list[UpdateAnnouncement]:
-        """Updates for `height` on the current model whose blob we hold (no I/O)."""
-        return [a for a in self.pool.for_height(height)
-                if a.base_model_hash == self.state.model_hash and self.blobs.holds(a.blob_hash)]
+        """Ready updates for `height`, in canonical order."""
+        return [a for a in self.pool.for_height(height) if self._ready(a)]
 
     def _ready_authors(self, height: int) -> set[bytes]:
         """Authors of _ready_announcements (unordered: asked on every arrival, so no sort)."""
-        return {a.author for a in self.pool.unordered(height)
-                if a.base_model_hash == self.state.model_hash and self.blobs.holds(a.blob_hash)}
+        return {a.author for a in self.pool.unordered(height) if self._ready(a)}
 
     async def _ready_updates(self, height: int) -> list[tuple[UpdateAnnouncement, BlobReader]]:
         anns = self._ready_announcements(height)
@@ -707,10 +709,10 @@ class Daemon:
         unknown = missing_blobs(block, self.blobs.holds)
         if not unknown:
             return True
-        inline = {u.blob_hash for u in block.updates if u.blob_size <= UpdateBundle.INLINE_MAX}
-        if inline & set(unknown):  # their authors' bundles are usually on the way: a fetch would race them
+        inline = {u.blob_hash for u in block.updates if u.blob_size <= UpdateBundle.INLINE_MAX}.intersection(unknown)
+        if inline:  # their authors' bundles are usually on the way: a fetch would race them
             with trio.move_on_after(BUNDLE_GRACE_S):
-                while any(not self.blobs.holds(h) for h in inline & set(unknown)):
+                while not all(self.blobs.holds(h) for h in inline):
                     await self._changed.wait()
         missing = [h for h in unknown if not self.blobs.holds(h) and not await self.blobs.has(h)]
         if not missing:

@@ -38,8 +38,7 @@ class UpdatePool:
             yield from anns
 
     def for_height(self, height: int) -> list[UpdateAnnouncement]:
-        out = [a for anns in self.by_height.get(height, {}).values() for a in anns]
-        return sorted(out, key=lambda a: a.hash())
+        return sorted(self.unordered(height), key=lambda a: a.hash())
 
     def authors(self, height: int) -> set[bytes]:
         return set(self.by_height.get(height, {}))
