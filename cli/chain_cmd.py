@@ -20,6 +20,7 @@ def register(app: typer.Typer) -> None:
 
 
 def _open(home: Path) -> tuple[Any, Any]:
+    from flnode.node.app.state import state_size_cap
     from flnode.node.chain.store import ChainStore
     from flnode.node.config import home_paths, load_config
     from flnode.protocol.genesis import Genesis
@@ -31,7 +32,9 @@ def _open(home: Path) -> tuple[Any, Any]:
     genesis = Genesis.load(paths.genesis)
     if not paths.chain_db.exists():
         fail(f"{home} has no chain yet (start the node first)")
-    return genesis, ChainStore.open(paths.chain_db, readonly=True, genesis_hash=genesis.hash())
+    store = ChainStore.open(paths.chain_db, readonly=True, genesis_hash=genesis.hash())
+    store.state_max_bytes = state_size_cap(genesis)
+    return genesis, store
 
 
 def _trainer_cell(t: dict[str, Any] | None) -> str:

@@ -171,7 +171,11 @@ def demo(
     ports = free_ports(nodes + trainers)
     task_rules = _task_and_rules(model, "digits", partition, 0.5, aggregator, 0, 100.0, 1, 0.1, 2000, trainer)
     if trainers:  # trainers join by transaction; the proposer waits for their updates, not for the validators'
-        task_rules[1].update(admission="open", max_members=nodes + trainers, min_updates=trainers)
+        from .node_cmd import open_membership_rules
+
+        task_rules[1].update(open_membership_rules(task_rules[0], nodes, "open", nodes + trainers),
+                             min_updates=trainers, max_recent_join_weight_percent=100,
+                             max_joins_per_block=max(4, trainers))
     addrs = create_testnet(home, nodes, chain_id="flnode-demo", host="127.0.0.1", listen_host="127.0.0.1",
                            ports=ports[:nodes], task_rules=task_rules, force=True)
     if trainers:

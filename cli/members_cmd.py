@@ -24,6 +24,7 @@ def register(app: typer.Typer) -> None:
     app.command("join")(join)
     app.command("members")(members)
     app.command("admit")(admit)
+    app.command("refuse")(refuse)
     app.command("remove")(remove)
     app.command("leave")(leave)
 
@@ -155,8 +156,15 @@ def _vote(home: Path, kind: str, who: str) -> None:
 
 @user_errors
 def admit(home: HomeOpt, who: Annotated[str, typer.Argument(help="Moniker or public key (hex prefix).")]) -> None:
-    """Vote to admit a node that asked to join (policy `validators`: admitted at > 2/3 of the voting power)."""
+    """Vote to admit a node that asked to join (a validator seat, or any join under policy `validators`):
+    admitted at > 2/3 of the voting power."""
     _vote(home, "admit", who)
+
+
+@user_errors
+def refuse(home: HomeOpt, who: Annotated[str, typer.Argument(help="Moniker or public key (hex prefix).")]) -> None:
+    """Vote against a join request: it is dropped once > 1/3 of the voting power refused it."""
+    _vote(home, "refuse", who)
 
 
 @user_errors

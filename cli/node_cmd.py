@@ -160,7 +160,11 @@ def testnet_init(
     dp_budget: Annotated[list[str] | None, typer.Option(help="NAME=EPSILON budget of one node (repeatable).")] = None,
     dp_participants: Annotated[int, typer.Option(help="Participants sharing the noise (0: all).")] = 0,
     admission: Annotated[str, typer.Option(help="Membership: genesis (fixed) | open | validators (> 2/3 vote).")] = "genesis",
-    max_members: Annotated[int, typer.Option(help="Cap on members under open membership (0: none).")] = 0,
+    max_members: Annotated[int, typer.Option(help="Cap on members off genesis admission (0: 4 x nodes).")] = 0,
+    max_samples: Annotated[int, typer.Option(help="Cap on an update's declared samples off genesis admission "
+                                                  "(0: the largest validator's data shard).")] = 0,
+    min_authors: Annotated[int, typer.Option(help="Distinct update authors a block that changes the model "
+                                                  "needs.")] = 1,
 ) -> None:
     """Write N homes with one shared genesis and each other's addresses as bootstrap peers."""
     task, rules = _task_and_rules(model, dataset, partition, alpha, aggregator, seed, norm_bound, local_epochs,
@@ -178,14 +182,29 @@ def testnet_init(
         rules.update(dp_mode=dp_mode, dp_clip=dp_clip, dp_noise=dp_noise, dp_sample_rate=dp_sample_rate,
                      dp_sampling=dp_sampling, dp_delta=dp_delta, dp_epsilon_budget=dp_epsilon, dp_budgets=budgets,
                      dp_participants=dp_participants)
-    if admission != "genesis" or max_members:  # open membership (issue 12): later rules, hashed only when set
-        rules.update(admission=admission, max_members=max_members)
+    if admission != "genesis" or max_members:  # later rules, hashed only when set
+        rules.update(open_membership_rules(task, nodes, admission, max_members, max_samples))
+    if min_authors != 1:
+        rules.update(min_authors=min_authors)
     info = create_testnet(
         directory, nodes, chain_id=chain_id, host=host, hosts=_csv(hosts), hostnames=_csv(hostnames),
         listen_host=listen_host, base_port=base_port, same_port=same_port, task_rules=(task, rules), force=force,
     )
     for name, addr in info:
         typer.echo(f"{name}: {addr}")
+
+
+def open_membership_rules(task: dict[str, Any], nodes: int, admission: str, max_members: int = 0,
+                          max_samples: int = 0) -> dict[str, Any]:
+    """The rules open membership needs: a member cap and a sample cap (by default the largest shard a genesis
+    validator trains on, so no joiner outweighs one)."""
+    if not max_samples:
+        from flnode.node.app.limits import shard_sizes
+        from flnode.protocol.genesis import TaskSpec
+
+        spec = TaskSpec(**task)
+        max_samples = max(*shard_sizes(spec, nodes), *shard_sizes(spec, max_members or 4 * nodes))
+    return {"admission": admission, "max_members": max_members or 4 * nodes, "max_samples_per_update": max_samples}
 
 
 def _csv(s: str) -> list[str]:

@@ -48,6 +48,28 @@ class ValidatorSet:
         return vs
 
     @classmethod
+    def resume(cls, powers: Mapping[bytes, int], priorities: Mapping[bytes, int], first_height: int) -> ValidatorSet:
+        """The set whose priorities at the start of `first_height` are `priorities` (as stored by the app at
+        each change, so nothing is replayed from height 1)."""
+        vs = cls(powers)
+        if set(priorities) != set(vs.addresses):
+            raise ValueError("priorities must name exactly the validators with power")
+        vs._priorities = {a: priorities[a] for a in vs.addresses}
+        vs._initial = dict(vs._priorities)
+        vs._first_height = first_height
+        return vs
+
+    @property
+    def first_height(self) -> int:
+        return self._first_height
+
+    def priorities_at(self, height: int) -> dict[bytes, int]:
+        """Priorities at the start of `height` >= first_height."""
+        if height < self._first_height:
+            raise ValueError(f"this set starts at height {self._first_height}, not {height}")
+        return self._priorities_at(height)
+
+    @classmethod
     def from_schedule(cls, schedule: Sequence[tuple[int, Mapping[bytes, int]]]) -> ValidatorSet:
         """The set after a history of (first height, powers) changes, the first at height 1."""
         vs = cls(schedule[0][1])

@@ -48,7 +48,8 @@ from flnode.node.app.participant import (
     load_participant,
     trainer_record,
 )
-from flnode.node.app.powers import SLASH_DELAY, validator_schedule
+from flnode.node.app.powers import SLASH_DELAY, carries_priorities, proposer_sets, set_at
+from flnode.node.app.state import state_size_cap
 from flnode.node.chain.execution import build_block, certificate_powers, check_block, missing_blobs
 from flnode.node.chain.store import ChainStore
 from flnode.node.config import NodeConfig, parse_direct_peer
@@ -164,6 +165,7 @@ class Daemon:
         self.me = key.public_key
         self.config = config
         self.store = store
+        store.state_max_bytes = state_size_cap(genesis)
         self.status_path = status_path
         self.metrics = Metrics()
         self.topics = Topics.for_chain(genesis.chain_id)
@@ -281,15 +283,16 @@ class Daemon:
         cached = self._set_at.get(height)
         if cached is not None and cached[0] is self.state:
             return cached[1]  # asked for every message: computed once per (state, height)
-        powers = validator_powers(self.genesis, self.state, height)
-        carry = self.genesis.rules.admission != "genesis"  # open membership: priorities carried across changes
-        key: Any = validator_schedule(self.genesis, self.state, height) if carry else tuple(sorted(powers.items()))
+        if carries_priorities(self.genesis):  # open membership: the stored set with its priorities
+            sets = proposer_sets(self.genesis, self.state)
+            key: Any = [e for e in sets if e[0] <= height][-1]
+        else:
+            key = tuple(sorted(validator_powers(self.genesis, self.state, height).items()))
         vs = self._sets.get(key)
         if vs is None:
             if len(self._sets) > 16:
                 self._sets.clear()
-            vs = self._sets[key] = (ValidatorSet.from_schedule([(h, dict(p)) for h, p in key]) if carry
-                                    else ValidatorSet(powers))
+            vs = self._sets[key] = set_at((key,), height) if carries_priorities(self.genesis) else ValidatorSet(dict(key))
         if len(self._set_at) > 8:
             self._set_at.clear()
         self._set_at[height] = (self.state, vs)

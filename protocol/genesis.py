@@ -114,16 +114,28 @@ class Rules:
     # fraction of each tensor's largest entries, the rest carried over by the trainer's error feedback).
     compression: str = "none"
     compression_topk: float = 0.01
-    # Open membership (issue 12, node/app/membership.py): "genesis" (the fixed set above), "open" (every valid
-    # join is admitted) or "validators" (admitted once > 2/3 of validator power signed an admit); cap 0 = none.
+    # Open membership (node/app/membership.py): "genesis" (the fixed set above), "open" (a trainer's join is
+    # admitted by the block that carries it; a validator seat still needs the validators' admit votes) or
+    # "validators" (every join needs admit votes from > 2/3 of the voting power). Off "genesis", max_members and
+    # max_samples_per_update must be set: no outsider weight or seat is unbounded.
     admission: str = "genesis"
     max_members: int = 0
     member_power: int = 1  # voting power of an admitted validator
+    # Admitted (non-genesis) validators hold strictly less than this percent of the power in force (<= 33).
+    max_admitted_power_percent: int = 33
+    max_joins_per_block: int = 4  # join transactions one block may carry
+    # Members admitted in the last RECENT_JOIN_HEIGHTS heights declare at most this percent of the genesis
+    # participants' total sample cap, together: a wave of joiners cannot take FedAvg over.
+    max_recent_join_weight_percent: int = 50
+    # A block that lists updates lists updates of at least this many distinct authors: one author's update is
+    # the aggregate under every rule, so a proposer cannot make the round its own.
+    min_authors: int = 1
 
 
 LATER_RULES = ("max_samples_per_update", "weight_median_multiple", "dp_mode", "dp_clip", "dp_noise",
                "dp_sample_rate", "dp_sampling", "dp_delta", "dp_participants", "dp_epsilon_budget", "dp_budgets",
-               "compression", "compression_topk", "admission", "max_members", "member_power")
+               "compression", "compression_topk", "admission", "max_members", "member_power",
+               "max_admitted_power_percent", "max_joins_per_block", "max_recent_join_weight_percent", "min_authors")
 
 
 @dataclass(frozen=True)
@@ -265,6 +277,14 @@ class Genesis:
             raise GenesisError(f"genesis: unknown admission {self.rules.admission!r} (genesis | open | validators)")
         if self.rules.max_members < 0 or self.rules.member_power < 1:
             raise GenesisError("genesis: max_members must be >= 0 and member_power >= 1")
+        if self.rules.admission != "genesis" and (self.rules.max_members < 1 or self.rules.max_samples_per_update < 1):
+            raise GenesisError("genesis: open membership needs max_members and max_samples_per_update (both >= 1)")
+        if not 0 <= self.rules.max_admitted_power_percent <= 33:
+            raise GenesisError("genesis: max_admitted_power_percent must be in 0..33 (admitted power stays < 1/3)")
+        if self.rules.max_joins_per_block < 1 or not 0 <= self.rules.max_recent_join_weight_percent <= 100:
+            raise GenesisError("genesis: max_joins_per_block >= 1 and max_recent_join_weight_percent in 0..100")
+        if self.rules.min_authors < 1:
+            raise GenesisError("genesis: min_authors must be >= 1")
         if self.rules.admission != "genesis" and self.rules.dp_mode != "off":  # DP accounting is per genesis name
             raise GenesisError("genesis: open membership does not support differential privacy yet (dp_mode off)")
         self._check_dp()

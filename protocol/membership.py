@@ -1,4 +1,4 @@
-"""Membership transactions (issue 12): join, admit, remove, leave. Signed, canonical, size-capped.
+"""Membership transactions: join, admit, refuse, remove, leave. Signed, canonical, size-capped.
 
 One message type with a kind, so a block carries one list and gossip one tag. Replay protection without
 per-account nonces: a transaction names the height its signer had seen and is valid only in the TX_TTL blocks
@@ -27,6 +27,7 @@ class TxKind(IntEnum):
     ADMIT = 2
     REMOVE = 3
     LEAVE = 4
+    REFUSE = 5  # a validator's vote against a join request
 
 
 class Role(IntEnum):
@@ -75,8 +76,8 @@ class MembershipTx(Message):
 
     @classmethod
     def vote(cls, kind: TxKind, key: crypto.NodeKey, chain_id: str, height: int, target: bytes) -> MembershipTx:
-        if kind not in (TxKind.ADMIT, TxKind.REMOVE):
-            raise ValueError("vote: admit or remove")
+        if kind not in (TxKind.ADMIT, TxKind.REFUSE, TxKind.REMOVE):
+            raise ValueError("vote: admit, refuse or remove")
         return cls(kind, key.public_key, height, target).signed(key, chain_id)
 
     @classmethod
@@ -114,7 +115,7 @@ class MembershipTx(Message):
     def from_list(cls, value: Any) -> MembershipTx:
         k, signer, h, target, role, n, moniker, seed, sig = expect_list(value, 9, "membership tx")
         tx = cls(
-            TxKind(expect_int(k, "tx kind", 1, 4)),
+            TxKind(expect_int(k, "tx kind", 1, 5)),
             expect_bytes(signer, "signer", crypto.PUBKEY_LEN),
             expect_int(h, "height", 0, MAX_HEIGHT),
             expect_bytes(target, "target", crypto.PUBKEY_LEN),

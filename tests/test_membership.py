@@ -36,7 +36,8 @@ NEW = [NodeKey(bytes([i + 220]) * 32) for i in range(4)]
 
 def genesis(admission: str = "open", n: int = 4, **rules: object) -> Genesis:
     task, r = _task_and_rules("logreg", "synthetic", "iid", 0.5, "fedavg", 0, 1e6, 1, 0.1, 2000)
-    r.update(admission=admission, **rules)
+    r.update(admission=admission, max_members=16, max_samples_per_update=1000, max_recent_join_weight_percent=100)
+    r.update(rules)
     return make_genesis("members", [(f"v{i}", k.public_key) for i, k in enumerate(VALS[:n])], task, r)
 
 
@@ -101,9 +102,13 @@ def test_open_join_counts_from_h_plus_2_and_binds_to_the_header() -> None:
     t = NEW[0].public_key
     assert s1.reputation[t] == g.rules.rewards.initial_reputation and s1.balances[t] == 0
     assert not trains_at(g, s1, t, 2) and trains_at(g, s1, t, 3)
-    assert not trains_at(g, s1, NEW[1].public_key, 3)  # a validator-only member does not train
-    assert NEW[1].public_key not in validator_powers(g, s1, 2)
-    assert validator_powers(g, s1, 3)[NEW[1].public_key] == g.rules.member_power
+    # open admission admits trainers only: a validator seat waits for > 2/3 of the power to admit it
+    v = NEW[1].public_key
+    assert v in s1.membership.requests and v not in s1.membership.members
+    assert v not in validator_powers(g, s1, 3)
+    s1v = block(g, s1, [vote(g, TxKind.ADMIT, k, NEW[1], 1) for k in VALS[:3]])
+    assert not trains_at(g, s1v, v, 4)  # a validator-only member does not train
+    assert v not in validator_powers(g, s1v, 3) and validator_powers(g, s1v, 4)[v] == g.rules.member_power
     assert t not in validator_powers(g, s1, 3)  # a trainer never votes
     # the state survives the store's encoding and its hash covers the membership
     s1b = decode_state(encode_state(s1), s1.model)
@@ -179,7 +184,7 @@ def test_validators_policy_needs_more_than_two_thirds_of_the_power() -> None:
     s = block(g, s, [join(g, NEW[2], height=s.height)])
     refused(g, s, [vote(g, TxKind.ADMIT, NEW[1], NEW[2], s.height)], "not_validator")
     go = genesis("open")
-    refused(go, genesis_state(go), [vote(go, TxKind.ADMIT, VALS[0], NEW[0])], "admission_is_open")
+    refused(go, genesis_state(go), [vote(go, TxKind.ADMIT, VALS[0], NEW[0])], "no_request")
 
 
 def test_cap_reached() -> None:
@@ -267,19 +272,34 @@ def test_proposer_priority_carried_across_set_changes() -> None:
     assert [heavy.proposer(h, 0) for h in range(20, 120)].count(keys[0]) > 90
 
 
-def test_validator_schedule_from_the_latest_state() -> None:
-    from flnode.node.app.powers import validator_schedule
+def test_stored_proposer_sets_give_the_replayed_proposers() -> None:
+    """The state stores each set with its priorities (rolled each height), and its proposers are those of the
+    full replay from height 1 over every change, which no node needs to run any more."""
+    from flnode.consensus import ValidatorSet
+    from flnode.node.app.powers import proposer_sets, set_at
 
     g = genesis("open")
     s = block(g, genesis_state(g), [join(g, NEW[0], role=Role.VALIDATOR), join(g, NEW[1])])  # block 1
-    s = block(g, s, [MembershipTx.leave(VALS[3], g.chain_id, 1)])  # block 2: ends at 4
+    s = block(g, s, [vote(g, TxKind.ADMIT, k, NEW[0], 1) for k in VALS[:3]])  # block 2: NEW[0] from 4
+    s = block(g, s, [MembershipTx.leave(VALS[3], g.chain_id, 2)])  # block 3: VALS[3] ends at 5
+    states = [s]
+    for _ in range(12):
+        states.append(block(g, states[-1], []))
     gp = {k.public_key: 1 for k in VALS}
-    want = ((1, tuple(sorted(gp.items()))), (3, tuple(sorted({**gp, NEW[0].public_key: 1}.items()))))
-    assert validator_schedule(g, s, 3) == want
-    later = empty_blocks(g, s, 5)
-    four = {**gp, NEW[0].public_key: 1}
-    del four[VALS[3].public_key]
-    assert validator_schedule(g, later, 9) == (*want, (4, tuple(sorted(four.items()))))
+    with_new = {**gp, NEW[0].public_key: 1}
+    without = dict(with_new)
+    del without[VALS[3].public_key]
+    schedule = [(1, gp), (4, with_new), (5, without)]
+
+    def replayed(h: int) -> ValidatorSet:
+        return ValidatorSet.from_schedule([c for c in schedule if c[0] <= h])
+    for st in states:
+        sets = proposer_sets(g, st)
+        assert len(sets) <= 3 and sets[0][0] == st.height  # bounded: no history kept
+        for h in range(st.height, st.height + 3):
+            assert [set_at(sets, h).proposer(h, r) for r in range(4)] == [replayed(h).proposer(h, r) for r in range(4)]
+    again = decode_state(encode_state(states[-1]), states[-1].model)
+    assert again.proposers == states[-1].proposers and again.hash() == states[-1].hash()
 
 
 def test_open_membership_refuses_dp_for_now() -> None:

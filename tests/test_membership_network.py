@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from flnode.cli.demo import NodeView, free_ports, start_node, stop_nodes
-from flnode.cli.node_cmd import _task_and_rules, create_testnet
+from flnode.cli.node_cmd import _task_and_rules, create_testnet, open_membership_rules
 from flnode.node.chain.store import ChainStore
 from flnode.protocol.crypto import NodeKey
 from flnode.protocol.membership import TxKind
@@ -91,7 +91,7 @@ def test_trainer_and_validator_join_and_a_validator_leaves_while_committing(tmp_
     from h+2; the network keeps committing, every model matches and chain verify passes."""
     ports = free_ports(6)
     task, rules = _task_and_rules("logreg", "digits", "iid", 0.5, "fedavg", 0, 100.0, 1, 0.1, 1500)
-    rules["admission"] = "open"
+    rules.update(open_membership_rules(task, 4, "open"))
     addrs = create_testnet(tmp_path, 4, chain_id="join-test", host="127.0.0.1", listen_host="127.0.0.1",
                            ports=ports[:4], task_rules=(task, rules), force=True)
     views = [NodeView(f"node{i}", tmp_path / f"node{i}") for i in range(4)]
@@ -110,8 +110,21 @@ def test_trainer_and_validator_join_and_a_validator_leaves_while_committing(tmp_
         db = views[0].home
         wait_until("joins committed", lambda: None not in (tx_height(db, TxKind.JOIN, t_key),
                                                            tx_height(db, TxKind.JOIN, v_key)), 60, trainer)
-        ht, hv = tx_height(db, TxKind.JOIN, t_key), tx_height(db, TxKind.JOIN, v_key)
-        assert ht is not None and hv is not None
+        ht = tx_height(db, TxKind.JOIN, t_key)
+        # open admission admits the trainer at once; the validator seat needs > 2/3 of the power to admit it
+        out = json.loads(flnode("members", "--home", str(views[1].home), "--json").stdout)
+        assert "v5" not in {r["moniker"] for r in out["members"]}
+        for v in views[:3]:
+            assert flnode("admit", "--home", str(v.home), "v5").returncode == 0
+
+        def seat() -> dict[str, object] | None:
+            rows = json.loads(flnode("members", "--home", str(views[1].home), "--json").stdout)["members"]
+            return next((r for r in rows if r["moniker"] == "v5"), None)
+
+        wait_until("admitted", lambda: seat() is not None, 60, validator)
+        admitted = seat()
+        assert ht is not None and admitted is not None
+        hv = int(admitted["since"]) - 2  # type: ignore[call-overload]
         out = json.loads(flnode("members", "--home", str(views[1].home), "--json").stdout)
         row = {r["moniker"]: r for r in out["members"]}
         assert row["hospital"]["role"] == "trainer" and row["hospital"]["since"] == ht + 2

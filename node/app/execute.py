@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from flnode.protocol.encoding import expect_bytes, expect_int, expect_list, expect_str, pack, unpack
 from flnode.protocol.errors import DecodeError, ValidationError
@@ -16,7 +16,7 @@ from flnode.protocol.tensors import BlobReader, tensors_hash
 from . import privacy
 from .aggregation import WeightedUpdate, aggregate, sample_weights
 from .membership import apply_txs, ever_validator
-from .powers import slash_height, validator_powers
+from .powers import carries_priorities, next_proposer_sets, slash_height, validator_powers
 from .state import AppState
 from .validation import PENALISED, Reason, check_announcement, check_update_streamed
 
@@ -97,6 +97,9 @@ def execute(
         if reason is not None:
             raise ValidationError(f"update {short(h)} from {genesis.name_of(ann.author)}: {reason}")
         by_author[ann.author] = by_author.get(ann.author, 0) + 1
+    if by_author and len(by_author) < rules.min_authors:
+        raise ValidationError(f"block lists updates of {len(by_author)} authors, fewer than min_authors "
+                              f"{rules.min_authors}")
 
     rejected: list[tuple[bytes, bytes, str]] = []
     good: list[WeightedUpdate] = []
@@ -185,4 +188,6 @@ def execute(
         dp_rounds=privacy.charge(genesis, state, set(by_author), rejected),
         membership=membership,
     )
+    if carries_priorities(genesis):
+        new_state = replace(new_state, proposers=next_proposer_sets(genesis, state, new_state))
     return new_state, receipt

@@ -33,13 +33,18 @@ def _shard_sizes(spec: TaskSpec, n_parts: int) -> tuple[int, ...]:
     return tuple(len(p) for p in partition(train, n_parts, spec))
 
 
+def shard_sizes(spec: TaskSpec, n_parts: int) -> tuple[int, ...]:
+    """Sizes of the task's training shards when split `n_parts` ways."""
+    return _shard_sizes(spec, n_parts)
+
+
 def samples_cap(genesis: Genesis, author: bytes, declared: int | None = None) -> int:
     """The most samples `author` may declare in one update: rules.max_samples_per_update, or if that is 0 the
     author's shard size of the task's training set. `author` must be a participant. A member admitted by
     transaction declared its count when it joined: that is its cap (and so its weight's bound)."""
     cap = genesis.rules.max_samples_per_update
     if not genesis.is_validator(author) and declared is not None:
-        return min(declared, cap) if cap > 0 else declared
+        return min(declared, cap)  # off genesis admission the genesis must set the cap (Genesis.check)
     if cap > 0:
         return cap
     return _shard_sizes(genesis.task, len(genesis.validators))[genesis.index_of(author)]

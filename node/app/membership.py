@@ -1,11 +1,16 @@
-"""Open membership as application state (issue 12). Pure and deterministic.
+"""Open membership as application state. Pure and deterministic.
 
-The genesis validators are members from height 1 (role both). Others join by a signed `Join`; under the
-`open` policy a valid join is admitted by the block that carries it, under `validators` once admit votes from
-> 2/3 of the voting power at the voting block are on chain. `Remove` always needs > 2/3 of the voting power;
-`Leave` needs only its signer. Every change committed in block h takes effect from height h + CHANGE_DELAY, as
-CometBFT applies validator updates, so the set at a height is known two heights ahead. A key that left or was
-removed cannot join again (a new key is a new member: its history stays readable on chain).
+The genesis validators are members from height 1 (role both). Others join by a signed `Join`. Power is never
+free: under the `open` policy a trainer's join is admitted by the block that carries it, but a validator seat,
+under either policy, needs admit votes from > 2/3 of the voting power; `Refuse` votes from > 1/3 drop a request.
+Admitted validators hold less than `max_admitted_power_percent` of the power in force, whatever leaves or is
+slashed (the latest admitted wait, powerless, while over it). A block carries at most `max_joins_per_block`
+joins, and the members admitted in the last RECENT_JOIN_HEIGHTS heights declare a bounded share of the sample
+weight. `Remove` needs > 2/3 of the voting power; `Leave` needs only its signer. Every change committed in block
+h takes effect from height h + CHANGE_DELAY, as CometBFT applies validator updates, so the set at a height is
+known two heights ahead. The state stays bounded: a member that left or was removed is pruned PRUNE_AFTER heights
+after it stopped counting (its history stays on chain), and a trainer that never earned a reward in
+IDLE_HEIGHTS heights is ended.
 """
 
 from __future__ import annotations
@@ -26,6 +31,9 @@ if TYPE_CHECKING:
 CHANGE_DELAY = 2  # a change committed in block h applies from height h + 2 (= powers.SLASH_DELAY)
 MAX_REQUESTS = 64  # join requests waiting for admission votes
 MAX_BALLOTS = 64  # removals being voted on
+RECENT_JOIN_HEIGHTS = 100  # the window of max_recent_join_weight_percent
+PRUNE_AFTER = 2  # heights after it stopped counting: the last certificate it could sign is checked by then
+IDLE_HEIGHTS = 200  # a trainer with no reward this long after it counts is ended (it holds a seat for nothing)
 
 
 @dataclass(frozen=True)
@@ -47,6 +55,7 @@ class Member:
 class Ballot:
     opened: int  # height of the block that opened it; it lapses TX_TTL heights later
     votes: frozenset[bytes] = frozenset()
+    against: frozenset[bytes] = frozenset()  # refuse votes (join requests only)
 
 
 @dataclass(frozen=True)
@@ -66,14 +75,15 @@ class Membership:
 
         return [
             [self.members[k].to_list(k) for k in sorted(self.members)],
-            [[k, t.to_list(), b.opened, voters(b)] for k, (t, b) in sorted(self.requests.items())],
+            [[k, t.to_list(), b.opened, voters(b), *([sorted(b.against)] if b.against else [])]
+             for k, (t, b) in sorted(self.requests.items())],
             [[k, b.opened, voters(b)] for k, b in sorted(self.removals.items())],
             [[k, self.ended[k]] for k in sorted(self.ended)],
             [[k, self.recent[k]] for k in sorted(self.recent)],
         ]
 
     @classmethod
-    def from_canonical(cls, value: Any) -> Membership:
+    def from_canonical(cls, value: Any, allow_empty: bool = False) -> Membership:
         mem, req, rem, end, rec = expect_list(value, 5, "membership")
         for v in (mem, req, rem, end, rec):
             if not isinstance(v, list):
@@ -92,9 +102,14 @@ class Membership:
                 expect_str(moniker, "moniker"), expect_int(seed, "data seed"), expect_int(since, "since"))
         requests = {}
         for item in req:
-            k, t, opened, vs = expect_list(item, 4, "request")
+            if not isinstance(item, list) or len(item) not in (4, 5):
+                raise DecodeError("membership: bad request")
+            k, t, opened, vs = item[:4]
+            against = keys(item[4]) if len(item) == 5 else frozenset()
+            if len(item) == 5 and not against:
+                raise DecodeError("membership: empty refusals are not encoded")
             requests[expect_bytes(k, "requester", 32)] = (MembershipTx.from_list(t),
-                                                          Ballot(expect_int(opened, "opened"), keys(vs)))
+                                                          Ballot(expect_int(opened, "opened"), keys(vs), against))
         removals = {}
         for item in rem:
             k, opened, vs = expect_list(item, 3, "removal")
@@ -108,7 +123,7 @@ class Membership:
             return out
 
         ms = cls(members, requests, removals, pairs(end, "ended"), pairs(rec, "recent"))
-        if ms.empty():
+        if ms.empty() and not allow_empty:
             raise DecodeError("membership: an empty membership is not encoded")
         return ms
 
@@ -141,13 +156,27 @@ def trains_at(genesis: Genesis, state: AppState, key: bytes, height: int) -> boo
     return m is None or m.role.trains
 
 
-def member_powers(genesis: Genesis, ms: Membership, height: int) -> dict[bytes, int]:
-    """Voting powers of the members in force at `height`, before slashing."""
-    out = {k: p for k, p in genesis.powers.items() if ms.ended.get(k, height + 1) > height}
-    for k, m in ms.members.items():
-        if m.power > 0 and counts_at(genesis, ms, k, height):
-            out[k] = m.power
+def member_powers(genesis: Genesis, ms: Membership, height: int,
+                  slashed: Mapping[bytes, int] | None = None) -> dict[bytes, int]:
+    """Voting powers in force at `height`, without slashed validators (`slashed`: key -> first powerless
+    height). Admitted validators count in admission order while their share stays under the genesis cap."""
+    def active(k: bytes) -> bool:
+        return slashed is None or slashed.get(k, height + 1) > height
+
+    out = {k: p for k, p in genesis.powers.items() if ms.ended.get(k, height + 1) > height and active(k)}
+    pct = genesis.rules.max_admitted_power_percent
+    base, admitted = sum(out.values()), 0
+    for k, m in sorted(ms.members.items(), key=lambda kv: (kv[1].since, kv[0])):
+        if m.power > 0 and counts_at(genesis, ms, k, height) and active(k):
+            if 100 * (admitted + m.power) < pct * (base + admitted + m.power):
+                out[k] = m.power
+                admitted += m.power
     return out
+
+
+def admitted_power_ok(genesis: Genesis, ms: Membership, key: bytes, height: int) -> bool:
+    """Would `key` (admitted in `ms`) hold power at `height`, under the admitted-power cap?"""
+    return key in member_powers(genesis, ms, height)
 
 
 def ever_validator(genesis: Genesis, state: AppState, key: bytes) -> bool:
@@ -196,6 +225,7 @@ class _Apply:
     recent: dict[bytes, int]
     balances: dict[bytes, int]
     reputation: dict[bytes, int]
+    joins: int = 0  # join transactions applied so far in this block
 
     def known(self, key: bytes) -> bool:
         return genesis_member(self.genesis, key) or key in self.members or key in self.ended
@@ -226,6 +256,40 @@ class _Apply:
         self.balances.setdefault(tx.signer, 0)
         self.reputation.setdefault(tx.signer, r.rewards.initial_reputation)
 
+    def power_cap_allows(self, tx: MembershipTx) -> bool:
+        """A validator seat fits under the admitted-power cap at the height it would count from."""
+        if not Role(tx.role).validates:
+            return True
+        later = self.height + CHANGE_DELAY
+        trial = dict(self.members)
+        trial[tx.signer] = Member(Role(tx.role), self.genesis.rules.member_power, tx.samples, tx.moniker,
+                                  tx.data_seed, later)
+        return admitted_power_ok(self.genesis, Membership(trial, ended=self.ended), tx.signer, later)
+
+    def recent_weight_allows(self, tx: MembershipTx) -> bool:
+        """Trainers admitted recently (or asking) declare at most the genesis share of the sample weight."""
+        if not Role(tx.role).trains:
+            return True
+        r = self.genesis.rules
+        budget = r.max_recent_join_weight_percent * len(self.genesis.validators) * r.max_samples_per_update
+        recent = sum(m.samples for k, m in self.members.items()
+                     if m.role.trains and m.since > self.height - RECENT_JOIN_HEIGHTS and k not in self.ended)
+        return 100 * (recent + tx.samples) <= budget
+
+    def prune(self) -> None:
+        """Bounded state: drop members that stopped counting, end trainers that never trained."""
+        for k in [k for k, e in self.ended.items() if e + PRUNE_AFTER <= self.height]:
+            if genesis_member(self.genesis, k):
+                continue  # bounded by the genesis, and kept: a genesis key never joins again
+            del self.ended[k]
+            self.members.pop(k, None)
+            self.balances.pop(k, None)
+            self.reputation.pop(k, None)
+        for k, m in self.members.items():
+            if (m.role.trains and k not in self.ended and m.since + IDLE_HEIGHTS <= self.height
+                    and self.balances.get(k, 0) == 0):
+                self.ended[k] = self.height + CHANGE_DELAY
+
     def end(self, key: bytes) -> None:
         self.ended[key] = self.height + CHANGE_DELAY
         self.removals.pop(key, None)
@@ -252,17 +316,22 @@ class _Apply:
                 refuse("already_requested")
             if cap and self.seats() >= cap:
                 refuse("cap_reached")
-            if g.rules.max_samples_per_update and tx.samples > g.rules.max_samples_per_update:
+            if tx.samples > g.rules.max_samples_per_update:
                 refuse("samples_over_cap")
-            if policy == "open":
+            if self.joins >= g.rules.max_joins_per_block:
+                refuse("join_budget")
+            if not self.recent_weight_allows(tx):
+                refuse("recent_weight_cap")
+            if not self.power_cap_allows(tx):
+                refuse("power_cap")
+            if policy == "open" and tx.role == Role.TRAINER:  # no power: admitted at once
                 self.admit(tx)
             elif len(self.requests) >= MAX_REQUESTS:
                 refuse("too_many_requests")
             else:
                 self.requests[tx.signer] = (tx, Ballot(self.height))
-        elif tx.kind == TxKind.ADMIT:
-            if policy != "validators":
-                refuse("admission_is_open")
+            self.joins += 1
+        elif tx.kind in (TxKind.ADMIT, TxKind.REFUSE):
             if self.powers.get(tx.signer, 0) == 0:
                 refuse("not_validator")
             pending = self.requests.get(tx.target)
@@ -270,15 +339,27 @@ class _Apply:
                 refuse("no_request")
                 return
             join, ballot = pending
-            if tx.signer in ballot.votes:
+            if tx.signer in ballot.votes or tx.signer in ballot.against:
                 refuse("already_voted")
-            ballot = replace(ballot, votes=ballot.votes | {tx.signer})
-            if self.quorum(ballot.votes):
-                if cap and self.seats() >= cap:
-                    refuse("cap_reached")
-                self.admit(join)
+            if tx.kind == TxKind.REFUSE:
+                ballot = replace(ballot, against=ballot.against | {tx.signer})
+                total = sum(self.powers.values())
+                if 3 * sum(self.powers.get(v, 0) for v in ballot.against) > total:  # > 1/3: admission impossible
+                    del self.requests[tx.target]
+                else:
+                    self.requests[tx.target] = (join, ballot)
             else:
-                self.requests[tx.target] = (join, ballot)
+                ballot = replace(ballot, votes=ballot.votes | {tx.signer})
+                if self.quorum(ballot.votes):
+                    if cap and self.seats() >= cap:
+                        refuse("cap_reached")
+                    if not self.recent_weight_allows(join):
+                        refuse("recent_weight_cap")
+                    if not self.power_cap_allows(join):
+                        refuse("power_cap")
+                    self.admit(join)
+                else:
+                    self.requests[tx.target] = (join, ballot)
         elif tx.kind == TxKind.REMOVE:
             if self.powers.get(tx.signer, 0) == 0:
                 refuse("not_validator")
@@ -324,6 +405,7 @@ def apply_txs(
     # Ballots lapse TX_TTL heights after they opened, so abandoned requests and removals do not pile up.
     a.requests = {k: v for k, v in a.requests.items() if v[1].opened + TX_TTL >= height}
     a.removals = {k: b for k, b in a.removals.items() if b.opened + TX_TTL >= height}
+    a.prune()
     applied: list[MembershipTx] = []
     for tx in txs:
         if len(applied) >= MAX_TXS_PER_BLOCK:
@@ -339,7 +421,17 @@ def apply_txs(
 
 
 def tx_problem(genesis: Genesis, state: AppState, tx: MembershipTx, powers: Mapping[bytes, int]) -> str | None:
-    """Why `tx` could not go into the next block on its own (for the mempool and gossip), or None."""
+    """Why `tx` could not go into the next block on its own (for the mempool and gossip), or None. The cheap
+    checks and the signature come first: a forged tx from the network costs no copy of the state's maps."""
+    height = state.height + 1
+    if genesis.rules.admission == "genesis":
+        return "membership_closed"
+    if not tx.height < height <= tx.height + TX_TTL:
+        return "expired" if height > tx.height else "future_height"
+    if tx.hash() in state.membership.recent:
+        return "duplicate"
+    if not tx.verify(genesis.chain_id):
+        return "bad_signature"
     try:
         apply_txs(genesis, state, [tx], powers, dict(state.balances), dict(state.reputation))
     except Refusal as exc:

@@ -15,6 +15,10 @@ from .membership import Membership
 from .tasks import initial_model
 
 Tensors = dict[str, np.ndarray]
+# A validator set from its first height: (first height, ((key, power, proposer priority at that height), ...)).
+ProposerSet = tuple[int, tuple[tuple[bytes, int, int], ...]]
+STATE_BASE_BYTES = 1 << 22  # the decode cap without members...
+MEMBER_STATE_BYTES = 1 << 10  # ...plus this per member seat (record, balance, reputation, ballots, txs seen)
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,9 @@ class AppState:
     dp_rounds: dict[bytes, int] = field(default_factory=dict)
     # Open membership (node/app/membership.py); empty under the genesis admission policy.
     membership: Membership = field(default_factory=Membership)
+    # Open membership: the validator sets of heights height .. height + 2 with their proposer priorities, so a
+    # set change costs no replay of the chain's history (node/app/powers.py); empty under a fixed set.
+    proposers: tuple[ProposerSet, ...] = ()
 
     def _canonical(self) -> list[object]:
         # The slashed map is appended only when non-empty: states without slashing keep their old bytes and hash.
@@ -42,6 +49,10 @@ class AppState:
         if not self.membership.empty():  # likewise, after both maps above (each then encoded even if empty)
             tail = [[[k, self.slashed[k]] for k in sorted(self.slashed)],
                     [[k, self.dp_rounds[k]] for k in sorted(self.dp_rounds)], self.membership.canonical()]
+        if self.proposers:  # likewise, after the three above (the membership then encoded even if empty)
+            tail = [[[k, self.slashed[k]] for k in sorted(self.slashed)],
+                    [[k, self.dp_rounds[k]] for k in sorted(self.dp_rounds)], self.membership.canonical(),
+                    [[first, [list(r) for r in rows]] for first, rows in self.proposers]]
         return [
             self.height,
             self.model_hash,
@@ -75,10 +86,15 @@ def encode_state(state: AppState) -> bytes:
     return pack(state._canonical())
 
 
-def decode_state(data: bytes, model: Tensors) -> AppState:
-    fields = unpack(data, max_size=1 << 22)
-    if not isinstance(fields, list) or len(fields) not in (6, 7, 8, 9):
-        raise DecodeError("app state: expected 6 to 9 fields")
+def state_size_cap(genesis: Genesis) -> int:
+    """The most bytes an encoded state of this chain may take: it grows with the member cap, nothing else."""
+    return STATE_BASE_BYTES + MEMBER_STATE_BYTES * genesis.rules.max_members
+
+
+def decode_state(data: bytes, model: Tensors, max_size: int = STATE_BASE_BYTES) -> AppState:
+    fields = unpack(data, max_size=max_size)
+    if not isinstance(fields, list) or len(fields) not in (6, 7, 8, 9, 10):
+        raise DecodeError("app state: expected 6 to 10 fields")
     h, mh, bal, rep, lrh, pun = fields[:6]
 
     def pairs(v: object, what: str) -> dict[bytes, int]:
@@ -99,7 +115,8 @@ def decode_state(data: bytes, model: Tensors) -> AppState:
                       expect_int(pt, "type", 1, 2)))
     slashed = pairs(fields[6], "slashed") if len(fields) >= 7 else {}
     dp_rounds = pairs(fields[7], "dp rounds") if len(fields) >= 8 else {}
-    membership = Membership.from_canonical(fields[8]) if len(fields) == 9 else Membership()
+    membership = Membership.from_canonical(fields[8], allow_empty=len(fields) == 10) if len(fields) >= 9 else Membership()
+    proposers = _proposer_sets(fields[9]) if len(fields) == 10 else ()
     if len(fields) == 8 and not dp_rounds:
         raise DecodeError("app state: an empty dp rounds map is not encoded")
     if len(fields) == 7 and not slashed:
@@ -108,4 +125,22 @@ def decode_state(data: bytes, model: Tensors) -> AppState:
     if tensors_hash(model) != mh:
         raise DecodeError("app state: model blob does not match the model hash")
     return AppState(expect_int(h, "height"), model, mh, pairs(bal, "balances"), pairs(rep, "reputation"),
-                    expect_bytes(lrh, "receipt hash", 32), frozenset(punished), slashed, dp_rounds, membership)
+                    expect_bytes(lrh, "receipt hash", 32), frozenset(punished), slashed, dp_rounds, membership,
+                    proposers)
+
+
+def _proposer_sets(value: object) -> tuple[ProposerSet, ...]:
+    if not isinstance(value, list) or not 1 <= len(value) <= 4:
+        raise DecodeError("app state: bad proposer sets")
+    out = []
+    for item in value:
+        first, rows = expect_list(item, 2, "proposer set")
+        if not isinstance(rows, list) or not rows:
+            raise DecodeError("app state: bad proposer set")
+        parsed = []
+        for r in rows:
+            k, p, pr = expect_list(r, 3, "proposer")
+            parsed.append((expect_bytes(k, "validator", 32), expect_int(p, "power", 1, 1 << 40),
+                           expect_int(pr, "priority", -(1 << 62), 1 << 62)))
+        out.append((expect_int(first, "first height", 1), tuple(parsed)))
+    return tuple(out)

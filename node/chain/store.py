@@ -28,6 +28,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 from flnode.node.app import AppState, Receipt, decode_state, encode_state
+from flnode.node.app.state import STATE_BASE_BYTES
 from flnode.protocol.encoding import pack, unpack
 from flnode.protocol.errors import ProtocolError
 from flnode.protocol.hashing import digest
@@ -313,6 +314,7 @@ class ChainStore:
         self._legacy = False  # an old store with a `blobs` table still holding rows (read-only openers)
         # blob files whose content this process has hashed (written here, or checked once): readers skip the hash
         self._verified: set[bytes] = set()
+        self.state_max_bytes = STATE_BASE_BYTES  # the daemon sets its genesis' cap (state_size_cap)
 
     @classmethod
     def open(cls, path: Path, *, readonly: bool = False, genesis_hash: bytes | None = None,
@@ -461,7 +463,7 @@ class ChainStore:
         if blob is None:
             raise StoreError(f"model blob of height {h} is missing (pruned below height {self.blob_floor()}?)")
         try:
-            return decode_state(row[1], decode_tensors(blob))
+            return decode_state(row[1], decode_tensors(blob), self.state_max_bytes)
         except ProtocolError as exc:
             raise StoreError(f"state of height {h} is corrupt: {exc}") from None
 
@@ -472,11 +474,11 @@ class ChainStore:
         if row is None:
             raise StoreError(f"no state stored for height {h}")
         try:
-            fields = unpack(row[1], max_size=1 << 22)
+            fields = unpack(row[1], max_size=self.state_max_bytes)
             if not isinstance(fields, list) or len(fields) < 2:
                 raise ProtocolError("app state: not a list")
             fields[1] = EMPTY_MODEL_HASH  # decode_state checks the model against it; the real one is put back
-            return replace(decode_state(pack(fields), {}), model_hash=row[0])
+            return replace(decode_state(pack(fields), {}, self.state_max_bytes), model_hash=row[0])
         except ProtocolError as exc:
             raise StoreError(f"state of height {h} is corrupt: {exc}") from None
 
