@@ -41,12 +41,15 @@ class ValueReady:
 
 @dataclass(frozen=True)
 class ValueValidated:
-    """valid(v) answered by the application (after fetching and re-executing the block)."""
+    """valid(v) answered by the application (after fetching and re-executing the block). `fair` is False when a
+    valid block omits updates this node held in time: it gets no prevote as a fresh proposal (L22), but it stays
+    valid for a proof-of-lock (L28) and a decision (L49), so a node never blocks what others committed."""
 
     height: int
     round: int
     block_hash: bytes
     valid: bool
+    fair: bool = True
 
 
 @dataclass(frozen=True)

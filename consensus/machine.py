@@ -131,6 +131,7 @@ class Tendermint:
         self.second_proposal: set[int] = set()
         self.blocks: dict[bytes, Block] = {}
         self.validity: dict[bytes, bool] = {}
+        self.unfair: set[bytes] = set()  # valid blocks the application will not prevote as fresh proposals
         self.validating: set[bytes] = set()
         self.votes: dict[int, RoundVotes] = {}
         self._top_round = -1  # the highest round in self.votes
@@ -237,6 +238,8 @@ class Tendermint:
             assert isinstance(event, ValueValidated)
             self.validating.discard(event.block_hash)
             self.validity[event.block_hash] = event.valid
+            if event.valid and not event.fair:
+                self.unfair.add(event.block_hash)
             changed = True
         elif cls is ValueReady:
             assert isinstance(event, ValueReady)
@@ -442,7 +445,7 @@ class Tendermint:
             bh = p.block_hash
             valid = self.validity.get(bh)
             if p.pol_round == -1 and valid is not None:  # L22
-                ok = valid and (self.locked_round == -1 or self._locked_hash() == bh)
+                ok = valid and bh not in self.unfair and (self.locked_round == -1 or self._locked_hash() == bh)
                 self._vote(VoteType.PREVOTE, bh if ok else None, out)
                 self.current_step = Step.PREVOTE
                 return True

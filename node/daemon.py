@@ -40,6 +40,7 @@ from flnode.node.app import (
     make_update,
     validator_powers,
 )
+from flnode.node.app.fairness import unfair_reason
 from flnode.node.app.membership import trainer_count, trains_at
 from flnode.node.app.participant import (
     Participant,
@@ -240,8 +241,12 @@ class Daemon:
         self._events_send, self._events_recv = trio.open_memory_channel[Any](EVENT_QUEUE)
         self._results: dict[bytes, tuple[AppState, Any]] = {}  # block hash -> (state, receipt), current height only
         self._validating: set[bytes] = set()
+        # when each pooled update and each blob arrived (trio clock): what the fairness check calls "held since"
+        self._update_seen: dict[bytes, float] = {}
+        self._blob_seen: dict[bytes, float] = {}
         self._changed = trio.Event()  # set whenever the pool, blobs or height change
         self._height_started = 0.0  # trio clock
+        self._started_by_commit = False  # the height started at our own commit (not at start-up)
         self._timing: dict[str, float] = {}  # phase marks of the current height, seconds since it started
         self._behind = trio.Event()  # set when a message shows peers at a higher height
         self._ahead_seen = False
@@ -415,6 +420,7 @@ class Daemon:
         self._changed = trio.Event()
 
     def _on_blob_stored(self, h: bytes) -> None:
+        self._blob_seen.setdefault(h, self._now())
         self._check_updates_complete()
         self._notify()
 
@@ -517,6 +523,7 @@ class Daemon:
 
     def _on_announcement(self, ann: UpdateAnnouncement, from_peer: str | None) -> None:
         if self.pool.add(ann, self.state.height + 1):
+            self._update_seen.setdefault(ann.hash(), self._now())
             log.debug("update announced", extra={"height": ann.height, "author": self.genesis.name_of(ann.author)})
             self._check_updates_complete()
             self._notify()
@@ -572,6 +579,7 @@ class Daemon:
         await self._wait_for_quorum()
         self._gate_open.set()
         self._height_started = self._now()
+        self._started_by_commit = False  # the first height after start-up: others may be well into it
         self._sync_validators()
         await self._perform(self.machine.step(StartHeight(self.state.height + 1)))
         async for event in self._events_recv:
@@ -579,6 +587,7 @@ class Daemon:
                 if event.height == self.state.height and self._applying == event.height:
                     self._applying = None
                     self._height_started = self._now()
+                    self._started_by_commit = True
                     self._timing = {}
                     self._sync_validators()
                     await self._perform(self.machine.step(StartHeight(self.state.height + 1)))
@@ -692,15 +701,34 @@ class Daemon:
         if bh in self._validating:
             return
         self._validating.add(bh)
+        received = self._now()
         try:
             if bh not in self._results:
                 if not await self._await_blobs(block, lambda: self.state.height + 1 != height):
                     return  # the height moved on
             result = await self._check_block(block)
             if self.state.height + 1 == height:
-                await self._events_send.send(ValueValidated(height, round_, bh, result is not None))
+                fair = result is None or self._fair(block, received)
+                await self._events_send.send(ValueValidated(height, round_, bh, result is not None, fair))
         finally:
             self._validating.discard(bh)
+
+    def _fair(self, block: Block, received: float) -> bool:
+        """A fresh proposal did not censor updates we held in time (node/app/fairness.py)."""
+        if block.header.proposer == self.me or not self.is_validator:
+            return True
+        since = self._height_started
+        held = [(a, max(since, self._update_seen.get(a.hash(), received), self._blob_seen.get(a.blob_hash, since)))
+                for a in self.pool.for_height(block.height) if self._ready(a)]
+        deadline = self._height_started + self.genesis.rules.collect_timeout_ms / 1000 if self._started_by_commit else None
+        why = unfair_reason(self.genesis, self.state, block, held, received_at=received, deadline=deadline)
+        if why is None:
+            return True
+        log.warning("no prevote for an unfair proposal", extra={"height": block.height, "block": short(block.hash()),
+                                                                 "proposer": self.genesis.name_of(block.header.proposer),
+                                                                 "why": why})
+        self.metrics.inc("proposals_unfair")
+        return False
 
     def _holders(self, block: Block, blob_hash: bytes) -> list[str]:
         first = [peer_id_of(block.header.proposer)]
@@ -797,6 +825,10 @@ class Daemon:
         self.members.committed()
         self.gate.prune(new_state.height)
         self._results.clear()
+        pooled = {a.hash(): a.blob_hash for h in range(new_state.height + 1, new_state.height + 4)
+                  for a in self.pool.unordered(h)}
+        self._update_seen = {k: t for k, t in self._update_seen.items() if k in pooled}
+        self._blob_seen = {k: t for k, t in self._blob_seen.items() if k in set(pooled.values())}
         self.metrics.set("height", new_state.height)
         self.metrics.inc("blocks_committed")
         log.info(
@@ -897,7 +929,8 @@ class Daemon:
             return
         if not await self.blobs.put(ann.blob_hash, blob, height):
             return  # the disk refused it: no update this round
-        self.pool.add(ann, height)
+        if self.pool.add(ann, height):
+            self._update_seen.setdefault(ann.hash(), self._now())
         self._check_updates_complete()
         self._notify()
         log.info(
