@@ -579,7 +579,8 @@ class Daemon:
         await self._wait_for_quorum()
         self._gate_open.set()
         self._height_started = self._now()
-        self._started_by_commit = False  # the first height after start-up: others may be well into it
+        # after a restart others may be well into the height; a new chain's first height starts for all at once
+        self._started_by_commit = self.state.height == 0
         self._sync_validators()
         await self._perform(self.machine.step(StartHeight(self.state.height + 1)))
         async for event in self._events_recv:

@@ -15,6 +15,10 @@ It is the real Daemon (it votes, proposes and stays connected) with these overri
 - withhold: announces its updates without the inline blob and serves its blobs only to the proposer of the height.
 - equivocate: every prevote/precommit it casts is followed by a second, conflicting one for the same
   (height, round) (nil <-> a made-up block hash), both gossiped.
+- censor: as proposer it lists only its own update (it proposes as soon as every update is here), so that
+  median, trimmed mean, Krum or FedAvg of its block is its update and it takes every reward.
+- sybil: signs join requests for fresh keys (validator and trainer seats) at full rate, to buy voting power
+  and fill the request and member tables under open admission.
 
 What it did is counted in its status file (counters byz_*). Its own gossip validator lets its own messages out.
 """
@@ -36,7 +40,9 @@ from flnode.consensus import actions as act
 from flnode.node.app.limits import param_spec, samples_cap
 from flnode.node.daemon import Daemon
 from flnode.node.net import peer_id_of
+from flnode.protocol.crypto import NodeKey
 from flnode.protocol.hashing import digest
+from flnode.protocol.membership import MembershipTx, Role
 from flnode.protocol.messages import (
     BlobRequest,
     Block,
@@ -52,7 +58,8 @@ from netutil import run_until_signal
 
 log = logging.getLogger("flnode.byzantine")
 
-ATTACKS = ("swap", "flood", "inflate", "withhold", "equivocate")
+ATTACKS = ("swap", "flood", "inflate", "withhold", "equivocate", "censor", "sybil")
+SYBIL_KEYS = 48
 MALICIOUS_DELTA = -50.0
 INFLATED_SAMPLES = 1 << 40
 
@@ -114,6 +121,8 @@ class ByzantineDaemon(Daemon):
             await n.start(honest_run)
             if "flood" in self.attacks:
                 n.start_soon(self._flood_loop)
+            if "sybil" in self.attacks:
+                n.start_soon(self._sybil_loop)
             log.warning("byzantine member running", extra={"attacks": ",".join(sorted(self.attacks))})
             task_status.started()
 
@@ -198,6 +207,35 @@ class ByzantineDaemon(Daemon):
             self.metrics.inc("byz_flooded", min(due, 50))
             await trio.sleep(0)
         log.warning("flood over", extra={"sent": sent, "seconds": round(trio.current_time() - start, 2)})
+
+    # ---------------------------------------------------------------- censor / sybil
+
+    async def _ready_updates(self, height: int) -> list[tuple[UpdateAnnouncement, Any]]:
+        ready = await super()._ready_updates(height)
+        if "censor" not in self.attacks:
+            return ready
+        own = [(a, b) for a, b in ready if a.author == self.me]
+        if len(own) < len(ready):
+            self.metrics.inc("byz_censored")
+        return own
+
+    async def _sybil_loop(self) -> None:
+        """Join requests for fresh keys, a few every height, validator seats first."""
+        keys = [NodeKey(digest(b"sybil" + self.me + bytes([i]))) for i in range(SYBIL_KEYS)]
+        cap = max(1, self.genesis.rules.max_samples_per_update)
+        sent: set[int] = set()
+        while len(sent) < len(keys):
+            height = self.state.height
+            for i, k in enumerate(keys):
+                if i in sent or len(sent) >= (height + 1) * 8:
+                    continue
+                role = Role.VALIDATOR if i % 2 == 0 else Role.TRAINER
+                tx = MembershipTx.join(k, self.chain_id, height, role, cap, f"sybil{i}", i)
+                await self._publish_raw(self.topics.updates, encode_gossip(tx))
+                self.members.add(tx)  # our own proposals carry them too
+                sent.add(i)
+                self.metrics.inc("byz_sybil_joins")
+            await trio.sleep(0.5)
 
     # ---------------------------------------------------------------- inflate / withhold
 
