@@ -14,12 +14,21 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/flnode demo
 
-test: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+# The test suite also runs the bring-your-own-model tests: PyTorch's CPU build (torch==2.13.0 takes the CPU wheel
+# where it lies on disk; a looser pin pulls the CUDA build) and scikit-learn. They must not skip.
+TEST_STAMP := $(VENV)/.test-installed
+$(TEST_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q "torch==2.13.0"
+	$(BIN)/python -m pip install -q -e '.[dev,torch,sklearn]'
+	touch $(TEST_STAMP)
+
+test: $(TEST_STAMP)
+	@tests/system_deps.sh
+	FLNODE_REQUIRE_TORCH=1 FLNODE_REQUIRE_CHROMIUM=1 $(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 # Every Hypothesis test with FLNODE_FUZZ_FACTOR (default 20) times the examples and a random seed, printed
 # first; replay a failure with `make fuzz SEED=<seed>`.
-fuzz: $(STAMP)
+fuzz: $(TEST_STAMP)
 	@seed="$(SEED)"; [ -n "$$seed" ] || seed=$$(od -An -N4 -tu4 /dev/urandom | tr -d ' '); \
 	factor=$${FLNODE_FUZZ_FACTOR:-20}; \
 	echo "fuzz: hypothesis seed $$seed, $${factor}x examples (replay: make fuzz SEED=$$seed)"; \
