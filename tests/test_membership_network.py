@@ -113,13 +113,14 @@ def test_trainer_and_validator_join_and_a_validator_leaves_while_committing(tmp_
         ht = tx_height(db, TxKind.JOIN, t_key)
         # open admission admits the trainer at once; the validator seat needs > 2/3 of the power to admit it
         out = json.loads(flnode("members", "--home", str(views[1].home), "--json").stdout)
-        assert "v5" not in {r["moniker"] for r in out["members"]}
+        asked = [r for r in out["members"] if r["moniker"] == "v5"]
+        assert [(r["since"], r["power"], r["status"].split()[0]) for r in asked] == [(None, 0, "requested")]
         for v in views[:3]:
             assert flnode("admit", "--home", str(v.home), "v5").returncode == 0
 
         def seat() -> dict[str, object] | None:
             rows = json.loads(flnode("members", "--home", str(views[1].home), "--json").stdout)["members"]
-            return next((r for r in rows if r["moniker"] == "v5"), None)
+            return next((r for r in rows if r["moniker"] == "v5" and r["since"] is not None), None)
 
         wait_until("admitted", lambda: seat() is not None, 60, validator)
         admitted = seat()

@@ -53,7 +53,7 @@ def test_outbox_signs_at_the_node_height_resends_and_settles(tmp_path: Path) -> 
     assert len(list(outbox_dir(tmp_path).glob("*.json"))) == 1 and len(sent) == 2
     state[0] = empty_blocks(g, state[0], 3)
     mt.outbox_pass(7.0)
-    assert done_records(tmp_path) == ["committed", "refused: admission_is_open"]
+    assert done_records(tmp_path) == ["committed", "refused: not_validator"]  # only validators vote on seats
     write_intent(tmp_path, {"kind": "join", "role": "nobody"}, 3)  # malformed: dropped with a warning
     mt.outbox_pass(8.0)
     assert not list(outbox_dir(tmp_path).glob("*.json"))
