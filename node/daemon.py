@@ -41,7 +41,7 @@ from flnode.node.app import (
     validator_powers,
 )
 from flnode.node.app.fairness import unfair_reason
-from flnode.node.app.membership import trainer_count, trains_at
+from flnode.node.app.membership import ever_validator, trainer_count, trains_at
 from flnode.node.app.participant import (
     Participant,
     TrainerError,
@@ -56,7 +56,7 @@ from flnode.node.chain.store import ChainStore
 from flnode.node.config import NodeConfig, parse_direct_peer
 from flnode.node.metrics import Metrics, serve_metrics
 from flnode.node.net import NetError, P2PNode, peer_id_of
-from flnode.node.pool import UpdatePool
+from flnode.node.pool import EvidencePool, UpdatePool
 from flnode.protocol.crypto import NodeKey
 from flnode.protocol.errors import ProtocolError, ValidationError
 from flnode.protocol.genesis import Genesis
@@ -174,6 +174,7 @@ class Daemon:
         self._set_at: dict[int, tuple[AppState, ValidatorSet]] = {}
         self.is_validator = self.me in genesis.powers
         self.pool = UpdatePool()
+        self.evidence = EvidencePool()
 
         height = store.latest_height()
         self.state: AppState = store.get_state(height) if height > 0 else genesis_state(genesis)
@@ -212,12 +213,14 @@ class Daemon:
             max_peers=config.p2p_max_peers,
         )
         self.validator_peers = {peer_id_of(v.key_bytes): v.key_bytes for v in genesis.validators}
+        self._member_peers: tuple[object, set[str]] = (None, set())  # (membership it was made of, their peer ids)
+        self._peer_ids: dict[bytes, str] = {}
         # Consensus travels over direct streams between validators; a non-validator listens to every validator.
         # A stream delivers in order while it lives, so the same bytes are never sent twice on one connection
         # (a reconnect starts afresh and the machine's rebroadcast re-sends what matters).
         self.transport = ConsensusTransport(
             self.net, self.validator_peers, dial_all=not self.is_validator, resend_after=float("inf"),
-            direct=direct_config(config, key, self.chain_id),
+            direct=direct_config(config, key, self.chain_id), is_member=self._is_member_peer,
         )
         self.transport.on_connect = self._on_validator_connected
         self.transport.directory.configure([parse_direct_peer(e) for e in config.direct_peers], self.net.peer_id)
@@ -506,7 +509,7 @@ class Daemon:
         elif isinstance(msg, UpdateAnnouncement):
             self._on_announcement(msg, from_peer)
         elif isinstance(msg, DuplicateVoteEvidence):
-            self.pool.add_evidence(msg)
+            self._pool_evidence(msg)
         elif isinstance(msg, MembershipTx) and self.members.add(msg) and self.is_validator:
             self.transport.broadcast(encode_gossip(msg), height=self.state.height + 1, round=0)  # relay once
 
@@ -520,6 +523,22 @@ class Daemon:
         height = self.state.height + 1
         if "updates_t" not in self._timing and len(self._ready_authors(height)) >= trainer_count(self.genesis, self.state, height):
             self._mark("updates_t")
+
+    def _is_member_peer(self, peer: str) -> bool:
+        """A genesis validator or a current member: first claim on the consensus listener slots."""
+        ms = self.state.membership
+        if self._member_peers[0] is not ms:  # recomputed only when a block changed the membership
+            keys = [v.key_bytes for v in self.genesis.validators] + [k for k in ms.members if k not in ms.ended]
+            known = self._peer_ids
+            self._peer_ids = {k: known.get(k) or peer_id_of(k) for k in keys}
+            self._member_peers = (ms, set(self._peer_ids.values()))
+        return peer in self._member_peers[1]
+
+    def _pool_evidence(self, ev: DuplicateVoteEvidence) -> None:
+        why = self.evidence.add(ev, self.state.punished, self.state.height)
+        if why is not None and why != "duplicate":
+            log.info("evidence not pooled", extra={"validator": self.genesis.name_of(ev.validator), "why": why})
+            self.metrics.inc(f"evidence_dropped_{why}")
 
     def _on_announcement(self, ann: UpdateAnnouncement, from_peer: str | None) -> None:
         if self.pool.add(ann, self.state.height + 1):
@@ -636,7 +655,7 @@ class Daemon:
             elif isinstance(a, act.EmitEvidence):
                 log.warning("equivocation evidence", extra={"validator": self.genesis.name_of(a.evidence.validator)})
                 self.metrics.inc("evidence")
-                self.pool.add_evidence(a.evidence)
+                self._pool_evidence(a.evidence)
                 v = a.evidence.vote_a
                 self.transport.broadcast(encode_gossip(a.evidence), height=v.height, round=v.round)
 
@@ -678,7 +697,7 @@ class Daemon:
             return
         state, prev, last_cert = self.state, self.last_block_hash, self.last_cert
         candidates = await self._ready_updates(height)
-        evidence = self.pool.pending_evidence()
+        evidence = self.evidence.pending()
         txs = self.members.pending()
         block, new_state, receipt = await trio.to_thread.run_sync(
             lambda: build_block(
@@ -822,7 +841,8 @@ class Daemon:
         timing = dict(self._timing)
         self.state, self.last_block_hash, self.last_cert = new_state, block.hash(), cert
         self.pool.prune(new_state.height + 1)
-        self.pool.mark_included(block.evidence)
+        self.evidence.committed(new_state.punished, new_state.height,
+                                lambda k: ever_validator(self.genesis, new_state, k))
         self.members.committed()
         self.gate.prune(new_state.height)
         self._results.clear()

@@ -29,6 +29,7 @@ from flnode.protocol.messages import encode_gossip
 log = logging.getLogger("flnode.membership")
 
 MEMPOOL_MAX = 256
+MAX_POOLED_JOINS = MEMPOOL_MAX // 2  # junk joins never crowd out the validators' votes and leaves
 RESEND_S = 3.0
 # Refusals that may only mean "this node is not synced yet": final once the tx is this many heights old.
 SETTLE_HEIGHTS = 3
@@ -68,7 +69,8 @@ class MemberTxs:
                  state: Callable[[], AppState], send: Callable[[bytes, int], Any]) -> None:
         self.genesis, self.key, self.data_dir = genesis, key, data_dir
         self._state, self._send = state, send
-        self.pool: OrderedDict[bytes, MembershipTx] = OrderedDict()  # arrival order, which the proposer keeps
+        self.pool: OrderedDict[bytes, MembershipTx] = OrderedDict()  # arrival order
+        self._by_intent: dict[tuple[bytes, int, bytes], bytes] = {}  # (signer, kind, target) -> pooled tx hash
         self._signed: dict[Path, tuple[MembershipTx, float]] = {}  # outbox file -> (tx, last sent)
 
     # ---------------------------------------------------------------- mempool
@@ -81,21 +83,39 @@ class MemberTxs:
         return tx_problem(self.genesis, state, tx, validator_powers(self.genesis, state, state.height + 1))
 
     def add(self, tx: MembershipTx) -> bool:
-        """Pool an admitted tx; True if it is new (the caller relays it once)."""
+        """Pool an admitted tx; True if it is new (the caller relays it once). One tx per (signer, kind, target):
+        a re-signed one at a later height replaces the earlier; joins fill at most half the pool."""
         h = tx.hash()
-        if h in self.pool or len(self.pool) >= MEMPOOL_MAX:
+        intent = (tx.signer, int(tx.kind), tx.target)
+        older = self._by_intent.get(intent)
+        if h in self.pool or (older is not None and self.pool[older].height >= tx.height):
+            return False
+        if older is not None:
+            self._drop(older)
+        elif len(self.pool) >= MEMPOOL_MAX:
+            return False
+        elif tx.kind == TxKind.JOIN and sum(1 for t in self.pool.values() if t.kind == TxKind.JOIN) >= \
+                MAX_POOLED_JOINS:
             return False
         self.pool[h] = tx
+        self._by_intent[intent] = h
         return True
 
+    def _drop(self, h: bytes) -> None:
+        tx = self.pool.pop(h)
+        self._by_intent.pop((tx.signer, int(tx.kind), tx.target), None)
+
     def pending(self) -> list[MembershipTx]:
-        return list(self.pool.values())
+        """What the proposer offers: votes (admit, refuse, remove) and leaves first, then joins, each in arrival
+        order, so a flood of joins cannot delay a decision about one."""
+        txs = list(self.pool.values())
+        return [t for t in txs if t.kind != TxKind.JOIN] + [t for t in txs if t.kind == TxKind.JOIN]
 
     def committed(self) -> None:
         """After a block: drop what it carried, and what can no longer go into a block."""
         for h, tx in list(self.pool.items()):
             if self.problem(tx) is not None:
-                del self.pool[h]
+                self._drop(h)
 
     # ---------------------------------------------------------------- the node's own data shard
 

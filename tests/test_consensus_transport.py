@@ -360,3 +360,34 @@ async def test_startup_gate_opens_and_closes_as_validators_come_and_go() -> None
                 while a.t.gate_open(powers, 1):
                     await trio.sleep(0.05)
             assert a.t.gate_open({**powers, b.peer_id: 5}, 1)  # by power, not by count
+
+
+async def test_outsiders_fill_their_own_listener_slots_and_a_member_still_gets_in() -> None:
+    """Five outsider keys dial a validator first: two get outsider slots, the rest are refused; a member (a
+    trainer or an admitted node) that dials afterwards still gets its slot."""
+    v, member, *outsiders = make_members(7)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            v.node = P2PNode(v.seed, LOCAL)
+            v.transport = ConsensusTransport(v.node, {v.peer_id}, max_subscribers=1, max_outsiders=2,
+                                             is_member=lambda p: p == member.peer_id)
+            await nursery.start(v.node.run)
+            await nursery.start(v.transport.run)
+
+            async def listen(m: Member) -> None:
+                assert v.node is not None
+                m.node = P2PNode(m.seed, LOCAL, bootstrap=v.node.listen_addrs()[:1])
+                m.transport = ConsensusTransport(m.node, {v.peer_id}, dial_all=True)
+                await nursery.start(m.node.run)
+                await nursery.start(m.transport.run)
+
+            for m in outsiders:
+                await listen(m)
+            while len(v.t.subscribers()) < 2 or v.t.counters["rejected_streams"] < 3:
+                await trio.sleep(0.05)
+            await listen(member)
+            while member.peer_id not in v.t.subscribers():
+                await trio.sleep(0.05)
+            subs = v.t.subscribers()
+            assert len(subs - {member.peer_id}) == 2 and subs <= {member.peer_id, *(m.peer_id for m in outsiders)}
+            nursery.cancel_scope.cancel()

@@ -75,3 +75,47 @@ def test_evidence_slashes_from_h_plus_2_and_enters_the_app_hash() -> None:
     assert len(unpack(old)) == 6 and decode_state(old, s1.model) == s1
     with pytest.raises(DecodeError):
         decode_state(pack([*unpack(old), []]), s1.model)  # an empty 7th field is not canonical
+
+
+def _double(key: NodeKey, chain_id: str, height: int, rnd: int = 0) -> DuplicateVoteEvidence:
+    a = Vote(VoteType.PREVOTE, height, rnd, b"\x01" * 32, key.public_key).signed(key, chain_id)
+    b = Vote(VoteType.PREVOTE, height, rnd, b"\x02" * 32, key.public_key).signed(key, chain_id)
+    return DuplicateVoteEvidence.of(a, b)
+
+
+def test_evidence_pool_one_equivocator_cannot_crowd_out_another() -> None:
+    """70 double votes of one validator take its per-validator cap, not the pool: a second equivocator's evidence
+    is still pooled and proposed; punished keys leave at commit and are not pooled again."""
+    from flnode.node.pool import EVIDENCE_MAX, EVIDENCE_PER_VALIDATOR, EvidencePool
+
+    keys = [NodeKey.generate() for _ in range(4)]
+    task, rules = _task_and_rules("logreg", "digits", "iid", 0.5, "fedavg", 0, 100.0, 1, 0.1, 2000)
+    g = make_genesis("ev", [(f"n{i}", k.public_key) for i, k in enumerate(keys)], task, rules)
+    pool, s0 = EvidencePool(), genesis_state(g)
+    flood = [_double(keys[1], g.chain_id, 1, r) for r in range(EVIDENCE_MAX + 6)]
+    reasons = [pool.add(ev, s0.punished, s0.height) for ev in flood]
+    assert reasons.count(None) == EVIDENCE_PER_VALIDATOR and set(reasons[EVIDENCE_PER_VALIDATOR:]) == {"validator_cap"}
+    assert pool.add(flood[0], s0.punished, s0.height) == "duplicate"
+    other = _double(keys[2], g.chain_id, 1)
+    assert pool.add(other, s0.punished, s0.height) is None
+    block, s1, _ = build_block(g, s0, prev_block_hash=ZERO_HASH, last_commit=None, proposer=keys[0].public_key,
+                               time_ms=0, candidates=[], evidence=pool.pending())
+    assert {e.validator for e in block.evidence} == {keys[1].public_key, keys[2].public_key}
+    pool.committed(s1.punished, s1.height, lambda k: True)
+    assert pool.pending() == []  # what the block punished left the pool
+    assert pool.add(other, s1.punished, s1.height) == "punished"
+    assert pool.add(flood[-1], s1.punished, s1.height) is None  # another key of the same validator: still news
+
+
+def test_evidence_pool_drops_stale_and_unpunishable_pieces() -> None:
+    from flnode.node.pool import EVIDENCE_MAX_AGE, EvidencePool
+
+    k = NodeKey.generate()
+    pool = EvidencePool()
+    assert pool.add(_double(k, "c", 5), frozenset(), 5 + EVIDENCE_MAX_AGE + 1) == "stale"
+    assert pool.add(_double(k, "c", 5), frozenset(), 5 + EVIDENCE_MAX_AGE) is None
+    pool.committed(frozenset(), 6 + EVIDENCE_MAX_AGE, lambda key: True)
+    assert pool.pending() == []
+    assert pool.add(_double(k, "c", 7), frozenset(), 7) is None
+    pool.committed(frozenset(), 8, lambda key: key != k.public_key)  # left and pruned: no longer punishable
+    assert pool.pending() == []

@@ -73,6 +73,25 @@ def test_mempool_is_bounded_and_drops_what_a_block_carried(tmp_path: Path) -> No
         "membership_closed"
 
 
+def test_mempool_offers_votes_and_leaves_before_joins_and_caps_joins(tmp_path: Path) -> None:
+    """A flood of joins fills half the mempool at most, an admit vote that arrives after it is still pooled and
+    offered first, and one tx per (signer, kind, target) is kept: a re-signed one replaces the earlier."""
+    from flnode.node.member_txs import MAX_POOLED_JOINS
+    from flnode.protocol.crypto import NodeKey
+    from test_membership import vote
+
+    g = genesis("validators", max_members=4 * MAX_POOLED_JOINS)
+    mt, state, _ = node(g, tmp_path)
+    flood = [join(g, NodeKey(i.to_bytes(2, "big") * 16)) for i in range(MAX_POOLED_JOINS + 10)]
+    assert [mt.add(t) for t in flood].count(True) == MAX_POOLED_JOINS
+    admit = vote(g, TxKind.ADMIT, VALS[0], NEW[1])
+    assert mt.add(admit) and mt.pending()[0] == admit and len(mt.pending()) == MAX_POOLED_JOINS + 1
+    state[0] = empty_blocks(g, state[0], 2)
+    again = vote(g, TxKind.ADMIT, VALS[0], NEW[1], height=2)
+    assert not mt.add(admit) and mt.add(again) and not mt.add(admit)
+    assert mt.pending()[0] == again and admit not in mt.pending()
+
+
 class View:
     def __init__(self, g: Genesis, mt: MemberTxs) -> None:
         self.g, self.mt = g, mt

@@ -259,6 +259,8 @@ class ConsensusTransport:
         tick: float = 0.0,
         protocol_id: str = CONSENSUS_PROTOCOL,
         max_subscribers: int = 8,
+        max_outsiders: int = 2,
+        is_member: Callable[[str], bool] | None = None,
         dial_all: bool = False,
         direct: DirectConfig | None = None,
     ) -> None:
@@ -274,7 +276,9 @@ class ConsensusTransport:
         self.cutoff_backoff = cutoff_backoff
         self.tick = tick
         self.protocol_id = protocol_id
-        self.max_subscribers = max_subscribers
+        self.max_subscribers = max_subscribers  # listener slots for members (trainers, admitted nodes)
+        self.max_outsiders = max_outsiders  # and a separate few for anyone else, so outsiders cannot take them all
+        self.is_member = is_member or (lambda peer: False)
         self.dial_all = dial_all  # a listener (not a validator) dials every validator, whatever the id order
         self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
         self._inbound_send, self.inbound = trio.open_memory_channel[tuple[str, bytes]](inbound_buffer)
@@ -284,6 +288,7 @@ class ConsensusTransport:
         self._changed = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._dialing: set[str] = set()  # peers a dial loop runs for
+        self._listening: set[str] = set()  # non-validators whose accepted stream holds a listener slot
         # called when a validator's stream is up: what was sent before it connected never reached it
         self.on_connect: Callable[[str], None] | None = None
         p2p.set_stream_handler(protocol_id, self._accept)
@@ -482,18 +487,25 @@ class ConsensusTransport:
         nursery = self._nursery
         subscriber = peer not in self.peers
         if subscriber:  # a non-validator may listen to what we broadcast, within a bounded number of slots
-            ok = len(self.subscribers()) < self.max_subscribers and peer not in self._sessions
+            member = self.is_member(peer)
+            held = self.subscribers() | self._listening  # a slot is taken from accept on, not from the handshake
+            same = sum(1 for p in held if self.is_member(p) == member)
+            ok = same < (self.max_subscribers if member else self.max_outsiders) and peer not in held \
+                and peer not in self._sessions
         else:
             ok = peer < self.p2p.peer_id
         if nursery is None or not ok or self._banned(peer):
             self.counters["rejected_streams"] += 1
             return  # host.py resets the stream
         done = trio.Event()
+        if subscriber:
+            self._listening.add(peer)
 
         async def owned() -> None:
             try:
                 await self._session(peer, stream, subscriber=subscriber)
             finally:
+                self._listening.discard(peer)
                 done.set()
 
         nursery.start_soon(owned)  # the session belongs to our nursery; libp2p's handler task only waits
