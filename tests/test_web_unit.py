@@ -26,6 +26,74 @@ async def test_pacer_bounds_the_answer_rate_after_a_burst(autojump_clock: trio.t
     assert all(b - a <= 0.0101 for a, b in zip(done, done[1:], strict=False))
 
 
+async def test_pacer_lines_per_client_bound_the_backlog_and_give_back_slots(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """A client with many requests waiting gets no more in line (False: the app answers 503); another client
+    is not behind them; cancelled waits give their slots back."""
+    pacer = Pacer(rate=10, burst=1, per_client=4, backlog=6)
+    verdicts: list[bool] = []
+    served: dict[str, float] = {}
+    t0 = trio.current_time()
+
+    async def ask(client: str) -> None:
+        verdicts.append(await pacer.wait(client))
+        served[client] = trio.current_time() - t0
+
+    async with trio.open_nursery() as n:
+        for _ in range(50):
+            n.start_soon(ask, "flood")
+        await trio.sleep(0.001)
+        # two go through at once (the burst), four wait in the flood's line, the rest are refused
+        assert verdicts == [True, True] + [False] * 44 and pacer.waiting == 4
+        n.start_soon(ask, "honest")
+    assert served["honest"] <= 0.11 and verdicts.count(True) == 7  # next in the shared line, not behind 48
+    with trio.CancelScope() as scope:  # abandoned waits (a flood that disconnected) hold nothing
+        async with trio.open_nursery() as n:
+            for i in range(6):
+                n.start_soon(pacer.wait, f"gone{i}")
+            await trio.sleep(0.001)
+            assert pacer.waiting == 6 and not await pacer.wait("honest")  # the backlog is full: 503
+            scope.cancel()
+    assert pacer.waiting == 0
+    t1 = trio.current_time()
+    assert await pacer.wait("honest") and trio.current_time() - t1 <= 0.2  # its own slot, not after six
+
+
+async def test_web_app_answers_503_past_the_backlog_and_forgets_a_client_that_left(tmp_path: Any) -> None:
+    from flnode.cli.node_cmd import create_testnet
+    from flnode.node.chain.store import ChainStore
+    from flnode.node.web.app import WebApp
+    from flnode.protocol.genesis import Genesis
+
+    create_testnet(tmp_path, 4, chain_id="busy", listen_host="127.0.0.1", ports=[1, 2, 3, 4], force=True)
+    genesis = Genesis.load(tmp_path / "node0" / "genesis.json")
+    db = tmp_path / "node0" / "data" / "chain.sqlite"
+    db.parent.mkdir(parents=True, exist_ok=True)
+    ChainStore.open(db, genesis_hash=genesis.hash()).close()
+    app = WebApp(db, genesis, max_rate=1)
+    app.pacer = Pacer(rate=0.5, burst=1, per_client=2, backlog=64)  # the waiting ones' slots: 2 s and 4 s away
+    try:
+        gone = trio.Event()
+        answers: list[int] = []
+
+        async def call(client: str) -> None:
+            answers.append((await _call(app, "GET", "/api/status", client, gone))[0])
+
+        async with trio.open_nursery() as n:
+            for _ in range(5):
+                n.start_soon(call, "10.0.0.9")
+            with trio.fail_after(1.5):
+                while len(answers) < 3:
+                    await trio.sleep(0.01)
+            assert sorted(answers) == [200, 200, 503] and app.pacer.waiting == 2
+            status, headers, _ = await _call(app, "GET", "/api/status", "10.0.0.9")
+            assert status == 503 and int(headers[b"retry-after"]) >= 1
+            gone.set()  # the flood disconnects: both waiting requests end with no answer and free their slots
+        assert sorted(answers) == [0, 0, 200, 200, 503] and app.pacer.waiting == 0
+    finally:
+        app.reader.close()
+
+
 def test_line_chart_skips_missing_points_and_survives_a_flat_series() -> None:
     svg = pages.line_chart("c", "t", [1, 2, 3, 4], [0.5, None, 0.7, 0.9], color="#000", fmt=".2f")
     assert 'data-points="3"' in svg
@@ -79,17 +147,28 @@ def test_metrics_are_prometheus_text() -> None:
     assert families["flnode_height"].type == "gauge" and families["flnode_height"].samples[0].value == 12
 
 
-async def _call(app: Any, method: str, path: str) -> tuple[int, dict[bytes, bytes], bytes]:
+async def _call(app: Any, method: str, path: str, client: str = "127.0.0.1",
+                gone: trio.Event | None = None) -> tuple[int, dict[bytes, bytes], bytes]:
+    """One request as an ASGI server makes it: the (empty) body, then http.disconnect once `gone` is set."""
     sent: list[dict[str, Any]] = []
+    asked = False
 
     async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": b"", "more_body": False}
+        nonlocal asked
+        if not asked:
+            asked = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await (gone if gone is not None else trio.Event()).wait()
+        return {"type": "http.disconnect"}
 
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    scope = {"type": "http", "method": method, "path": path, "query_string": b"", "headers": []}
+    scope = {"type": "http", "method": method, "path": path, "query_string": b"", "headers": [],
+             "client": (client, 40000)}
     await app(scope, receive, send)
+    if not sent:
+        return 0, {}, b""  # no answer: the client had gone
     return sent[0]["status"], dict(sent[0]["headers"]), b"".join(m.get("body", b"") for m in sent[1:])
 
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -44,22 +46,77 @@ CACHE_TTL_S = 0.5  # a successful response is reused this long (the page polls e
 MAX_REQUESTS_PER_S = 100.0  # ~6 % of a core at ~0.6 ms of server CPU each; 50 open pages poll 50 a second
 
 
+class _Schedule:
+    """One token bucket as a schedule: the next free answer slot, ``interval`` apart after a burst."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.interval = 1.0 / rate
+        self.burst = burst
+        self.next = -1e9
+        self.waiting = 0
+
+    async def take(self) -> None:
+        now = trio.current_time()
+        slot = max(self.next, now - self.burst * self.interval)
+        self.next = slot + self.interval
+        if slot <= now:
+            return
+        try:
+            await trio.sleep_until(slot)
+        except trio.Cancelled:  # the client left: its slot goes to whoever asks next
+            self.next -= self.interval
+            raise
+
+
 class Pacer:
     """At most ``rate`` requests a second get an answer (after a burst of ``burst``); the others wait their turn,
     which costs no CPU. An HTTP/1.1 client sends its next request only after the answer, so this also bounds how
-    fast a flooding client makes the server parse: the node's CPU stays with consensus."""
+    fast a flooding client makes the server parse: the node's CPU stays with consensus.
 
-    def __init__(self, rate: float, burst: int = 20) -> None:
-        self.interval = 1.0 / rate
-        self.burst = burst
-        self._next = -1e9
+    Each client (by address) waits in its own line first, at most ``per_client`` of its requests at a time, and
+    at most ``backlog`` wait in all: past either, ``wait`` answers False at once (the app sends 503 with
+    Retry-After) instead of queueing work nobody may still want. A cancelled wait gives its slot back."""
 
-    async def wait(self) -> None:
-        now = trio.current_time()
-        slot = max(self._next, now - self.burst * self.interval)
-        self._next = slot + self.interval
-        if slot > now:
-            await trio.sleep_until(slot)
+    def __init__(self, rate: float, burst: int = 20, *, per_client: int = 8, backlog: int = 256,
+                 max_clients: int = 1024) -> None:
+        self.rate, self.burst = rate, burst
+        self.per_client, self.backlog, self.max_clients = per_client, backlog, max_clients
+        self.total = _Schedule(rate, burst)
+        self.clients: OrderedDict[str, _Schedule] = OrderedDict()
+
+    @property
+    def waiting(self) -> int:
+        return self.total.waiting
+
+    def retry_after(self) -> int:
+        """Seconds until the backlog has drained at the answer rate (at least 1)."""
+        return max(1, math.ceil(self.waiting / self.rate))
+
+    def _client(self, client: str) -> _Schedule:
+        line = self.clients.get(client)
+        if line is None:
+            line = self.clients[client] = _Schedule(self.rate, self.burst)
+            while len(self.clients) > self.max_clients:  # forget idle clients, oldest first
+                idle = next((k for k, v in self.clients.items() if v.waiting == 0 and k != client), None)
+                if idle is None:
+                    break
+                del self.clients[idle]
+        self.clients.move_to_end(client)
+        return line
+
+    async def wait(self, client: str = "") -> bool:
+        line = self._client(client)
+        if line.waiting >= self.per_client or self.total.waiting >= self.backlog:
+            return False
+        line.waiting += 1
+        self.total.waiting += 1
+        try:
+            await line.take()
+            await self.total.take()
+        finally:
+            line.waiting -= 1
+            self.total.waiting -= 1
+        return True
 
 
 class HTTPError(Exception):
@@ -144,7 +201,16 @@ class WebApp:
         if scope["type"] != "http":
             return
         method = scope["method"]
-        await self.pacer.wait()
+        admitted = await self._admit(scope, receive)
+        if admitted is None:  # the client went away while it waited: nothing to answer
+            return
+        if not admitted:
+            if self.metrics is not None:
+                self.metrics.inc("web_busy")
+            busy = Response.json({"error": "busy, retry later", "status": 503}, 503)
+            busy.extra.append((b"retry-after", str(self.pacer.retry_after()).encode()))
+            await busy.send(send, head_only=method == "HEAD")
+            return
         try:
             if method not in ("GET", "HEAD"):
                 raise HTTPError(405, "read-only: only GET and HEAD")
@@ -157,6 +223,23 @@ class WebApp:
         if response.status == 405:
             response.extra.append((b"allow", b"GET, HEAD"))
         await response.send(send, head_only=method == "HEAD")
+
+    async def _admit(self, scope: Scope, receive: Receive) -> bool | None:
+        """The pacer's verdict for this request, or None if the client disconnected while waiting (its slot is
+        given back)."""
+        client = str((scope.get("client") or ("",))[0])
+        verdict: bool | None = None
+        async with trio.open_nursery() as nursery:
+
+            async def watch() -> None:
+                while (await receive())["type"] != "http.disconnect":
+                    await trio.lowlevel.checkpoint()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch)
+            verdict = await self.pacer.wait(client)
+            nursery.cancel_scope.cancel()
+        return verdict
 
     async def cached(self, path: str, raw_query: bytes) -> Response:
         """Many pollers of one URL cost one read and one render per CACHE_TTL_S: the node's loop is shared with
