@@ -12,10 +12,14 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from flnode.protocol.genesis import Genesis
 from flnode.protocol.tensors import Tensors, decode_tensors, tensors_hash
+
+if TYPE_CHECKING:
+    from flnode.node.app.data import Dataset
 
 FORMATS = (".npz", ".safetensors", ".pt")
 
@@ -155,18 +159,40 @@ def evaluate_model(genesis: Genesis, tensors: dict[str, np.ndarray], data: Path 
     if missing or wrong:
         raise ExportError(f"the model does not fit the genesis task: missing {missing[:3]}, wrong shape {wrong[:3]}")
     model = {n: np.asarray(tensors[n], dtype=np.float32) for n, _ in spec}
-    if genesis.task.params:  # a participant-supplied model: only its client knows how to run it
-        from flnode.node.app.participant import load_participant
-
-        scores = load_participant(genesis, 0, str(data) if data is not None else None).evaluate(model)
-        return {"accuracy": scores["test_accuracy"], "loss": scores["test_loss"]}
     try:
         test = load_npz(data) if data is not None else load_dataset(genesis.task)[1]
     except ValueError as exc:
         raise ExportError(str(exc)) from None
+    if genesis.task.params:  # a participant-supplied model: only its client knows how to run it
+        return _client_scores(genesis, model, test)
     task = make_task(genesis.task, test.x.shape[1], test.n_classes)
     try:
         m = task.evaluate(model, test)
     except ValueError as exc:
         raise ExportError(f"{data} does not fit the model: {exc}") from None
     return {"accuracy": float(m.accuracy), "loss": float(m.loss)}
+
+
+def _client_scores(genesis: Genesis, model: Tensors, test: Dataset) -> dict[str, float]:
+    """A client-defined model scored by its own client (Participant.evaluate, as the node does for its metrics).
+    Clients evaluate on ClientContext.test_data(), so the context hands them `test`: a data file given as the
+    node's data_path would only change what they train on."""
+    from dataclasses import dataclass
+
+    from flnode.node.app.participant import Participant
+    from flnode.node.app.tasks import ClientContext, builtin_or_loaded
+
+    @dataclass(frozen=True)
+    class EvalContext(ClientContext):
+        def test_data(self) -> Dataset:
+            return test
+
+    t = genesis.task
+    ctx = EvalContext(t, 0, len(genesis.validators), None, {"learning_rate": t.learning_rate,
+                      "local_epochs": t.local_epochs, "batch_size": t.batch_size, "dataset": t.dataset})
+    try:
+        scores = Participant(genesis, builtin_or_loaded(t, ctx), 0).evaluate(model)
+    except Exception as exc:  # noqa: BLE001 - user code (import, factory, evaluate): one line, no traceback
+        lines = str(exc).strip().splitlines()
+        raise ExportError(f"{t.trainer}: {type(exc).__name__}: {lines[-1] if lines else ''}") from None
+    return {"accuracy": scores["test_accuracy"], "loss": scores["test_loss"]}

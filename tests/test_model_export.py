@@ -121,3 +121,41 @@ def test_the_pytorch_example_loads_the_exported_state_dict(tmp_path: Path) -> No
     net.load_state_dict(torch.load(out, weights_only=True))  # strict: every entry, right names and shapes
     want = load_model(home)
     assert all(np.array_equal(net.state_dict()[k].numpy(), v) for k, v in want.items())
+
+
+def test_a_pruned_model_blob_is_a_clear_error(tmp_path: Path) -> None:
+    g, blocks, blobs = make_chain(2)
+    home = home_with_chain(tmp_path / "home", g, blocks, blobs)
+    store = ChainStore.open(home / "data" / "chain.sqlite", readonly=True)
+    store.blobs.path(blocks[0][0].header.model_hash).unlink()
+    store.close()
+    res = CliRunner().invoke(app, ["model", "export", "--home", str(home), "--height", "1", "--out", str(tmp_path / "m.npz")])
+    assert res.exit_code == 2 and "height 1: model blob" in res.output and "not kept here" in res.output
+    assert "Traceback" not in res.output and not (tmp_path / "m.npz").exists()
+
+
+def test_a_client_model_is_scored_on_the_given_data(tmp_path: Path) -> None:
+    """A client-defined model (the sklearn example) is evaluated by its own client, on --data, not its test split."""
+    pytest.importorskip("sklearn") if not os.environ.get("FLNODE_REQUIRE_TORCH") else __import__("sklearn")
+    from flnode.cli.node_cmd import make_genesis
+    from flnode.node.app import load_dataset
+    from flnode.node.config import NodeConfig, write_config
+    from flnode.protocol.crypto import NodeKey
+
+    keys = [NodeKey(bytes([i + 70]) * 32) for i in range(4)]
+    g = make_genesis("skl", [(f"n{i}", k.public_key) for i, k in enumerate(keys)],
+                     {"model": "custom", "trainer": "examples.sklearn_digits.client:make_client"}, {})
+    home = tmp_path / "home"
+    home.mkdir()
+    g.save(home / "genesis.json")
+    write_config(home, NodeConfig())
+    _, test = load_dataset(g.task)
+    runner = CliRunner()
+    split = runner.invoke(app, ["model", "evaluate", "--home", str(home)])
+    assert split.exit_code == 0, split.output
+    data = tmp_path / "ones.npz"
+    np.savez(data, x=np.zeros_like(test.x[:40]), y=np.full(40, 3))  # one input, one label: accuracy is 0 or 1
+    res = runner.invoke(app, ["model", "evaluate", "--home", str(home), "--data", str(data)])
+    assert res.exit_code == 0, res.output
+    acc = float(res.output.split("accuracy ")[1].split(",")[0])
+    assert acc in (0.0, 1.0) and f"on {data}" in res.output
