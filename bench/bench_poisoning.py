@@ -30,7 +30,6 @@ from typing import Any
 import numpy as np
 from flnode.cli.node_cmd import _task_and_rules, make_genesis
 from flnode.node.app import (
-    AGGREGATORS,
     Dataset,
     execute,
     genesis_state,
@@ -49,7 +48,17 @@ from bench.common import print_table, write_json
 N = 10
 KEYS = [NodeKey(bytes([i + 120]) * 32) for i in range(N)]
 ATTACKS = ("sign_flip", "noise", "label_flip", "alie", "ipm", "adaptive")
-RULES = tuple(a for a in ("fedavg", "median", "trimmed_mean", "multi_krum", "centered_clip") if a in AGGREGATORS)
+# A rule set: the aggregator and what goes in front of it (mixing with f = 4, the attackers' true count).
+RULE_SETS: dict[str, dict[str, Any]] = {
+    "fedavg": {}, "median": {}, "trimmed_mean": {}, "multi_krum": {}, "centered_clip": {},
+    "cc_momentum": {"aggregator": "centered_clip_momentum"},
+    "nnm+cc": {"aggregator": "centered_clip", "mixing": "nnm", "krum_byzantine": 4},
+    "nnm+cc_momentum": {"aggregator": "centered_clip_momentum", "mixing": "nnm", "krum_byzantine": 4},
+    "bucket2+cc_momentum": {"aggregator": "centered_clip_momentum", "mixing": "bucketing", "bucket_size": 2},
+    "nnm+median": {"aggregator": "median", "mixing": "nnm", "krum_byzantine": 4},
+    "fedavg+reputation": {"aggregator": "fedavg", "reputation_weighted": True},
+}
+RULES = tuple(RULE_SETS)
 IPM_EPS = 0.5
 Tensors = dict[str, np.ndarray]
 
@@ -59,10 +68,13 @@ def alie_z(n: int, m: int) -> float:
     return NormalDist().inv_cdf((n - s) / n)
 
 
-def make(dataset: str, part: str, aggregator: str, norm_bound: float) -> Genesis:
-    task, rules = _task_and_rules("logreg", dataset, part, 0.5, aggregator, 0, norm_bound, 2, 1.0, 2000)
+def make(dataset: str, part: str, rule_set: str, norm_bound: float) -> Genesis:
+    extra = RULE_SETS.get(rule_set, {})
+    task, rules = _task_and_rules("logreg", dataset, part, 0.5, extra.get("aggregator", rule_set), 0, norm_bound, 2,
+                                  1.0, 2000)
     task["synthetic_features"] = 8  # 64 features separate the 10 classes perfectly: 1.0 whatever happens
     rules.update({"krum_byzantine": 3, "krum_select": 6, "trim_fraction": 0.4})
+    rules.update({k: v for k, v in extra.items() if k != "aggregator"})
     return make_genesis("poison", [(f"n{i}", k.public_key) for i, k in enumerate(KEYS)], task, rules)
 
 
@@ -144,7 +156,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="digits Dirichlet 0.5, 0 and 4 attackers, 8 rounds")
     ap.add_argument("--rounds", type=int, default=0)
+    ap.add_argument("--rules", default="", help="comma-separated rule sets (default: all)")
     a = ap.parse_args()
+    global RULES
+    if a.rules:
+        RULES = tuple(r for r in a.rules.split(",") if r in RULE_SETS)
     rounds = a.rounds or (8 if a.quick else 15)
     settings = [("digits", "dirichlet")] if a.quick else [
         ("digits", "dirichlet"), ("digits", "iid"), ("synthetic", "dirichlet"), ("synthetic", "iid")]

@@ -79,10 +79,11 @@ class RewardRules:
 
 @dataclass(frozen=True)
 class Rules:
-    aggregator: str = "fedavg"  # "fedavg" | "median" | "trimmed_mean" | "multi_krum" | "centered_clip"
+    # "fedavg" | "median" | "trimmed_mean" | "multi_krum" | "centered_clip" | "centered_clip_momentum"
+    aggregator: str = "fedavg"
     server_lr: float = 1.0
     trim_fraction: float = 0.2
-    krum_byzantine: int = 1  # f assumed by Multi-Krum
+    krum_byzantine: int = 1  # f assumed by Multi-Krum and by nearest-neighbour mixing
     krum_select: int = 0  # m updates kept; 0 means n - f
     norm_bound: float = 100.0
     max_blob_bytes: int = 64 << 20
@@ -130,12 +131,18 @@ class Rules:
     # A block that lists updates lists updates of at least this many distinct authors: one author's update is
     # the aggregate under every rule, so a proposer cannot make the round its own.
     min_authors: int = 1
+    # In front of the aggregator: "none", "bucketing" (means of bucket_size updates after a permutation seeded
+    # by the previous state's hash) or "nnm" (each update mixed with its n - krum_byzantine nearest).
+    mixing: str = "none"
+    bucket_size: int = 2
+    reputation_weighted: bool = False  # FedAvg weights times the authors' on-chain reputation
 
 
 LATER_RULES = ("max_samples_per_update", "weight_median_multiple", "dp_mode", "dp_clip", "dp_noise",
                "dp_sample_rate", "dp_sampling", "dp_delta", "dp_participants", "dp_epsilon_budget", "dp_budgets",
                "compression", "compression_topk", "admission", "max_members", "member_power",
-               "max_admitted_power_percent", "max_joins_per_block", "max_recent_join_weight_percent", "min_authors")
+               "max_admitted_power_percent", "max_joins_per_block", "max_recent_join_weight_percent", "min_authors",
+               "mixing", "bucket_size", "reputation_weighted")
 
 
 @dataclass(frozen=True)
@@ -265,8 +272,13 @@ class Genesis:
                 raise ValueError
         except ValueError:
             raise GenesisError("genesis: initial_model_hash must be 64 hex characters") from None
-        if self.rules.aggregator not in ("fedavg", "median", "trimmed_mean", "multi_krum", "centered_clip"):
+        if self.rules.aggregator not in ("fedavg", "median", "trimmed_mean", "multi_krum", "centered_clip",
+                                         "centered_clip_momentum"):
             raise GenesisError(f"genesis: unknown aggregator {self.rules.aggregator!r}")
+        if self.rules.mixing not in ("none", "bucketing", "nnm"):
+            raise GenesisError(f"genesis: unknown mixing {self.rules.mixing!r} (none | bucketing | nnm)")
+        if self.rules.bucket_size < 1:
+            raise GenesisError("genesis: bucket_size must be at least 1")
         if self.rules.max_samples_per_update < 0 or self.rules.weight_median_multiple < 0:
             raise GenesisError("genesis: max_samples_per_update and weight_median_multiple must be >= 0")
         if self.rules.compression not in ("none", "float16", "int8", "topk"):

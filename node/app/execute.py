@@ -116,7 +116,9 @@ def execute(
             continue
         good.append(WeightedUpdate(h, ann.author, tensors, ann.num_samples))
 
-    result = aggregate(state.model, good, rules)
+    history = rules.aggregator == "centered_clip_momentum"
+    result = aggregate(state.model, good, rules, seed=state.hash(), reputation=state.reputation,
+                       previous=state.prev_model if history else None)
     # Rewards follow the aggregation weight (the declared count, clipped), not the bare claim.
     weight = dict(zip((u.key for u in good), sample_weights([u.num_samples for u in good],
                                                               rules.weight_median_multiple), strict=True))
@@ -187,6 +189,8 @@ def execute(
         slashed=slashed,
         dp_rounds=privacy.charge(genesis, state, set(by_author), rejected),
         membership=membership,
+        prev_model_hash=state.model_hash if history else None,
+        prev_model=state.model if history else {},
     )
     if carries_priorities(genesis):
         new_state = replace(new_state, proposers=next_proposer_sets(genesis, state, new_state))

@@ -40,19 +40,25 @@ class AppState:
     # Open membership: the validator sets of heights height .. height + 2 with their proposer priorities, so a
     # set change costs no replay of the chain's history (node/app/powers.py); empty under a fixed set.
     proposers: tuple[ProposerSet, ...] = ()
+    # centered_clip_momentum: the model before this one (its hash committed here, its tensors from its blob), so
+    # the next round clips around the last aggregate step; None under every other rule.
+    prev_model_hash: bytes | None = None
+    prev_model: Tensors = field(default_factory=dict, compare=False, repr=False)
 
     def _canonical(self) -> list[object]:
         # The slashed map is appended only when non-empty: states without slashing keep their old bytes and hash.
-        tail = [[[k, self.slashed[k]] for k in sorted(self.slashed)]] if self.slashed or self.dp_rounds else []
+        tail: list[object] = [[[k, self.slashed[k]] for k in sorted(self.slashed)]] if self.slashed or self.dp_rounds else []
         if self.dp_rounds:  # likewise appended only when non-empty (then after the slashed map, even if empty)
             tail.append([[k, self.dp_rounds[k]] for k in sorted(self.dp_rounds)])
         if not self.membership.empty():  # likewise, after both maps above (each then encoded even if empty)
             tail = [[[k, self.slashed[k]] for k in sorted(self.slashed)],
                     [[k, self.dp_rounds[k]] for k in sorted(self.dp_rounds)], self.membership.canonical()]
-        if self.proposers:  # likewise, after the three above (the membership then encoded even if empty)
+        if self.proposers or self.prev_model_hash is not None:  # likewise, after the three above
             tail = [[[k, self.slashed[k]] for k in sorted(self.slashed)],
                     [[k, self.dp_rounds[k]] for k in sorted(self.dp_rounds)], self.membership.canonical(),
                     [[first, [list(r) for r in rows]] for first, rows in self.proposers]]
+        if self.prev_model_hash is not None:  # likewise, last (the proposer sets then encoded even if empty)
+            tail.append(self.prev_model_hash)
         return [
             self.height,
             self.model_hash,
@@ -91,10 +97,20 @@ def state_size_cap(genesis: Genesis) -> int:
     return STATE_BASE_BYTES + MEMBER_STATE_BYTES * genesis.rules.max_members
 
 
-def decode_state(data: bytes, model: Tensors, max_size: int = STATE_BASE_BYTES) -> AppState:
+def prev_model_hash_of(data: bytes, max_size: int = STATE_BASE_BYTES) -> bytes | None:
+    """The previous model's hash an encoded state names (centered_clip_momentum), without decoding the rest."""
     fields = unpack(data, max_size=max_size)
-    if not isinstance(fields, list) or len(fields) not in (6, 7, 8, 9, 10):
-        raise DecodeError("app state: expected 6 to 10 fields")
+    return expect_bytes(fields[10], "previous model hash", 32) if isinstance(fields, list) and len(fields) == 11 \
+        else None
+
+
+def decode_state(data: bytes, model: Tensors, max_size: int = STATE_BASE_BYTES,
+                 prev_model: Tensors | None = None) -> AppState:
+    """`prev_model`: the tensors of the previous model hash the state names, checked against it (None: not
+    loaded, as for a light state)."""
+    fields = unpack(data, max_size=max_size)
+    if not isinstance(fields, list) or len(fields) not in (6, 7, 8, 9, 10, 11):
+        raise DecodeError("app state: expected 6 to 11 fields")
     h, mh, bal, rep, lrh, pun = fields[:6]
 
     def pairs(v: object, what: str) -> dict[bytes, int]:
@@ -115,8 +131,11 @@ def decode_state(data: bytes, model: Tensors, max_size: int = STATE_BASE_BYTES) 
                       expect_int(pt, "type", 1, 2)))
     slashed = pairs(fields[6], "slashed") if len(fields) >= 7 else {}
     dp_rounds = pairs(fields[7], "dp rounds") if len(fields) >= 8 else {}
-    membership = Membership.from_canonical(fields[8], allow_empty=len(fields) == 10) if len(fields) >= 9 else Membership()
-    proposers = _proposer_sets(fields[9]) if len(fields) == 10 else ()
+    membership = Membership.from_canonical(fields[8], allow_empty=len(fields) >= 10) if len(fields) >= 9 else Membership()
+    proposers = _proposer_sets(fields[9], allow_empty=len(fields) == 11) if len(fields) >= 10 else ()
+    prev_hash = expect_bytes(fields[10], "previous model hash", 32) if len(fields) == 11 else None
+    if prev_hash is not None and prev_model is not None and tensors_hash(prev_model) != prev_hash:
+        raise DecodeError("app state: previous model blob does not match its hash")
     if len(fields) == 8 and not dp_rounds:
         raise DecodeError("app state: an empty dp rounds map is not encoded")
     if len(fields) == 7 and not slashed:
@@ -126,11 +145,11 @@ def decode_state(data: bytes, model: Tensors, max_size: int = STATE_BASE_BYTES) 
         raise DecodeError("app state: model blob does not match the model hash")
     return AppState(expect_int(h, "height"), model, mh, pairs(bal, "balances"), pairs(rep, "reputation"),
                     expect_bytes(lrh, "receipt hash", 32), frozenset(punished), slashed, dp_rounds, membership,
-                    proposers)
+                    proposers, prev_hash, prev_model if prev_hash is not None and prev_model is not None else {})
 
 
-def _proposer_sets(value: object) -> tuple[ProposerSet, ...]:
-    if not isinstance(value, list) or not 1 <= len(value) <= 4:
+def _proposer_sets(value: object, allow_empty: bool = False) -> tuple[ProposerSet, ...]:
+    if not isinstance(value, list) or not (0 if allow_empty else 1) <= len(value) <= 4:
         raise DecodeError("app state: bad proposer sets")
     out = []
     for item in value:

@@ -411,12 +411,21 @@ class ChainStore:
             if not sink.commit():
                 raise StoreError(f"model blob of height {h} does not match the state's model hash")
             self._verified.add(model_hash)
+        extra_models: list[tuple[bytes, int, int, str]] = []
+        prev: bytes | None = getattr(state, "prev_model_hash", None)
+        if prev is not None and not self.blobs.exists(prev):  # the genesis model, before height 1 (momentum)
+            sink = self.blobs.sink(prev)
+            write_tensors(getattr(state, "prev_model", {}), sink.write)
+            if not sink.commit():
+                raise StoreError(f"previous model blob of height {h} does not match its hash")
+            extra_models.append((prev, sink.size, h, "model"))
         with self._pending_lock:
             pending = dict(self._pending)
         rows: list[tuple[bytes, int, int, str]] = []
         orphans: list[tuple[bytes, int, int, str]] = []
         in_block = {u.blob_hash for u in block.updates}
-        present = set(self.blobs.make_durable(sorted(in_block | set(pending) | {model_hash})))
+        present = set(self.blobs.make_durable(sorted(in_block | set(pending) | {model_hash} |
+                                                     {e[0] for e in extra_models})))
         if model_hash not in present:
             raise StoreError(f"model blob of height {h} vanished before its commit")
         for bh in sorted(present & (in_block | set(pending))):  # absent ones: indexed once put
@@ -435,6 +444,8 @@ class ChainStore:
                       (h, state.model_hash, encode_state(state)))
             c.execute("INSERT INTO receipts (height, data) VALUES (?, ?)", (h, receipt.encode()))
             c.executemany(UPSERT_INDEX, [*rows, (model_hash, model_size, h, "model")])
+            c.executemany("INSERT OR IGNORE INTO blob_index (hash, size, height, kind) VALUES (?, ?, ?, ?)",
+                          extra_models)
             c.executemany("INSERT OR IGNORE INTO blob_index (hash, size, height, kind) VALUES (?, ?, ?, ?)", orphans)
 
         self._transaction(body)
@@ -463,6 +474,12 @@ class ChainStore:
         if blob is None:
             raise StoreError(f"model blob of height {h} is missing (pruned below height {self.blob_floor()}?)")
         try:
+            fields = unpack(row[1], max_size=self.state_max_bytes)
+            if isinstance(fields, list) and len(fields) == 11:  # it names the previous model (momentum rules)
+                prev_blob = self.get_blob(bytes(fields[10]))
+                if prev_blob is None:
+                    raise StoreError(f"previous model blob of height {h} is missing")
+                return decode_state(row[1], decode_tensors(blob), self.state_max_bytes, decode_tensors(prev_blob))
             return decode_state(row[1], decode_tensors(blob), self.state_max_bytes)
         except ProtocolError as exc:
             raise StoreError(f"state of height {h} is corrupt: {exc}") from None
@@ -600,9 +617,9 @@ class ChainStore:
         cutoff = min(committed_height, self.latest_height()) - retention
         if cutoff <= 0:
             return 0
-        keep = "SELECT model_hash FROM states WHERE height >= ?"
+        keep = "SELECT model_hash FROM states WHERE height >= ?"  # from cutoff - 1: a state may name its predecessor
         gone = [bytes(r[0]) for r in self.conn.execute(
-            f"SELECT hash FROM blob_index WHERE height < ? AND hash NOT IN ({keep})", (cutoff, cutoff))]
+            f"SELECT hash FROM blob_index WHERE height < ? AND hash NOT IN ({keep})", (cutoff, cutoff - 1))]
         with self._pending_lock:
             stale = [bh for bh, (_, ah) in self._pending.items() if ah is not None and ah < cutoff]
             for bh in stale:
@@ -610,7 +627,7 @@ class ChainStore:
         floor = max(cutoff, self.blob_floor())
 
         def body(c: sqlite3.Connection) -> None:
-            c.execute(f"DELETE FROM blob_index WHERE height < ? AND hash NOT IN ({keep})", (cutoff, cutoff))
+            c.execute(f"DELETE FROM blob_index WHERE height < ? AND hash NOT IN ({keep})", (cutoff, cutoff - 1))
             c.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('blob_floor', ?)", (str(floor).encode(),))
 
         self._transaction(body)  # index first: a reader never expects a blob that is already gone

@@ -1,0 +1,169 @@
+"""Rules with history (bucketing, nearest-neighbour mixing, centered clipping around the last step, reputation
+weighting) against slow whole-array references; input order never matters; the state carries the previous
+model, its hash enters the app hash, the store reloads it and `chain verify` replays the chain."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import examples
+from flnode.node.app import aggregate, genesis_state
+from flnode.node.app.aggregation import WeightedUpdate, bucket_order
+from flnode.node.app.state import decode_state, encode_state
+from flnode.node.app.validation import fixed_order_sum_squares
+from flnode.protocol.genesis import Rules
+from flnode.protocol.hashing import digest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+BASE = {"w": np.zeros((5, 3), np.float32)}
+
+
+def updates(seed: int, n: int) -> list[WeightedUpdate]:
+    rng = np.random.default_rng(seed)
+    return [WeightedUpdate(digest(b"h%d-%d" % (seed, i)), bytes([i]) * 32,
+                           {"w": rng.normal(size=(5, 3)).astype(np.float32)}, int(rng.integers(1, 100)))
+            for i in range(n)]
+
+
+def flat(u: WeightedUpdate) -> np.ndarray:
+    return u.delta["w"].astype(np.float64).reshape(-1)  # type: ignore[union-attr]
+
+
+def weighted_mean(xs: list[np.ndarray], ws: list[float]) -> np.ndarray:
+    tot = math.fsum(ws)
+    acc = np.zeros_like(xs[0])
+    for x, w in zip(xs, ws, strict=True):
+        acc += (w / tot) * x
+    return acc
+
+
+def median(xs: list[np.ndarray]) -> np.ndarray:
+    s = np.sort(np.stack(xs), axis=0, kind="stable")
+    n = len(xs)
+    return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) * 0.5
+
+
+def cc(xs: list[np.ndarray], v: np.ndarray) -> np.ndarray:
+    n = len(xs)
+    d = [math.sqrt(fixed_order_sum_squares(x - v)) for x in xs]
+    tau = sorted(d)[(n - 1) // 2]
+    for it in range(3):
+        if it:
+            d = [math.sqrt(fixed_order_sum_squares(x - v)) for x in xs]
+        acc = np.zeros_like(v)
+        for x, di in zip(xs, d, strict=True):
+            acc += (1.0 if di <= tau else tau / di) * (x - v)
+        v = v + acc / n
+    return v
+
+
+def as_model(v: np.ndarray) -> np.ndarray:
+    return (0.0 + v).astype(np.float32).reshape(5, 3)
+
+
+@given(seed=st.integers(0, 10_000), n=st.integers(1, 9), size=st.integers(1, 4))
+@settings(max_examples=examples(40), deadline=None, suppress_health_check=list(HealthCheck))
+def test_bucketing_then_median_matches_the_reference(seed: int, n: int, size: int) -> None:
+    ups = updates(seed, n)
+    s = b"seed%d" % seed
+    perm = sorted(ups, key=lambda u: (digest(s + u.key), u.key))
+    buckets = [sorted(perm[i:i + size], key=lambda u: u.key) for i in range(0, n, size)]
+    means = [weighted_mean([flat(u) for u in b], [float(u.num_samples) for u in b]) for b in buckets]
+    got = aggregate(BASE, ups, Rules(aggregator="median", mixing="bucketing", bucket_size=size,
+                                     weight_median_multiple=0), seed=s).new_model["w"]
+    assert np.array_equal(got, as_model(median(means)))
+    assert [u.key for u in bucket_order(list(reversed(ups)), s)] == [u.key for u in perm]
+
+
+@given(seed=st.integers(0, 10_000), n=st.integers(1, 9), f=st.integers(0, 3))
+@settings(max_examples=examples(40), deadline=None, suppress_health_check=list(HealthCheck))
+def test_nearest_neighbour_mixing_then_centered_clip_matches_the_reference(seed: int, n: int, f: int) -> None:
+    ups = sorted(updates(seed, n), key=lambda u: u.key)
+    xs = [flat(u) for u in ups]
+    k = max(1, n - f)
+    mixed = []
+    for i in range(n):
+        d = [(0 if j == i else 1, fixed_order_sum_squares(xs[i] - xs[j]), ups[j].key, j) for j in range(n)]
+        near = sorted(t[3] for t in sorted(d)[:k])
+        mixed.append(weighted_mean([xs[j] for j in near], [1.0] * len(near)))
+    got = aggregate(BASE, list(reversed(ups)), Rules(aggregator="centered_clip", mixing="nnm",
+                                                     krum_byzantine=f)).new_model["w"]
+    assert np.array_equal(got, as_model(cc(mixed, median(mixed))))
+
+
+def test_centered_clip_momentum_starts_from_the_last_step() -> None:
+    ups = updates(3, 7)
+    prev = {"w": np.full((5, 3), -0.25, np.float32)}  # the model before BASE: the last step was +0.25 everywhere
+    got = aggregate(BASE, ups, Rules(aggregator="centered_clip_momentum"), previous=prev).new_model["w"]
+    xs = [flat(u) for u in sorted(ups, key=lambda u: u.key)]
+    assert np.array_equal(got, as_model(cc(xs, np.full(15, 0.25))))
+    first = aggregate(BASE, ups, Rules(aggregator="centered_clip_momentum")).new_model["w"]
+    assert np.array_equal(first, aggregate(BASE, ups, Rules(aggregator="centered_clip")).new_model["w"])
+
+
+def test_colluding_updates_are_held_near_the_honest_ones() -> None:
+    """Four identical large updates against six honest ones: NNM then centered clipping stays in the honest
+    spread where FedAvg is taken over."""
+    ups = updates(5, 10)
+    ups = [replace(u, delta={"w": np.full((5, 3), -40.0, np.float32)}) if i < 4 else u for i, u in enumerate(ups)]
+    robust = aggregate(BASE, ups, Rules(aggregator="centered_clip", mixing="nnm", krum_byzantine=4)).new_model["w"]
+    plain = aggregate(BASE, ups, Rules(aggregator="fedavg")).new_model["w"]
+    assert np.abs(robust).max() < 4 and plain.min() < -10
+
+
+def test_reputation_weights_fedavg_and_zero_reputation_counts_nothing() -> None:
+    ups = updates(7, 3)
+    rep = {ups[0].author: 0, ups[1].author: 100, ups[2].author: 300}
+    rules = Rules(aggregator="fedavg", reputation_weighted=True, weight_median_multiple=0)
+    got = aggregate(BASE, ups, rules, reputation=rep).new_model["w"]
+    byk = sorted(ups, key=lambda u: u.key)
+    want = weighted_mean([flat(u) for u in byk], [float(u.num_samples * rep[u.author]) for u in byk])
+    assert np.array_equal(got, as_model(want))
+
+
+def test_the_state_carries_the_previous_model_and_the_store_reloads_it(tmp_path: Path) -> None:
+    from flnode.cli.node_cmd import _task_and_rules, make_genesis
+    from flnode.node.app import execute, make_update, participant_data
+    from flnode.node.chain.store import ChainStore
+    from flnode.node.chain.verify import verify_chain
+    from test_chain import KEYS, certify, genesis_block_hash
+
+    task, rules = _task_and_rules("logreg", "digits", "iid", 0.5, "centered_clip_momentum", 0, 100.0, 1, 0.1, 2000)
+    rules.update(mixing="nnm", krum_byzantine=1)
+    g = make_genesis("momentum", [(f"n{i}", k.public_key) for i, k in enumerate(KEYS)], task, rules)
+    from flnode.node.chain.execution import build_block
+
+    state, prev, last = genesis_state(g), genesis_block_hash(g), None
+    store = ChainStore.open(tmp_path / "c.sqlite", genesis_hash=g.hash())
+    data = {k.public_key: participant_data(g.task, 4, g.index_of(k.public_key)) for k in KEYS}
+    models = [state.model_hash]
+    for h in range(1, 4):
+        cands = []
+        for k in KEYS:
+            ann, blob, _ = make_update(g, k, state, data[k.public_key], g.index_of(k.public_key))
+            store.put_blob(ann.blob_hash, blob)
+            cands.append((ann, blob))
+        block, new, receipt = build_block(g, state, prev_block_hash=prev, last_commit=last,
+                                          proposer=KEYS[h % 4].public_key, time_ms=h, candidates=cands)
+        assert new.prev_model_hash == state.model_hash and new.hash() != replace(new, prev_model_hash=None).hash()
+        cert = certify(g, block, KEYS[:3])
+        store.commit_height(block, cert, new, receipt, new.model)
+        state, prev, last = new, block.hash(), cert
+        models.append(state.model_hash)
+    again = store.get_state(3)
+    assert again.hash() == state.hash() and again.prev_model_hash == models[2]
+    assert all(np.array_equal(again.prev_model[k], state.prev_model[k]) for k in state.model)
+    assert decode_state(encode_state(state), state.model, prev_model=state.prev_model).hash() == state.hash()
+    with pytest.raises(Exception, match="previous model"):
+        decode_state(encode_state(state), state.model, prev_model=again.model)
+    # a restarted node continues from the stored state exactly as the running one would
+    cands = [make_update(g, k, state, data[k.public_key], g.index_of(k.public_key))[:2] for k in KEYS]
+    assert execute(g, again, cands)[0].hash() == execute(g, state, cands)[0].hash()
+    report = verify_chain(store, g)
+    assert report.ok and report.heights == 3, report.reason
+    store.close()
