@@ -197,7 +197,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--accuracy", action="store_true")
     ap.add_argument("--out", default="model_size")
+    ap.add_argument("--quick", action="store_true", help="1M parameters only, 2 rounds (for make bench)")
     a = ap.parse_args()
+    if a.quick:
+        a.sizes, a.rounds, a.out = "1m", 2, "model_size_quick"
     out: dict[str, Any] = {}
     if a.accuracy:
         out["accuracy"] = accuracy(["none", "float16", "int8", "topk"])
