@@ -169,7 +169,13 @@ def demo(
         fail(f"{home} exists and is not a demo home; choose another --home")
     nodes = validators or nodes
     ports = free_ports(nodes + trainers)
-    task_rules = _task_and_rules(model, "digits", partition, 0.5, aggregator, 0, 100.0, 1, 0.1, 2000, trainer)
+    # An own client's first fit (a PyTorch import and first pass in every process at once) takes seconds: the
+    # proposer waits up to 10 s for the updates instead of 2 s, so the first rounds are not empty; once every
+    # update is in it proposes at once, so later rounds cost nothing more.
+    collect_ms = 10000 if trainer else 2000
+    epochs = 3 if trainer else 1  # a CNN from scratch: a few local passes per round show learning in 5 rounds
+    task_rules = _task_and_rules(model, "digits", partition, 0.5, aggregator, 0, 100.0, epochs, 0.1, collect_ms,
+                                 trainer)
     if trainers:  # trainers join by transaction; the proposer waits for their updates, not for the validators'
         from .node_cmd import open_membership_rules
 
