@@ -17,6 +17,7 @@ from typing import Annotated, Any
 import typer
 
 from .errors import fail, user_errors
+from .options import AGGREGATOR_HELP
 
 
 def free_ports(n: int, host: str = "127.0.0.1", besides: Container[int] = ()) -> list[int]:
@@ -141,7 +142,7 @@ def demo(
     home: Annotated[Path, typer.Option("--home", help="Where the node homes are written (kept afterwards).")] = Path(
         "demo-home"
     ),
-    aggregator: Annotated[str, typer.Option(help="fedavg | median | trimmed_mean | multi_krum | centered_clip")] = "fedavg",
+    aggregator: Annotated[str, typer.Option(help=AGGREGATOR_HELP)] = "robust",
     model: Annotated[str, typer.Option(help="logreg | mlp")] = "logreg",
     partition: Annotated[str, typer.Option(help="iid | dirichlet")] = "iid",
     trainer: Annotated[str, typer.Option("--trainer", help="Own client, 'pkg.module:make_client'.")] = "",
@@ -161,7 +162,7 @@ def demo(
     from rich.live import Live
     from rich.table import Table
 
-    from .node_cmd import _task_and_rules, create_testnet
+    from .node_cmd import _task_and_rules, aggregator_rules, create_testnet
 
     console = Console(stderr=as_json)
     home = home.expanduser().resolve()
@@ -176,6 +177,7 @@ def demo(
     epochs = 3 if trainer else 1  # a CNN from scratch: a few local passes per round show learning in 5 rounds
     task_rules = _task_and_rules(model, "digits", partition, 0.5, aggregator, 0, 100.0, epochs, 0.1, collect_ms,
                                  trainer)
+    task_rules[1].update(aggregator_rules(aggregator, validators or nodes))
     if trainers:  # trainers join by transaction; the proposer waits for their updates, not for the validators'
         from .node_cmd import open_membership_rules
 

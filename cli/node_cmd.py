@@ -19,6 +19,7 @@ import typer
 
 from .errors import fail, user_errors
 from .options import (
+    AGGREGATOR_HELP,
     AnnounceOpt,
     BootstrapOpt,
     DataPathOpt,
@@ -94,6 +95,13 @@ def _task_and_rules(
     return task, rules
 
 
+def aggregator_rules(aggregator: str, validators: int) -> dict[str, Any]:
+    """The genesis rules an --aggregator choice stands for ("robust" is a rule set, the others one rule)."""
+    if aggregator == "robust":
+        return {"aggregator": "centered_clip_momentum", "mixing": "nnm", "krum_byzantine": max(1, (validators - 1) // 3)}
+    return {"aggregator": aggregator}
+
+
 # ---------------------------------------------------------------- init
 
 
@@ -142,7 +150,7 @@ def testnet_init(
     dataset: Annotated[str, typer.Option(help="digits | synthetic | path to .npz")] = "digits",
     partition: Annotated[str, typer.Option(help="iid | dirichlet")] = "iid",
     alpha: Annotated[float, typer.Option(help="Dirichlet alpha for non-IID splits.")] = 0.5,
-    aggregator: Annotated[str, typer.Option(help="fedavg | median | trimmed_mean | multi_krum | centered_clip")] = "fedavg",
+    aggregator: Annotated[str, typer.Option(help=AGGREGATOR_HELP)] = "robust",
     seed: Annotated[int, typer.Option()] = 0,
     norm_bound: Annotated[float, typer.Option(help="Max L2 norm of an update.")] = 100.0,
     local_epochs: Annotated[int, typer.Option()] = 1,
@@ -169,6 +177,7 @@ def testnet_init(
     """Write N homes with one shared genesis and each other's addresses as bootstrap peers."""
     task, rules = _task_and_rules(model, dataset, partition, alpha, aggregator, seed, norm_bound, local_epochs,
                                   learning_rate, collect_timeout_ms, trainer)
+    rules.update(aggregator_rules(aggregator, nodes))
     if dp_mode != "off":  # docs/PRIVACY.md
         budgets = {}
         for item in dp_budget or []:

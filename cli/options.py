@@ -19,3 +19,7 @@ DataPathOpt = Annotated[str | None, typer.Option("--data-path", help="Own .npz (
 def config_flags(**values: Any) -> dict[str, Any]:
     """Flag values for load_config: lists become tuples, options not given are left out."""
     return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if v}
+
+AGGREGATOR_HELP = ("robust (nearest-neighbour mixing with f = (n - 1) // 3, then centered clipping around the last "
+                   "step: the best worst case in bench_poisoning) | fedavg | median | trimmed_mean | multi_krum | "
+                   "centered_clip | centered_clip_momentum")
