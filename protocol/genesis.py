@@ -279,6 +279,8 @@ class Genesis:
             raise GenesisError(f"genesis: unknown mixing {self.rules.mixing!r} (none | bucketing | nnm)")
         if self.rules.bucket_size < 1:
             raise GenesisError("genesis: bucket_size must be at least 1")
+        if not isinstance(self.rules.reputation_weighted, bool):
+            raise GenesisError("genesis: rules.reputation_weighted must be true or false")
         if self.rules.max_samples_per_update < 0 or self.rules.weight_median_multiple < 0:
             raise GenesisError("genesis: max_samples_per_update and weight_median_multiple must be >= 0")
         if self.rules.compression not in ("none", "float16", "int8", "topk"):

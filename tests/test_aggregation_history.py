@@ -167,3 +167,169 @@ def test_the_state_carries_the_previous_model_and_the_store_reloads_it(tmp_path:
     report = verify_chain(store, g)
     assert report.ok and report.heights == 3, report.reason
     store.close()
+
+
+# ---------------------------------------------------------------- hand-computed examples, invariances, hull
+
+def scalar_updates(values: list[float], samples: list[int] | None = None) -> list[WeightedUpdate]:
+    return [WeightedUpdate(digest(b"s%d" % i), bytes([i + 1]) * 32, {"w": np.array([v], np.float32)},
+                           (samples or [1] * len(values))[i]) for i, v in enumerate(values)]
+
+
+ONE = {"w": np.zeros(1, np.float32)}
+
+
+def test_nnm_by_hand() -> None:
+    """0, 1, 2, 10 with f = 1: the neighbourhoods of 0, 1 and 2 are {0, 1, 2} (mean 1), that of 10 is
+    {10, 2, 1} (mean 13/3); the median of 1, 1, 1, 13/3 is 1, their mean (equal samples) is 11/6."""
+    ups = scalar_updates([0.0, 1.0, 2.0, 10.0])
+    med = aggregate(ONE, ups, Rules(aggregator="median", mixing="nnm", krum_byzantine=1)).new_model["w"]
+    avg = aggregate(ONE, ups, Rules(aggregator="fedavg", mixing="nnm", krum_byzantine=1)).new_model["w"]
+    assert med[0] == np.float32(1.0) and avg[0] == np.float32(11 / 6)
+
+
+def test_bucketing_by_hand() -> None:
+    """One bucket holding everything is the sample-weighted mean (0 x 1 and 4 x 3: 3); buckets of two of
+    0, 2, 4, 100 under the median: the mean of the two bucket means, whatever the permutation; buckets of one are
+    the inner rule itself."""
+    two = scalar_updates([0.0, 4.0], [1, 3])
+    got = aggregate(ONE, two, Rules(aggregator="median", mixing="bucketing", bucket_size=2, weight_median_multiple=0),
+                    seed=b"x").new_model["w"]
+    assert got[0] == np.float32(3.0)
+    four = scalar_updates([0.0, 2.0, 4.0, 100.0])
+    from flnode.node.app.aggregation import Bucketing, Median, combine
+    b = Bucketing(Median(), 2, b"seed")
+    pairs = b.buckets(four)
+    assert sorted(len(p) for p in pairs) == [2, 2] and sorted(u.key for p in pairs for u in p) == sorted(u.key for u in four)
+    means = sorted(sum(float(u.delta["w"][0]) for u in p) / 2 for p in pairs)  # type: ignore[index]
+    assert combine(b, four, Rules())[0]["w"][0] == (means[0] + means[1]) * 0.5
+    for rule in ("median", "trimmed_mean", "multi_krum", "centered_clip"):
+        ups = updates(11, 7)
+        single = aggregate(BASE, ups, Rules(aggregator=rule, mixing="bucketing", bucket_size=1), seed=b"s")
+        assert np.array_equal(single.new_model["w"], aggregate(BASE, ups, Rules(aggregator=rule)).new_model["w"])
+
+
+def test_centered_clip_around_a_reference_by_hand() -> None:
+    """Reference 0, updates 1, 1, 10, tau 2, one iteration: 0 + (1 + 1 + 10 x 2/10) / 3 = 4/3."""
+    from flnode.node.app.aggregation import CenteredClipMomentum, combine
+
+    def zero(name: str, a: int, b: int) -> np.ndarray:
+        return np.zeros(b - a)
+
+    got, out = combine(CenteredClipMomentum(zero, tau=2.0, iterations=1), scalar_updates([1.0, 1.0, 10.0]), Rules())
+    assert got["w"][0] == 4 / 3 and not out
+
+
+def test_zero_weights_do_not_crash_multi_krum() -> None:
+    """Reputation 0 (reachable with exclude_below <= 0) on every update Multi-Krum keeps: the plain mean."""
+    rng = np.random.default_rng(0)
+    ups = [WeightedUpdate(digest(bytes([i])), bytes([i]) * 32,
+                          {"w": (rng.normal(size=4) + (50 if i < 2 else 0)).astype(np.float32)}, 10) for i in range(7)]
+    rep = {u.author: (100 if i < 2 else 0) for i, u in enumerate(ups)}
+    rules = Rules(aggregator="multi_krum", krum_byzantine=2, reputation_weighted=True)
+    res = aggregate({"w": np.zeros(4, np.float32)}, ups, rules, reputation=rep)
+    assert np.isfinite(res.new_model["w"]).all() and np.abs(res.new_model["w"]).max() < 5
+
+
+COMPOSED = [
+    ("median", "bucketing"), ("trimmed_mean", "bucketing"), ("multi_krum", "bucketing"),
+    ("centered_clip", "bucketing"), ("centered_clip_momentum", "bucketing"), ("fedavg", "bucketing"),
+    ("median", "nnm"), ("trimmed_mean", "nnm"), ("multi_krum", "nnm"), ("centered_clip", "nnm"),
+    ("centered_clip_momentum", "nnm"), ("fedavg", "nnm"), ("centered_clip_momentum", "none"),
+]
+
+
+def _rules(agg: str, mixing: str) -> Rules:
+    return Rules(aggregator=agg, mixing=mixing, bucket_size=2, krum_byzantine=1, reputation_weighted=True)
+
+
+@pytest.mark.parametrize(("agg", "mixing"), COMPOSED)
+def test_input_order_never_matters_and_two_runs_agree(agg: str, mixing: str) -> None:
+    ups = updates(4, 7)
+    rep = {u.author: 60 + 7 * i for i, u in enumerate(ups)}
+    prev = {"w": np.full((5, 3), 0.1, np.float32)}
+    rng = np.random.default_rng(1)
+    results = set()
+    for _ in range(6):
+        order = [ups[i] for i in rng.permutation(len(ups))]
+        r = aggregate(BASE, order, _rules(agg, mixing), seed=b"block", reputation=rep, previous=prev)
+        results.add((digest(r.new_model["w"].tobytes()), r.outliers))
+    assert len(results) == 1
+
+
+BITS_SCRIPT = """
+import numpy as np
+from flnode.node.app.aggregation import WeightedUpdate, aggregate
+from flnode.protocol.genesis import Rules
+from flnode.protocol.hashing import digest
+rng = np.random.default_rng(9)
+ups = [WeightedUpdate(digest(bytes([i])), bytes([i]) * 32, {"w": rng.normal(size=(300, 200)).astype(np.float32)}, 10 + i)
+       for i in range(7)]
+prev = {"w": rng.normal(size=(300, 200)).astype(np.float32)}
+out = []
+for agg, mixing in COMPOSED:
+    r = Rules(aggregator=agg, mixing=mixing, bucket_size=2, krum_byzantine=1, reputation_weighted=True)
+    m = aggregate({"w": np.zeros((300, 200), np.float32)}, ups, r, seed=b"s", reputation={u.author: 50 + i for i, u in
+                  enumerate(ups)}, previous=prev).new_model
+    out.append(digest(m["w"].tobytes()).hex())
+print(",".join(out))
+"""
+
+
+def test_same_bits_across_processes_and_thread_settings() -> None:
+    import os
+    import subprocess
+    import sys
+
+    results = set()
+    for threads in ("1", "4"):
+        env = {**os.environ, "OMP_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+        out = subprocess.run([sys.executable, "-c", f"COMPOSED = {COMPOSED!r}\n{BITS_SCRIPT}"], env=env, capture_output=True, text=True, check=True)
+        results.add(out.stdout.strip())
+    assert len(results) == 1 and len(next(iter(results)).split(",")) == len(COMPOSED)
+
+
+MEDIAN_LIKE = [("median", "none"), ("trimmed_mean", "none"), ("median", "bucketing"), ("trimmed_mean", "bucketing"),
+               ("median", "nnm"), ("trimmed_mean", "nnm"), ("multi_krum", "nnm"), ("fedavg", "bucketing")]
+
+
+@given(seed=st.integers(0, 10_000), n=st.integers(1, 9), size=st.integers(1, 4), f=st.integers(0, 3),
+       scale=st.sampled_from([1e-30, 1e-3, 1.0, 1e6, 1e30]), rule=st.sampled_from(COMPOSED + MEDIAN_LIKE))
+@settings(max_examples=examples(80), deadline=None, suppress_health_check=list(HealthCheck))
+def test_outputs_are_finite_and_median_like_rules_stay_in_the_hull(seed: int, n: int, size: int, f: int,
+                                                                   scale: float, rule: tuple[str, str]) -> None:
+    agg, mixing = rule
+    ups = [replace(u, delta={"w": (u.delta["w"] * scale).astype(np.float32)}) for u in updates(seed, n)]  # type: ignore[index]
+    rules = Rules(aggregator=agg, mixing=mixing, bucket_size=size, krum_byzantine=f, weight_median_multiple=0)
+    prev = {"w": (np.full((5, 3), -0.5) * scale).astype(np.float32)}
+    d = aggregate(BASE, ups, rules, seed=b"%d" % seed, previous=prev).new_model["w"].astype(np.float64)
+    assert np.isfinite(d).all()
+    if rule in MEDIAN_LIKE:  # every mixed update is a convex combination, every output an order statistic or mean
+        xs = np.stack([u.delta["w"].astype(np.float64) for u in ups])  # type: ignore[union-attr]
+        lo, hi = xs.min(axis=0), xs.max(axis=0)
+        slack = 1e-6 * np.maximum(np.abs(lo), np.abs(hi))  # float32 rounding of the model and of weighted means
+        assert (d >= lo - slack).all() and (d <= hi + slack).all()
+
+
+def test_a_genesis_without_the_new_rules_keeps_its_hash() -> None:
+    import json
+
+    from flnode.protocol.genesis import LATER_RULES, Genesis
+
+    g = Genesis.from_json_dict(json.loads(json.dumps(_genesis_dict())))
+    body = json.loads(g.canonical_bytes())
+    assert not {"mixing", "bucket_size", "reputation_weighted"} & set(body["rules"])
+    assert {"mixing", "bucket_size", "reputation_weighted"} <= set(LATER_RULES)
+    raw = _genesis_dict()
+    raw["rules"].update(mixing="none", bucket_size=2, reputation_weighted=False)  # the defaults, spelt out
+    assert Genesis.from_json_dict(raw).hash() == g.hash()
+    raw["rules"].update(mixing="bucketing")
+    assert Genesis.from_json_dict(raw).hash() != g.hash()
+    raw["rules"].update(mixing="none", reputation_weighted="yes")
+    with pytest.raises(Exception, match="reputation_weighted"):
+        Genesis.from_json_dict(raw)
+
+
+def _genesis_dict() -> dict:  # type: ignore[type-arg]
+    return {"chain_id": "c", "genesis_time": "t", "validators": [{"name": "a", "public_key": "11" * 32, "power": 1}],
+            "task": {}, "initial_model_hash": "00" * 32, "rules": {"aggregator": "centered_clip"}}

@@ -120,6 +120,8 @@ def _ordered(updates: Sequence[WeightedUpdate]) -> list[WeightedUpdate]:
 
 def _weighted_mean(updates: Sequence[WeightedUpdate], weights: Sequence[float]) -> ChunkFn:
     total = math.fsum(weights)
+    if total <= 0:  # every weight zero (Multi-Krum keeping only reputation-0 authors): the plain mean, no crash
+        weights, total = [1.0] * len(updates), float(len(updates))
 
     def chunk(name: str, start: int, stop: int) -> np.ndarray:
         acc = np.zeros(stop - start, dtype=np.float64)
