@@ -20,7 +20,6 @@ from typing import Any
 
 import trio
 from flnode.consensus import (
-    CommitReceived,
     ProposalReceived,
     StartHeight,
     Tendermint,
@@ -51,11 +50,11 @@ from flnode.node.app.participant import (
 )
 from flnode.node.app.powers import SLASH_DELAY, carries_priorities, proposer_sets, set_at
 from flnode.node.app.state import state_size_cap
-from flnode.node.chain.execution import build_block, certificate_powers, check_block, missing_blobs
+from flnode.node.chain.execution import build_block, check_block, missing_blobs
 from flnode.node.chain.store import ChainStore
 from flnode.node.config import NodeConfig, parse_direct_peer
 from flnode.node.metrics import Metrics, serve_metrics
-from flnode.node.net import NetError, P2PNode, peer_id_of
+from flnode.node.net import P2PNode, peer_id_of
 from flnode.node.pool import EvidencePool, UpdatePool
 from flnode.protocol.crypto import NodeKey
 from flnode.protocol.errors import ProtocolError, ValidationError
@@ -65,13 +64,10 @@ from flnode.protocol.membership import MembershipTx
 from flnode.protocol.messages import (
     GOSSIP_MAX_SIZE,
     Block,
-    BlockRequest,
-    BlockResponse,
     CommitCertificate,
     DuplicateVoteEvidence,
     Message,
     Proposal,
-    Status,
     UpdateAnnouncement,
     UpdateBundle,
     Vote,
@@ -88,16 +84,14 @@ from .net.consensus_stream import DirectConfig
 from .signer import LastSignGuard, guarded
 from .store_worker import StoreWorker
 from .supervise import supervised
+from .sync import BLOCKS_PROTOCOL, STATUS_PROTOCOL, BlockSync
 
-AHEAD_GRACE_S = 1.0  # how long a peer's later height may wait for our own commit before we sync
+__all__ = ["BLOB_PROTOCOL", "BLOCKS_PROTOCOL", "STATUS_PROTOCOL", "Daemon", "Topics"]
+
 BUNDLE_GRACE_S = 0.5  # a proposal naming a small update we lack waits this long for its bundle before fetching
 P2P_DEFER_MAX_S = 20.0  # libp2p starts after the first commit, or after this long without one
-STALL_POLL_S = 6.0  # with no sign of a later height, peers' tips are polled only after this long without a commit
 log = logging.getLogger("flnode.daemon")
 
-BLOCKS_PROTOCOL = "/flnode/blocks/1.0.0"
-STATUS_PROTOCOL = "/flnode/status/1.0.0"
-SYNC_BATCH = 32
 CUT_OFF_REASONS = {"malformed", "bad_signature", "unexpected_type", "wrong_topic"}
 EVENT_QUEUE = 1024  # consensus events waiting for the driver; producers wait when it is full
 
@@ -251,10 +245,7 @@ class Daemon:
         self._height_started = 0.0  # trio clock
         self._started_by_commit = False  # the height started at our own commit (not at start-up)
         self._timing: dict[str, float] = {}  # phase marks of the current height, seconds since it started
-        self._behind = trio.Event()  # set when a message shows peers at a higher height
-        self._ahead_seen = False
-        self._ahead_of_us: tuple[int, str | None] = (0, None)  # a height some peer committed, and that peer
-        self._last_commit = 0.0
+        self.sync = BlockSync(self, self.net, store, self.worker, self.metrics, self._events_send.send)
         self._applying: int | None = None  # height of a committed block being applied
         self._privacy_stopped = False  # logged once: our epsilon budget allows no further round
         self.halted: str | None = None  # why consensus cannot go on (a committed block we cannot execute)
@@ -352,9 +343,9 @@ class Daemon:
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         self.net.set_handler(BLOB_PROTOCOL, self.blobs.serve)
-        self.net.set_handler(BLOCKS_PROTOCOL, self._serve_blocks)
-        self.net.set_handler(STATUS_PROTOCOL, self._serve_status)
-        self._height_started = self._last_commit = trio.current_time()
+        self.sync.register()
+        self._height_started = trio.current_time()
+        self.sync.committed()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             deferred = self._defer_p2p()
@@ -377,7 +368,7 @@ class Daemon:
             nursery.start_soon(self._consensus_loop)  # fatal: an exception here stops the node
             self._supervise("inbound", self._inbound_loop)
             self._supervise("consensus_inbound", self._consensus_inbound_loop)
-            self._supervise("sync", self._sync_loop)
+            self._supervise("sync", self.sync.run)
             self._supervise("status", self._status_loop)
             self._supervise("loop_lag", self._loop_lag_monitor)
             self._supervise("blob_flusher", self.blobs.run_flusher)
@@ -397,7 +388,7 @@ class Daemon:
     async def _start_p2p_later(self) -> None:
         start = self.state.height
         with trio.move_on_after(P2P_DEFER_MAX_S):  # if consensus cannot commit alone, libp2p may be what is missing
-            while self.state.height == start and not self._ahead_seen:
+            while self.state.height == start and not self.sync.ahead_seen:
                 await self._changed.wait()
         assert self._nursery is not None
         await self._nursery.start(self.net.run)
@@ -421,6 +412,10 @@ class Daemon:
     def _notify(self) -> None:
         self._changed.set()
         self._changed = trio.Event()
+
+    async def tip_changed(self) -> None:
+        """Wait for the next change (the tip, the pool or the blobs): what BlockSync waits on."""
+        await self._changed.wait()
 
     def _on_blob_stored(self, h: bytes) -> None:
         self._blob_seen.setdefault(h, self._now())
@@ -491,12 +486,7 @@ class Daemon:
     async def _on_message(self, msg: Message, from_peer: str | None) -> None:
         self.metrics.inc("gossip_received")
         self._note_peer_position(msg)
-        if getattr(msg, "height", 0) > self.state.height + 1:  # its sender committed msg.height - 1
-            if msg.height - 1 > self._ahead_of_us[0]:
-                self._ahead_of_us = (msg.height - 1, from_peer)
-            if not self._ahead_seen:
-                self._ahead_seen = True
-                self._behind.set()
+        self.sync.saw_height(getattr(msg, "height", 0), from_peer)
         if isinstance(msg, Vote):
             await self._events_send.send(VoteReceived(msg))
         elif isinstance(msg, Proposal):
@@ -559,25 +549,6 @@ class Daemon:
             ann.blob_hash, lambda: self._then_connected(holders), ann.blob_size, give_up=lambda: self.state.height >= ann.height,
             height=ann.height,
         )
-
-    # ---------------------------------------------------------------- serving peers
-
-    async def _serve_blocks(self, peer: str, request: bytes) -> bytes:
-        req = BlockRequest.decode(request)
-        return await self.worker.run(self._read_blocks, req.from_height, min(req.max_blocks, SYNC_BATCH))
-
-    def _read_blocks(self, start: int, count: int) -> bytes:
-        entries = []
-        top = self.store.latest_height()
-        for h in range(start, min(top, start + count - 1) + 1):
-            block, cert = self.store.get_block(h), self.store.get_certificate(h)
-            if block is None or cert is None:
-                break
-            entries.append((block, cert))
-        return BlockResponse(tuple(entries)).encode()
-
-    async def _serve_status(self, peer: str, request: bytes) -> bytes:
-        return Status(self.state.height, self.last_block_hash, self.state.model_hash).encode()
 
     # ---------------------------------------------------------------- consensus driver
 
@@ -836,7 +807,7 @@ class Daemon:
             await self.worker.prune_blobs(new_state.height, self.config.blob_retention_heights, removed)
             self.blobs.forget(removed)
         round_time = self._now() - self._height_started
-        self._last_commit = self._now()
+        self.sync.committed()
         self._mark("commit_t")
         timing = dict(self._timing)
         self.state, self.last_block_hash, self.last_cert = new_state, block.hash(), cert
@@ -967,78 +938,6 @@ class Daemon:
     def _gossip_peers_beyond_validators(self) -> bool:
         """Someone who is not a validator is connected (a trainer or observer): announcements go on gossip too."""
         return any(p not in self.validator_peers for p in self.net.connected_peers())
-
-    # ---------------------------------------------------------------- sync
-
-    async def _sync_loop(self) -> None:
-        """Catch up with peers that are ahead (after a restart, or when joining late).
-
-        Asks for peers' tips when a message shows the network is ahead of us, and otherwise only when no height
-        has committed for a while: status polling is not on the path of a normal round."""
-        while True:
-            with trio.move_on_after(2.0):
-                await self._behind.wait()
-            self._behind = trio.Event()
-            if self._now() - self._last_commit < STALL_POLL_S and not self._ahead_seen:
-                continue  # no sign of being behind: a slow round is not a reason to poll (at 32 nodes it was)
-            if self._ahead_seen:
-                # Being one commit behind the fastest peer is the normal state of a busy network: wait a moment
-                # for our own commit before asking anyone (at 16 nodes every node polled every peer every height).
-                with trio.move_on_after(AHEAD_GRACE_S):
-                    while self.state.height < self._ahead_of_us[0]:
-                        await self._changed.wait()
-                self._ahead_seen = False
-                target, ahead_peer = self._ahead_of_us
-                if self.state.height >= target and self._now() - self._last_commit < STALL_POLL_S:
-                    continue
-                if ahead_peer is not None and ahead_peer in self.net.connected_peers():
-                    await self._sync_from(ahead_peer, target)  # the peer that showed it: no status poll
-                    if self.state.height >= target:
-                        continue
-            for peer in self.net.connected_peers():
-                try:
-                    raw = await self.net.request(peer, STATUS_PROTOCOL, b"", max_response=256, timeout=5.0)
-                    status = Status.decode(raw)
-                except (NetError, ProtocolError):
-                    continue
-                if status.height > self.state.height:
-                    await self._sync_from(peer, status.height)
-
-    async def _sync_from(self, peer: str, target: int) -> None:
-        while self.state.height < target:
-            try:
-                raw = await self.net.request(
-                    peer, BLOCKS_PROTOCOL, BlockRequest(self.state.height + 1, SYNC_BATCH).encode(),
-                    max_response=BlockResponse.MAX_SIZE, timeout=30.0,
-                )
-                resp = BlockResponse.decode(raw)  # a block whose body does not match its header does not decode
-            except (NetError, ProtocolError) as exc:
-                self.metrics.inc("sync_failures")
-                log.info("sync request failed", extra={"peer": peer[:16], "error": str(exc)[:200]})
-                return
-            if not resp.entries:
-                return
-            for block, cert in resp.entries:
-                if block.height != self.state.height + 1:
-                    return
-                try:
-                    if cert.block_hash != block.hash() or cert.height != block.height:
-                        raise ValidationError("certificate is for another block")
-                    cert.verify(self.chain_id, certificate_powers(self.genesis, self.state, block.height))
-                    if block.header.prev_block_hash != self.last_block_hash:
-                        raise ValidationError("block does not link to our last block")
-                except ValidationError as exc:
-                    self.metrics.inc("rejected_bad_sync_block")
-                    log.info("rejected synced block", extra={"peer": peer[:16], "why": str(exc)[:200]})
-                    return
-                log.info("synced block", extra={"height": block.height, "from": peer[:16]})
-                before = self.state.height
-                await self._events_send.send(CommitReceived(block, cert))
-                with trio.move_on_after(60):
-                    while self.state.height == before:
-                        await self._changed.wait()
-                if self.state.height == before:
-                    return
 
     # ---------------------------------------------------------------- status
 

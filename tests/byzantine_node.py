@@ -256,7 +256,7 @@ class ByzantineDaemon(Daemon):
             blob = self._malicious_blob()
             samples = INFLATED_SAMPLES if height % 2 == 1 else samples_cap(self.genesis, self.me)
             self._over_cap_sent = self._over_cap_sent or (  # sent while in step with the others: not stale
-                height % 2 == 1 and bool(self.transport.connected()) and self._ahead_of_us[0] <= self.state.height)
+                height % 2 == 1 and bool(self.transport.connected()) and self.sync.ahead_of_us[0] <= self.state.height)
             ann = replace(ann, blob_hash=digest(blob), blob_size=len(blob), num_samples=samples,
                           signature=b"").signed(self.key, self.chain_id)
             self.metrics.inc("byz_inflated")

@@ -15,7 +15,7 @@ from flnode.node.app import validator_powers as powers_at
 from flnode.protocol.errors import ProtocolError, ValidationError
 from flnode.protocol.genesis import Genesis
 from flnode.protocol.hashing import digest
-from flnode.protocol.messages import Block
+from flnode.protocol.messages import Block, CommitCertificate
 from flnode.protocol.tensors import BlobReader
 
 from .execution import certificate_powers, check_block
@@ -51,6 +51,18 @@ def genesis_block_hash(genesis: Genesis) -> bytes:
     return digest(genesis.canonical_bytes())
 
 
+def check_certified_link(genesis: Genesis, prev_state: AppState, prev: bytes, block: Block,
+                         cert: CommitCertificate) -> None:
+    """The one check that a certificate commits this block with > 2/3 of the power in force at its height, and
+    that the block links to `prev` (block sync and chain verify both use it)."""
+    h = block.height
+    if cert.height != h or cert.block_hash != block.hash():
+        raise ValidationError("certificate is for another block")
+    cert.verify(genesis.chain_id, certificate_powers(genesis, prev_state, h))  # the powers at h (slashing)
+    if block.header.prev_block_hash != prev:
+        raise ValidationError("block does not link to the previous block")
+
+
 def _check_certified(
     store: ChainStore, genesis: Genesis, prev_state: AppState, prev: bytes, h: int
 ) -> tuple[Block, AppState, Receipt]:
@@ -60,14 +72,10 @@ def _check_certified(
     cert = store.get_certificate(h)
     if block is None or cert is None:
         raise ValidationError("block or certificate missing")
-    if cert.height != h or cert.block_hash != block.hash():
-        raise ValidationError("certificate is for another block")
-    cert.verify(genesis.chain_id, certificate_powers(genesis, prev_state, h))  # the powers at h (slashing)
+    check_certified_link(genesis, prev_state, prev, block, cert)
     hdr = block.header
     if hdr.chain_id != genesis.chain_id or hdr.height != h:
         raise ValidationError("block header is for another chain or height")
-    if hdr.prev_block_hash != prev:
-        raise ValidationError("block does not link to the previous block")
     if hdr.proposer not in powers_at(genesis, prev_state, h):
         raise ValidationError("proposer is not a validator with power at this height")
     block.check_body()

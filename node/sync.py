@@ -1,0 +1,160 @@
+"""Block sync: catch up from peers that are ahead, and serve our blocks and tip to peers that are behind.
+
+A node learns it is behind from messages of later heights (noted by `saw_height`) or from a long stall; it then
+asks the peer that showed it, or every connected peer's tip, for batches of certified blocks. Each block is checked
+against the one certificate check of chain/verify before the consensus driver gets it as a CommitReceived; the
+driver's commit path executes and stores it as any other decided block.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Protocol
+
+import trio
+from flnode.consensus import CommitReceived
+from flnode.node.app import AppState
+from flnode.node.chain.store import ChainStore
+from flnode.node.chain.verify import check_certified_link
+from flnode.node.metrics import Metrics
+from flnode.node.net import NetError, P2PNode
+from flnode.protocol.errors import ProtocolError, ValidationError
+from flnode.protocol.genesis import Genesis
+from flnode.protocol.messages import BlockRequest, BlockResponse, Status
+
+from .store_worker import StoreWorker
+
+log = logging.getLogger("flnode.sync")
+
+BLOCKS_PROTOCOL = "/flnode/blocks/1.0.0"
+STATUS_PROTOCOL = "/flnode/status/1.0.0"
+SYNC_BATCH = 32
+AHEAD_GRACE_S = 1.0  # how long a peer's later height may wait for our own commit before we sync
+STALL_POLL_S = 6.0  # with no sign of a later height, peers' tips are polled only after this long without a commit
+APPLY_WAIT_S = 60.0  # a synced block not applied within this is given up on (the next pass asks again)
+
+
+class Tip(Protocol):
+    """What sync reads of the node: the committed tip, and a wait for the next change of it."""
+
+    genesis: Genesis
+    state: AppState
+    last_block_hash: bytes
+
+    async def tip_changed(self) -> None: ...
+
+
+class BlockSync:
+    def __init__(self, tip: Tip, net: P2PNode, store: ChainStore, worker: StoreWorker, metrics: Metrics,
+                 deliver: Any) -> None:
+        self.tip, self.net, self.store, self.worker, self.metrics = tip, net, store, worker, metrics
+        self.deliver = deliver  # async: hands a CommitReceived to the consensus driver
+        self.behind = trio.Event()  # set when a message shows peers at a higher height
+        self.ahead_seen = False
+        self.ahead_of_us: tuple[int, str | None] = (0, None)  # a height some peer committed, and that peer
+        self.last_commit = 0.0  # trio clock
+
+    def register(self) -> None:
+        self.net.set_handler(BLOCKS_PROTOCOL, self.serve_blocks)
+        self.net.set_handler(STATUS_PROTOCOL, self.serve_status)
+
+    def saw_height(self, height: int, peer: str | None) -> None:
+        """A message of `height` arrived: if it is past our next height, its sender committed height - 1."""
+        if height <= self.tip.state.height + 1:
+            return
+        if height - 1 > self.ahead_of_us[0]:
+            self.ahead_of_us = (height - 1, peer)
+        if not self.ahead_seen:
+            self.ahead_seen = True
+            self.behind.set()
+
+    def committed(self) -> None:
+        self.last_commit = trio.current_time()
+
+    # ---------------------------------------------------------------- serving peers
+
+    async def serve_blocks(self, peer: str, request: bytes) -> bytes:
+        req = BlockRequest.decode(request)
+        return await self.worker.run(self._read_blocks, req.from_height, min(req.max_blocks, SYNC_BATCH))
+
+    def _read_blocks(self, start: int, count: int) -> bytes:
+        entries = []
+        top = self.store.latest_height()
+        for h in range(start, min(top, start + count - 1) + 1):
+            block, cert = self.store.get_block(h), self.store.get_certificate(h)
+            if block is None or cert is None:
+                break
+            entries.append((block, cert))
+        return BlockResponse(tuple(entries)).encode()
+
+    async def serve_status(self, peer: str, request: bytes) -> bytes:
+        s = self.tip.state
+        return Status(s.height, self.tip.last_block_hash, s.model_hash).encode()
+
+    # ---------------------------------------------------------------- catching up
+
+    async def run(self) -> None:
+        """Asks for peers' tips when a message shows the network is ahead of us, and otherwise only when no height
+        has committed for a while: status polling is not on the path of a normal round."""
+        while True:
+            with trio.move_on_after(2.0):
+                await self.behind.wait()
+            self.behind = trio.Event()
+            now = trio.current_time()
+            if now - self.last_commit < STALL_POLL_S and not self.ahead_seen:
+                continue  # no sign of being behind: a slow round is not a reason to poll (at 32 nodes it was)
+            if self.ahead_seen:
+                # Being one commit behind the fastest peer is the normal state of a busy network: wait a moment
+                # for our own commit before asking anyone (at 16 nodes every node polled every peer every height).
+                with trio.move_on_after(AHEAD_GRACE_S):
+                    while self.tip.state.height < self.ahead_of_us[0]:
+                        await self.tip.tip_changed()
+                self.ahead_seen = False
+                target, ahead_peer = self.ahead_of_us
+                if self.tip.state.height >= target and trio.current_time() - self.last_commit < STALL_POLL_S:
+                    continue
+                if ahead_peer is not None and ahead_peer in self.net.connected_peers():
+                    await self.sync_from(ahead_peer, target)  # the peer that showed it: no status poll
+                    if self.tip.state.height >= target:
+                        continue
+            for peer in self.net.connected_peers():
+                try:
+                    raw = await self.net.request(peer, STATUS_PROTOCOL, b"", max_response=256, timeout=5.0)
+                    status = Status.decode(raw)
+                except (NetError, ProtocolError):
+                    continue
+                if status.height > self.tip.state.height:
+                    await self.sync_from(peer, status.height)
+
+    async def sync_from(self, peer: str, target: int) -> None:
+        tip = self.tip
+        while tip.state.height < target:
+            try:
+                raw = await self.net.request(
+                    peer, BLOCKS_PROTOCOL, BlockRequest(tip.state.height + 1, SYNC_BATCH).encode(),
+                    max_response=BlockResponse.MAX_SIZE, timeout=30.0,
+                )
+                resp = BlockResponse.decode(raw)  # a block whose body does not match its header does not decode
+            except (NetError, ProtocolError) as exc:
+                self.metrics.inc("sync_failures")
+                log.info("sync request failed", extra={"peer": peer[:16], "error": str(exc)[:200]})
+                return
+            if not resp.entries:
+                return
+            for block, cert in resp.entries:
+                if block.height != tip.state.height + 1:
+                    return
+                try:
+                    check_certified_link(tip.genesis, tip.state, tip.last_block_hash, block, cert)
+                except ValidationError as exc:
+                    self.metrics.inc("rejected_bad_sync_block")
+                    log.info("rejected synced block", extra={"peer": peer[:16], "why": str(exc)[:200]})
+                    return
+                log.info("synced block", extra={"height": block.height, "from": peer[:16]})
+                before = tip.state.height
+                await self.deliver(CommitReceived(block, cert))
+                with trio.move_on_after(APPLY_WAIT_S):
+                    while tip.state.height == before:
+                        await tip.tip_changed()
+                if tip.state.height == before:
+                    return
