@@ -617,9 +617,11 @@ class ChainStore:
         cutoff = min(committed_height, self.latest_height()) - retention
         if cutoff <= 0:
             return 0
-        keep = "SELECT model_hash FROM states WHERE height >= ?"  # from cutoff - 1: a state may name its predecessor
+        keep = "SELECT model_hash FROM states WHERE height >= ?"
+        named = self._previous_model(cutoff)  # a momentum rule's state at the cut-off names its predecessor
         gone = [bytes(r[0]) for r in self.conn.execute(
-            f"SELECT hash FROM blob_index WHERE height < ? AND hash NOT IN ({keep})", (cutoff, cutoff - 1))]
+            f"SELECT hash FROM blob_index WHERE height < ? AND hash NOT IN ({keep})", (cutoff, cutoff))
+            if bytes(r[0]) != named]
         with self._pending_lock:
             stale = [bh for bh, (_, ah) in self._pending.items() if ah is not None and ah < cutoff]
             for bh in stale:
@@ -627,7 +629,8 @@ class ChainStore:
         floor = max(cutoff, self.blob_floor())
 
         def body(c: sqlite3.Connection) -> None:
-            c.execute(f"DELETE FROM blob_index WHERE height < ? AND hash NOT IN ({keep})", (cutoff, cutoff - 1))
+            c.execute(f"DELETE FROM blob_index WHERE height < ? AND hash NOT IN ({keep}) AND hash != ?",
+                      (cutoff, cutoff, named or b""))
             c.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('blob_floor', ?)", (str(floor).encode(),))
 
         self._transaction(body)  # index first: a reader never expects a blob that is already gone
@@ -637,6 +640,14 @@ class ChainStore:
         if removed is not None:
             removed.extend((*gone, *stale))
         return len(gone) + len(stale)
+
+    def _previous_model(self, h: int) -> bytes | None:
+        """The previous model's hash the state of `h` names (centered_clip_momentum), or None."""
+        row = self.state_row(h)
+        if row is None:
+            return None
+        fields = unpack(row[1], max_size=self.state_max_bytes)
+        return bytes(fields[10]) if isinstance(fields, list) and len(fields) == 11 else None
 
     def blob_bytes(self) -> int:
         """Bytes in blob files (a directory walk: for tests and tools, not the hot path)."""
