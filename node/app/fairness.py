@@ -19,7 +19,7 @@ from .membership import trainer_count
 from .state import AppState
 from .validation import check_announcement_admission
 
-GRACE_S = 0.5  # an update held this long before a proposal arrived must be in it (updates reach every validator directly)
+GRACE_S = 0.5  # an update held this long before a proposal arrived must be in it (it reached every validator directly)
 EARLY_SHARE = 0.5  # a short block may arrive at most this share of the collection timeout before our deadline
 
 
