@@ -226,22 +226,10 @@ def test_multi_krum_drops_the_attacker() -> None:
 
 def _cc_reference(ups: list[WeightedUpdate]) -> np.ndarray:
     """Centered clipping on whole float64 arrays: median start, tau = lower median distance, 3 iterations."""
-    from flnode.node.app.validation import fixed_order_sum_squares
+    from test_aggregation_history import cc, median
 
     xs = [u.delta["w"].astype(np.float64).reshape(-1) for u in sorted(ups, key=lambda u: u.key)]  # type: ignore[union-attr]
-    n = len(xs)
-    s = np.sort(np.stack(xs), axis=0, kind="stable")
-    v = s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) * 0.5
-    d = [math.sqrt(fixed_order_sum_squares(x - v)) for x in xs]
-    tau = sorted(d)[(n - 1) // 2]
-    for it in range(3):
-        if it:
-            d = [math.sqrt(fixed_order_sum_squares(x - v)) for x in xs]
-        acc = np.zeros_like(v)
-        for x, di in zip(xs, d, strict=True):
-            acc += (1.0 if di <= tau else tau / di) * (x - v)
-        v = v + acc / n
-    return v.reshape(ups[0].delta["w"].shape)
+    return cc(xs, median(xs)).reshape(ups[0].delta["w"].shape)
 
 
 @given(seed=st.integers(0, 10_000), n=st.integers(1, 9))

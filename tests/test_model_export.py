@@ -11,11 +11,28 @@ import pytest
 from flnode.cli.main import app
 from flnode.node.chain.store import ChainStore
 from flnode.node.export import ExportError, read_model
+from flnode.protocol.genesis import Genesis
 from flnode.protocol.tensors import decode_tensors
 from test_chain import home_with_chain, make_chain
 from typer.testing import CliRunner
 
 from flnode import load_model
+
+
+def client_home(tmp_path: Path, trainer: str) -> tuple[Path, Genesis]:
+    """A home (genesis, config, no chain yet) of a 4-validator network training a client-defined model."""
+    from flnode.cli.node_cmd import make_genesis
+    from flnode.node.config import NodeConfig, write_config
+    from flnode.protocol.crypto import NodeKey
+
+    keys = [NodeKey(bytes([i + 90]) * 32) for i in range(4)]
+    g = make_genesis("client", [(f"n{i}", k.public_key) for i, k in enumerate(keys)],
+                     {"model": "custom", "trainer": trainer}, {})
+    home = tmp_path / "home"
+    home.mkdir()
+    g.save(home / "genesis.json")
+    write_config(home, NodeConfig())
+    return home, g
 
 
 @pytest.fixture(scope="module")
@@ -101,19 +118,10 @@ def test_evaluate_the_chain_model_and_an_exported_file(home: Path, tmp_path: Pat
 
 def test_the_pytorch_example_loads_the_exported_state_dict(tmp_path: Path) -> None:
     torch = pytest.importorskip("torch") if not os.environ.get("FLNODE_REQUIRE_TORCH") else __import__("torch")
-    from flnode.cli.node_cmd import make_genesis
-    from flnode.node.config import NodeConfig, write_config
-    from flnode.protocol.crypto import NodeKey
 
     from examples.pytorch_cnn.client import DigitsCNN
 
-    keys = [NodeKey(bytes([i + 90]) * 32) for i in range(4)]
-    g = make_genesis("cnn", [(f"n{i}", k.public_key) for i, k in enumerate(keys)],
-                     {"model": "custom", "trainer": "examples.pytorch_cnn.client:make_client"}, {})
-    home = tmp_path / "home"
-    home.mkdir()
-    g.save(home / "genesis.json")
-    write_config(home, NodeConfig())
+    home, g = client_home(tmp_path, "examples.pytorch_cnn.client:make_client")
     out = tmp_path / "cnn.pt"
     res = CliRunner().invoke(app, ["model", "export", "--home", str(home), "--out", str(out)])
     assert res.exit_code == 0, res.output
@@ -137,18 +145,9 @@ def test_a_pruned_model_blob_is_a_clear_error(tmp_path: Path) -> None:
 def test_a_client_model_is_scored_on_the_given_data(tmp_path: Path) -> None:
     """A client-defined model (the sklearn example) is evaluated by its own client, on --data, not its test split."""
     pytest.importorskip("sklearn") if not os.environ.get("FLNODE_REQUIRE_TORCH") else __import__("sklearn")
-    from flnode.cli.node_cmd import make_genesis
     from flnode.node.app import load_dataset
-    from flnode.node.config import NodeConfig, write_config
-    from flnode.protocol.crypto import NodeKey
 
-    keys = [NodeKey(bytes([i + 70]) * 32) for i in range(4)]
-    g = make_genesis("skl", [(f"n{i}", k.public_key) for i, k in enumerate(keys)],
-                     {"model": "custom", "trainer": "examples.sklearn_digits.client:make_client"}, {})
-    home = tmp_path / "home"
-    home.mkdir()
-    g.save(home / "genesis.json")
-    write_config(home, NodeConfig())
+    home, g = client_home(tmp_path, "examples.sklearn_digits.client:make_client")
     _, test = load_dataset(g.task)
     runner = CliRunner()
     split = runner.invoke(app, ["model", "evaluate", "--home", str(home)])
