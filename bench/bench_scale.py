@@ -1,7 +1,9 @@
 """Scale: N real node processes on loopback run the digits demo task; each size is run several times and the worst
 run is reported (a stall in one run of three is a miss, not noise).
 
-Per run: time from start to the first commit on every node, median seconds per round, whether every node
+Per run: time from start to the first commit on every node, median seconds per round over all heights after the
+first (the steady state at the full run's 12-50 heights) and over the first 5 of them only (heights 2-6: what a
+short run sees, while libp2p still starts; height 1 is start-up and is in the first-commit time), whether every node
 committed every height, and per node per height: CPU seconds, messages and bytes in and out, the duplicate ratio of
 consensus frames, peak RSS, and the longest store call (the event loop never waits for it: it runs on the store
 worker thread).
@@ -28,6 +30,7 @@ from bench.harness import peak_rss_mb
 
 TARGETS = {8: (5.0, 0.25), 16: (8.0, 0.8), 32: (20.0, 3.0)}  # first commit s, median s/round
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+SHORT_HEIGHTS = 5  # median_round_s_first5: the first 5 round times (heights 2-6), next to the all-heights median
 
 
 def cpu_s(pid: int) -> float:
@@ -87,6 +90,7 @@ def one_run(n: int, rounds: int, timeout: float) -> dict[str, Any]:
 
         first_commit: list[float] = []
         round_times: list[float] = []
+        short_times: list[float] = []  # heights 2-6: the first 5 round times, a short run's view
         for v in views:
             s = ChainStore.open(v.home / "data" / "chain.sqlite", readonly=True)
             try:
@@ -97,6 +101,8 @@ def one_run(n: int, rounds: int, timeout: float) -> dict[str, Any]:
                     m = s.get_metrics(h) or {}
                     if "round_time_s" in m:
                         round_times.append(float(m["round_time_s"]))
+                        if h < 2 + SHORT_HEIGHTS:
+                            short_times.append(float(m["round_time_s"]))
             finally:
                 s.close()
         heights = [v.height for v in views]
@@ -116,6 +122,7 @@ def one_run(n: int, rounds: int, timeout: float) -> dict[str, Any]:
             "heights_min": min(heights),
             "first_commit_s": round(max(first_commit), 2) if len(first_commit) == n else None,
             "median_round_s": round(statistics.median(round_times), 3) if round_times else None,
+            "median_round_s_first5": round(statistics.median(short_times), 3) if short_times else None,
             # start to every node at the last height: first commit and round times together, start-up included
             "all_at_last_height_s": round(last_height_s, 1) if last_height_s is not None else None,
             "cpu_s_per_node_height": (
