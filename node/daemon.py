@@ -732,7 +732,10 @@ class Daemon:
         if not unknown:
             return True
         inline = {u.blob_hash for u in block.updates if u.blob_size <= UpdateBundle.INLINE_MAX}.intersection(unknown)
-        if inline:  # their authors' bundles are usually on the way: a fetch would race them
+        # Their authors' bundles are usually on the way: a fetch would race them. Not for a block peers committed
+        # already (we are syncing): no bundle of its height is coming, and waiting per block kept a syncing node
+        # as slow as the network, never catching up.
+        if inline and not self.sync.committed_elsewhere(block.height):
             with trio.move_on_after(BUNDLE_GRACE_S):
                 while not all(self.blobs.holds(h) for h in inline):
                     await self._changed.wait()

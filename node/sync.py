@@ -53,6 +53,11 @@ class BlockSync:
         self.ahead_seen = False
         self.ahead_of_us: tuple[int, str | None] = (0, None)  # a height some peer committed, and that peer
         self.last_commit = 0.0  # trio clock
+        self.target = 0  # the height a sync in progress (or the last one) catches up to
+
+    def committed_elsewhere(self, height: int) -> bool:
+        """Whether peers are known to have committed `height` already (a block of it comes by sync)."""
+        return height <= max(self.ahead_of_us[0], self.target)
 
     def register(self) -> None:
         self.net.set_handler(BLOCKS_PROTOCOL, self.serve_blocks)
@@ -128,6 +133,7 @@ class BlockSync:
 
     async def sync_from(self, peer: str, target: int) -> None:
         tip = self.tip
+        self.target = max(self.target, target)
         while tip.state.height < target:
             try:
                 raw = await self.net.request(
