@@ -1,7 +1,7 @@
-"""The flnode daemon: a thin trio driver around the pure consensus machine and the pure learning app.
+"""The flnode daemon: the trio driver around the pure consensus machine and the pure learning app.
 
 Services, each with one role: the admission gate (every network message), the store worker (all SQLite work,
-off the loop), the blob service (fetch and serve by hash), the sync loop (catch up from peers). The consensus
+off the loop), the blob service (fetch and serve by hash), sync (catch up from peers), status (node/status.py). The consensus
 driver is the only task that steps the machine; it reads one bounded event queue and performs the actions in
 order (persist before anything leaves the process). A committed block is applied by its own task, so a missing
 blob never stops timeouts, status or serving peers. Background tasks are supervised; only the consensus driver
@@ -10,9 +10,7 @@ and the store are fatal. Every deadline is on trio's clock.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,6 +80,7 @@ from .member_txs import MemberTxs
 from .net import ConsensusTransport
 from .net.consensus_stream import DirectConfig
 from .signer import LastSignGuard, guarded
+from .status import StatusFile, probe_loop_lag, status_record, write_every
 from .store_worker import StoreWorker
 from .supervise import supervised
 from .sync import BLOCKS_PROTOCOL, STATUS_PROTOCOL, BlockSync
@@ -161,7 +160,7 @@ class Daemon:
         self.config = config
         self.store = store
         store.state_max_bytes = state_size_cap(genesis)
-        self.status_path = status_path
+        self.status_file = StatusFile(status_path) if status_path is not None else None
         self.metrics = Metrics()
         self.topics = Topics.for_chain(genesis.chain_id)
         self._sets: dict[tuple[tuple[bytes, int], ...], ValidatorSet] = {}
@@ -369,8 +368,8 @@ class Daemon:
             self._supervise("inbound", self._inbound_loop)
             self._supervise("consensus_inbound", self._consensus_inbound_loop)
             self._supervise("sync", self.sync.run)
-            self._supervise("status", self._status_loop)
-            self._supervise("loop_lag", self._loop_lag_monitor)
+            self._supervise("status", write_every, self._write_status)
+            self._supervise("loop_lag", probe_loop_lag, self.metrics)
             self._supervise("blob_flusher", self.blobs.run_flusher)
             if self.data is not None:
                 self._supervise("participant", self._participant_loop)
@@ -944,48 +943,9 @@ class Daemon:
 
     # ---------------------------------------------------------------- status
 
-    async def _loop_lag_monitor(self) -> None:
-        """How late a 50 ms sleep wakes up: how long something held the event loop (a blocking call would show).
-        Not shorter: each expiring sleep costs ~0.1 ms of CPU, which 16 processes on 2 cores feel at 100 Hz."""
-        worst = 0.0
-        while True:
-            t0 = self._now()
-            await trio.sleep(0.05)
-            lag = self._now() - t0 - 0.05
-            if lag > worst:
-                worst = lag
-                self.metrics.set("loop_lag_max_ms", round(worst * 1000, 1))
-            if lag > 0.25:
-                self.metrics.inc("loop_stalls")
-
-    async def _status_loop(self) -> None:
-        while True:
-            self._write_status()
-            await trio.sleep(2.0)
-
     def _write_status(self) -> None:
-        if self.status_path is None:
+        if self.status_file is None:
             return
         self.metrics.set("store_max_call_ms", round(self.worker.max_call_s * 1000, 2))
         self.metrics.set("sign_refusals", getattr(self.machine, "sign_refusals", 0))
-        status = {
-            "pid": os.getpid(),
-            "time": time.time(),
-            "chain_id": self.chain_id,
-            "peer_id": self.net.peer_id,
-            "addrs": self.net.listen_addrs(),
-            "height": self.state.height,
-            "consensus_height": getattr(self.machine, "height", None),
-            "consensus_round": getattr(self.machine, "round", None),
-            "model_hash": self.state.model_hash.hex(),
-            "peers": len(self.net.connected_peers()),
-            "halted": self.halted,
-            "counters": dict(self.metrics.counters),
-            "gauges": dict(self.metrics.gauges),
-            "net": {**self.net.counters, **{f"consensus_{k}": v for k, v in self.transport.counters.items()},
-                    "consensus_frames_in": self.transport.counters.get("received", 0),
-                    "consensus_frames_out": self.transport.counters.get("sent", 0)},
-        }
-        tmp = self.status_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(status))
-        tmp.replace(self.status_path)
+        self.status_file.write(status_record(self, self.chain_id))

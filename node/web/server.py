@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import trio
 from hypercorn.config import Config
 from hypercorn.trio.run import worker_serve
 from hypercorn.utils import wrap_app
 
-from .app import Live, WebApp
+from ..status import NodeView, live_snapshot
+from .app import WebApp
 
 log = logging.getLogger("flnode.web")
 
@@ -60,45 +61,9 @@ async def serve_asgi(app: Any, listen: str, *, task_status: Any = trio.TASK_STAT
                        task_status=task_status)
 
 
-class NodeLike(Protocol):
-    """What the web view reads from a running Daemon (attribute reads on the event loop, no I/O)."""
-
-    genesis: Any
-    store: Any
-    state: Any
-    net: Any
-    transport: Any
-    machine: Any
-    metrics: Any
-    validator_peers: dict[str, bytes]
-    is_validator: bool
-    halted: str | None
-    config: Any
-
-
-def live_from(node: NodeLike) -> Live:
-    def live() -> dict[str, Any]:
-        connected = node.transport.connected()
-        online = sum(1 for p in node.validator_peers if p in connected) + (1 if node.is_validator else 0)
-        return {
-            "moniker": node.config.moniker,
-            "peer_id": node.net.peer_id,
-            "height": node.state.height,
-            "model_hash": node.state.model_hash.hex(),
-            "consensus_height": getattr(node.machine, "height", None),
-            "consensus_round": getattr(node.machine, "round", None),
-            "peers": len(node.net.connected_peers()),
-            "validators": len(node.validator_peers),
-            "validators_online": online,
-            "halted": node.halted,
-        }
-
-    return live
-
-
-async def serve_web(node: NodeLike, listen: str, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+async def serve_web(node: NodeView, listen: str, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
     """The explorer, JSON API and /metrics of a running node, on ``listen``."""
-    app = WebApp(Path(node.store.path), node.genesis, live=live_from(node), metrics=node.metrics)
+    app = WebApp(Path(node.store.path), node.genesis, live=lambda: live_snapshot(node), metrics=node.metrics)
     try:
         log.info("web explorer listening", extra={"url": f"http://{listen}/"})
         await serve_asgi(app, listen, task_status=task_status)
