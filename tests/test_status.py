@@ -9,7 +9,6 @@ from types import SimpleNamespace
 from typing import Any
 
 import trio
-
 from flnode.node.metrics import Metrics
 from flnode.node.status import StatusFile, live_snapshot, probe_loop_lag, status_record
 
