@@ -1,11 +1,11 @@
 """The flnode daemon: the trio driver around the pure consensus machine and the pure learning app.
 
-Services, each with one role: the admission gate (every network message), the store worker (all SQLite work,
-off the loop), the blob service (fetch and serve by hash), sync (catch up from peers), status (node/status.py). The consensus
-driver is the only task that steps the machine; it reads one bounded event queue and performs the actions in
-order (persist before anything leaves the process). A committed block is applied by its own task, so a missing
-blob never stops timeouts, status or serving peers. Background tasks are supervised; only the consensus driver
-and the store are fatal. Every deadline is on trio's clock.
+Services, each with one role: the admission gate (every network message), the store worker (all SQLite work, off
+the loop), the blob service (fetch and serve by hash), sync (catch up from peers), status (node/status.py). The
+consensus driver is the only task that steps the machine; it reads one bounded event queue and performs the actions
+in order (persist before anything leaves the process). A committed block is applied by its own task, so a missing
+blob never stops timeouts, status or serving peers. Background tasks are supervised; only the consensus driver and
+the store are fatal. Every deadline is on trio's clock.
 """
 
 from __future__ import annotations
@@ -732,8 +732,8 @@ class Daemon:
             return True
         inline = {u.blob_hash for u in block.updates if u.blob_size <= UpdateBundle.INLINE_MAX}.intersection(unknown)
         # Their authors' bundles are usually on the way: a fetch would race them. Not for a block peers committed
-        # already (we are syncing): no bundle of its height is coming, and waiting per block kept a syncing node
-        # as slow as the network, never catching up.
+        # already (we are syncing): no bundle of its height is coming, and a wait per block would hold a syncing
+        # node to the network's pace, so it never caught up.
         if inline and not self.sync.committed_elsewhere(block.height):
             with trio.move_on_after(BUNDLE_GRACE_S):
                 while not all(self.blobs.holds(h) for h in inline):
@@ -948,4 +948,4 @@ class Daemon:
             return
         self.metrics.set("store_max_call_ms", round(self.worker.max_call_s * 1000, 2))
         self.metrics.set("sign_refusals", getattr(self.machine, "sign_refusals", 0))
-        self.status_file.write(status_record(self, self.chain_id))
+        self.status_file.write(status_record(self))

@@ -1,4 +1,4 @@
-"""The node's status: one snapshot for the status file, the web view and the gauges, and the loop-lag probe.
+"""The node's status: one snapshot for the status file and the web view, and the loop-lag probe.
 
 Everything here reads attributes on the event loop (no I/O) except `StatusFile.write`, a small atomic rename.
 """
@@ -21,7 +21,7 @@ STALL_S = 0.25
 
 
 class NodeView(Protocol):
-    """What the status snapshot reads from a running node."""
+    """What the status snapshot and the web view read from a running node."""
 
     genesis: Any
     store: Any
@@ -54,14 +54,14 @@ def live_snapshot(node: NodeView) -> dict[str, Any]:
     }
 
 
-def status_record(node: NodeView, chain_id: str) -> dict[str, Any]:
+def status_record(node: NodeView) -> dict[str, Any]:
     """The live snapshot plus the process, its addresses and every counter: what `flnode status` reads."""
     counters = node.transport.counters
     return {
         **live_snapshot(node),
         "pid": os.getpid(),
         "time": time.time(),
-        "chain_id": chain_id,
+        "chain_id": node.genesis.chain_id,
         "addrs": node.net.listen_addrs(),
         "counters": dict(node.metrics.counters),
         "gauges": dict(node.metrics.gauges),

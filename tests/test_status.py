@@ -20,7 +20,7 @@ def fake_node(*, halted: str | None = None, validator: bool = True) -> Any:
     metrics = Metrics()
     metrics.inc("rejected_bad_signature", 2)
     return SimpleNamespace(
-        genesis=None, store=None, state=SimpleNamespace(height=12, model_hash=b"\x01" * 32), net=net,
+        genesis=SimpleNamespace(chain_id="chain-x"), store=None, state=SimpleNamespace(height=12, model_hash=b"\x01" * 32), net=net,
         transport=transport, machine=SimpleNamespace(height=13, round=1), metrics=metrics,
         validator_peers={"p1": b"a", "p2": b"b", "p3": b"c"}, is_validator=validator, halted=halted,
         config=SimpleNamespace(moniker="node0"),
@@ -38,7 +38,7 @@ def test_live_snapshot_counts_online_validators_and_itself() -> None:
 def test_status_file_holds_the_live_snapshot_and_every_counter(tmp_path: Path) -> None:
     node = fake_node(halted="app hash mismatch at 12")
     out = StatusFile(tmp_path / "status.json")
-    out.write(status_record(node, "chain-x"))
+    out.write(status_record(node))
     got = json.loads((tmp_path / "status.json").read_text())
     assert {k: got[k] for k in live_snapshot(node)} == live_snapshot(node)  # the web view and the file agree
     assert got["chain_id"] == "chain-x" and got["halted"] == "app hash mismatch at 12"
