@@ -37,6 +37,7 @@ from flnode.node.app import (
     make_update,
     validator_powers,
 )
+from flnode.node.app.blocks import build_block, check_block, missing_blobs
 from flnode.node.app.fairness import unfair_reason
 from flnode.node.app.membership import ever_validator, trainer_count, trains_at
 from flnode.node.app.participant import (
@@ -48,7 +49,6 @@ from flnode.node.app.participant import (
 )
 from flnode.node.app.powers import SLASH_DELAY, carries_priorities, proposer_sets, set_at
 from flnode.node.app.state import state_size_cap
-from flnode.node.chain.execution import build_block, check_block, missing_blobs
 from flnode.node.chain.store import ChainStore
 from flnode.node.config import NodeConfig, parse_direct_peer
 from flnode.node.metrics import Metrics, serve_metrics

@@ -136,7 +136,7 @@ def test_the_state_carries_the_previous_model_and_the_store_reloads_it(tmp_path:
     task, rules = _task_and_rules("logreg", "digits", "iid", 0.5, "centered_clip_momentum", 0, 100.0, 1, 0.1, 2000)
     rules.update(mixing="nnm", krum_byzantine=1)
     g = make_genesis("momentum", [(f"n{i}", k.public_key) for i, k in enumerate(KEYS)], task, rules)
-    from flnode.node.chain.execution import build_block
+    from flnode.node.app.blocks import build_block
 
     state, prev, last = genesis_state(g), genesis_block_hash(g), None
     store = ChainStore.open(tmp_path / "c.sqlite", genesis_hash=g.hash())

@@ -21,7 +21,7 @@ from flnode.node.app import (
     task_for,
     update_blob_size,
 )
-from flnode.node.chain.execution import build_block
+from flnode.node.app.blocks import build_block
 from flnode.protocol.crypto import NodeKey
 from flnode.protocol.errors import GenesisError, ValidationError
 from flnode.protocol.genesis import LATER_RULES, LATER_TASK, Genesis

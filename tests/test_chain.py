@@ -17,7 +17,7 @@ import pytest
 from flnode.cli.main import app
 from flnode.cli.node_cmd import _task_and_rules, make_genesis
 from flnode.node.app import genesis_state, make_update, participant_data
-from flnode.node.chain.execution import build_block, check_block, missing_blobs
+from flnode.node.app.blocks import build_block, check_block, missing_blobs
 from flnode.node.chain.store import ChainStore, StoreError
 from flnode.node.chain.verify import genesis_block_hash, verify_chain
 from flnode.node.config import NodeConfig, write_config

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from flnode.cli.node_cmd import _task_and_rules, make_genesis
 from flnode.node.app import execute, genesis_state
-from flnode.node.chain.execution import build_block
+from flnode.node.app.blocks import build_block
 from flnode.protocol.crypto import NodeKey
 from flnode.protocol.errors import DecodeError, ValidationError
 from flnode.protocol.hashing import ZERO_HASH

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 from flnode.node.app import genesis_state, task_for
+from flnode.node.app.blocks import build_block
 from flnode.node.app.fairness import GRACE_S, unfair_reason
-from flnode.node.chain.execution import build_block
 from flnode.node.chain.verify import genesis_block_hash
 from flnode.protocol.hashing import digest
 from flnode.protocol.messages import UpdateAnnouncement

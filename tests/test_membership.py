@@ -19,8 +19,8 @@ from flnode.node.app import (
     task_for,
     validator_powers,
 )
+from flnode.node.app.blocks import build_block, check_block, select_txs
 from flnode.node.app.membership import Refusal, trains_at
-from flnode.node.chain.execution import build_block, check_block, select_txs
 from flnode.node.chain.verify import genesis_block_hash
 from flnode.protocol.crypto import NodeKey
 from flnode.protocol.errors import DecodeError, GenesisError, ValidationError

@@ -15,7 +15,7 @@ from flnode.cli.node_cmd import _task_and_rules, create_testnet
 from flnode.consensus import ValidatorSet
 from flnode.node.admission import ROUND_WINDOW, AdmissionGate, ByteLRU, PeerBudget
 from flnode.node.app import genesis_state, make_update, participant_data
-from flnode.node.chain.execution import build_block
+from flnode.node.app.blocks import build_block
 from flnode.node.chain.store import ChainStore
 from flnode.node.config import home_paths, load_config
 from flnode.node.daemon import Daemon, Topics

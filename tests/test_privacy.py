@@ -25,8 +25,8 @@ from flnode.node.app import (
     participant_data,
     privacy,
 )
+from flnode.node.app.blocks import build_block
 from flnode.node.app.tasks import MLP, LogisticRegression
-from flnode.node.chain.execution import build_block
 from flnode.node.chain.store import ChainStore
 from flnode.node.chain.verify import genesis_block_hash, verify_chain
 from flnode.node.config import NodeConfig, write_config

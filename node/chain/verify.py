@@ -12,13 +12,13 @@ from dataclasses import dataclass, field
 
 from flnode.node.app import AppState, Receipt, encode_state, genesis_state
 from flnode.node.app import validator_powers as powers_at
+from flnode.node.app.blocks import certificate_powers, check_block
 from flnode.protocol.errors import ProtocolError, ValidationError
 from flnode.protocol.genesis import Genesis
 from flnode.protocol.hashing import digest
 from flnode.protocol.messages import Block, CommitCertificate
 from flnode.protocol.tensors import BlobReader
 
-from .execution import certificate_powers, check_block
 from .store import ChainStore, StoreError
 
 
