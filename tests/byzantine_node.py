@@ -10,8 +10,9 @@ It is the real Daemon (it votes, proposes and stays connected) with these overri
   different update list). Honest nodes must refuse it at decode (rejected_malformed).
 - flood: for a bounded time, publishes hundreds of signed proposals per second with distinct blocks (varying
   time_ms): for rounds far ahead, and for its own proposer slots of the current and next height.
-- inflate: its update has a -50 delta on every parameter, announced on odd heights with 2^40 samples (above
-  the cap) and on even heights with the cap (then only the norm bound stands in the way).
+- inflate: its update has a -50 delta on every parameter, announced with 2^40 samples (above the cap) until one
+  went out in step, then on odd heights, and on even heights with the cap (then only the norm bound stands in
+  the way).
 - withhold: announces its updates without the inline blob and serves its blobs only to the proposer of the height.
 - equivocate: every prevote/precommit it casts is followed by a second, conflicting one for the same
   (height, round) (nil <-> a made-up block hash), both gossiped.
@@ -251,12 +252,14 @@ class ByzantineDaemon(Daemon):
 
     async def _publish_update(self, height: int, ann: UpdateAnnouncement, blob: bytes, loss: float) -> None:
         if "inflate" in self.attacks:
-            # odd heights: 2^40 samples, refused at admission; even heights: the cap, so only the norm bound
-            # stands in the way (heights 1 and 2 come before any penalty can get us excluded)
+            # 2^40 samples, refused at admission, until one went out in step with the others; then odd heights
+            # only, and even heights the cap, so only the norm bound stands in the way. An at-cap update is
+            # penalised and gets us excluded, after which refusals count as "excluded", never as over the cap.
             blob = self._malicious_blob()
-            samples = INFLATED_SAMPLES if height % 2 == 1 else samples_cap(self.genesis, self.me)
+            over = height % 2 == 1 or not self._over_cap_sent
+            samples = INFLATED_SAMPLES if over else samples_cap(self.genesis, self.me)
             self._over_cap_sent = self._over_cap_sent or (  # sent while in step with the others: not stale
-                height % 2 == 1 and bool(self.transport.connected()) and self.sync.ahead_of_us[0] <= self.state.height)
+                over and bool(self.transport.connected()) and self.sync.ahead_of_us[0] <= self.state.height)
             ann = replace(ann, blob_hash=digest(blob), blob_size=len(blob), num_samples=samples,
                           signature=b"").signed(self.key, self.chain_id)
             self.metrics.inc("byz_inflated")

@@ -103,14 +103,15 @@ def check_honest(genesis: Genesis, honest: list[NodeView], min_height: int) -> i
     return top
 
 
-def attacks_seen(byz: NodeView, honest: list[NodeView]) -> bool:
+def attacks_missing(byz: NodeView, honest: list[NodeView]) -> list[str]:
+    """The attacks not yet made (byz_*) or not yet refused as over the cap by the honest nodes."""
     try:
         made = counters(byz.home)
         refused = sum(counters(v.home).get("rejected_samples_over_cap", 0) for v in honest)
     except (OSError, ValueError, KeyError):
-        return False
-    return refused > 0 and all(made.get(c, 0) > 0 for c in ("byz_swapped", "byz_flooded", "byz_inflated",
-                                                              "byz_equivocations"))
+        return ["status files"]
+    missing = [c for c in ("byz_swapped", "byz_flooded", "byz_inflated", "byz_equivocations") if made.get(c, 0) == 0]
+    return missing + ([] if refused else ["rejected_samples_over_cap"])
 
 
 async def test_one_byzantine_member_of_four_with_every_attack(tmp_path: Path) -> None:
@@ -126,7 +127,10 @@ async def test_one_byzantine_member_of_four_with_every_attack(tmp_path: Path) ->
         await wait_until(lambda: byz_key in slashed_at(honest[0].home, min(heights(honest))), views, procs,
                          max(5.0, 85 - (time.monotonic() - t0)))
         # every attack made and seen (status files are written every 2 s; the swap waits for an over-cap update)
-        await wait_until(lambda: attacks_seen(byz, honest), views, procs, max(5.0, 90 - (time.monotonic() - t0)))
+        try:
+            await wait_until(lambda: not attacks_missing(byz, honest), views, procs, max(5.0, 90 - (time.monotonic() - t0)))
+        except AssertionError as exc:
+            raise AssertionError(f"attacks not seen: {attacks_missing(byz, honest)}; {exc}") from None
         assert all(p.poll() is None for p in procs)
     finally:
         stop_nodes(procs)
