@@ -25,15 +25,21 @@ class NodeView(Protocol):
 
     genesis: Any
     store: Any
-    state: Any
     net: Any
     transport: Any
     machine: Any
     metrics: Metrics
-    validator_peers: dict[str, bytes]
     is_validator: bool
-    halted: str | None
     config: Any
+
+    @property
+    def state(self) -> Any: ...
+
+    @property
+    def validator_peers(self) -> dict[str, bytes]: ...
+
+    @property
+    def halted(self) -> str | None: ...
 
 
 def live_snapshot(node: NodeView) -> dict[str, Any]:

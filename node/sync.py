@@ -35,13 +35,13 @@ APPLY_WAIT_S = 60.0  # a synced block not applied within this is given up on (th
 
 
 class Tip(Protocol):
-    """What sync reads of the node: the committed tip, and a wait for the next change of it."""
+    """What sync reads of the node: the committed tip, and a wait for a height (node/head.py)."""
 
     genesis: Genesis
     state: AppState
     last_block_hash: bytes
 
-    async def tip_changed(self) -> None: ...
+    async def wait_for(self, height: int) -> None: ...
 
 
 class BlockSync:
@@ -112,8 +112,8 @@ class BlockSync:
                 # Being one commit behind the fastest peer is the normal state of a busy network: wait a moment
                 # for our own commit before asking anyone (at 16 nodes every node polled every peer every height).
                 with trio.move_on_after(AHEAD_GRACE_S):
-                    while self.tip.state.height < self.ahead_of_us[0]:
-                        await self.tip.tip_changed()
+                    while self.tip.state.height < self.ahead_of_us[0]:  # the target may move meanwhile
+                        await self.tip.wait_for(self.tip.state.height + 1)
                 self.ahead_seen = False
                 target, ahead_peer = self.ahead_of_us
                 if self.tip.state.height >= target and trio.current_time() - self.last_commit < STALL_POLL_S:
@@ -160,7 +160,6 @@ class BlockSync:
                 before = tip.state.height
                 await self.deliver(CommitReceived(block, cert))
                 with trio.move_on_after(APPLY_WAIT_S):
-                    while tip.state.height == before:
-                        await tip.tip_changed()
+                    await tip.wait_for(before + 1)
                 if tip.state.height == before:
                     return

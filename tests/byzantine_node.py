@@ -40,7 +40,10 @@ import trio
 from flnode.consensus import actions as act
 from flnode.node.app.limits import param_spec, samples_cap
 from flnode.node.daemon import Daemon
+from flnode.node.driver import Driver
 from flnode.node.net import peer_id_of
+from flnode.node.proposer import Proposer
+from flnode.node.trainer import Trainer
 from flnode.protocol.crypto import NodeKey
 from flnode.protocol.hashing import digest
 from flnode.protocol.membership import MembershipTx, Role
@@ -69,6 +72,9 @@ class ByzantineDaemon(Daemon):
     def __init__(self, *args: Any, attacks: set[str], flood_rate: float = 200.0, flood_seconds: float = 12.0,
                  swap_proposals: int = 1, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        for service in (self.driver, self.proposer, self.trainer):
+            if service is not None:
+                service.node = self  # type: ignore[union-attr]
         unknown = attacks - set(ATTACKS)
         if unknown:
             raise ValueError(f"unknown attacks: {sorted(unknown)}")
@@ -126,20 +132,6 @@ class ByzantineDaemon(Daemon):
                 n.start_soon(self._sybil_loop)
             log.warning("byzantine member running", extra={"attacks": ",".join(sorted(self.attacks))})
             task_status.started()
-
-    # ---------------------------------------------------------------- equivocate
-
-    async def _perform(self, actions: list[Any]) -> None:
-        await super()._perform(actions)
-        if "equivocate" not in self.attacks:
-            return
-        for a in actions:
-            if isinstance(a, act.Broadcast) and isinstance(a.message, Vote) and a.message.validator == self.me:
-                v = a.message
-                other = None if v.block_hash is not None else digest(b"byzantine" + v.sign_payload())
-                twin = replace(v, block_hash=other, signature=b"").signed(self.key, self.chain_id)
-                await self._publish_raw(self.topics.consensus, encode_gossip(twin))
-                self.metrics.inc("byz_equivocations")
 
     # ---------------------------------------------------------------- swap
 
@@ -209,16 +201,7 @@ class ByzantineDaemon(Daemon):
             await trio.sleep(0)
         log.warning("flood over", extra={"sent": sent, "seconds": round(trio.current_time() - start, 2)})
 
-    # ---------------------------------------------------------------- censor / sybil
-
-    async def _ready_updates(self, height: int) -> list[tuple[UpdateAnnouncement, Any]]:
-        ready = await super()._ready_updates(height)
-        if "censor" not in self.attacks:
-            return ready
-        own = [(a, b) for a, b in ready if a.author == self.me]
-        if len(own) < len(ready):
-            self.metrics.inc("byz_censored")
-        return own
+    # ---------------------------------------------------------------- sybil
 
     async def _sybil_loop(self) -> None:
         """Join requests for fresh keys, a few every height, validator seats first."""
@@ -240,38 +223,80 @@ class ByzantineDaemon(Daemon):
 
     # ---------------------------------------------------------------- inflate / withhold
 
-    def _malicious_blob(self) -> bytes:
+    def malicious_blob(self) -> bytes:
         return encode_tensors({n: np.full(s, MALICIOUS_DELTA, np.float32) for n, s in param_spec(self.genesis)})
 
-    async def _participant_loop(self) -> None:
+
+class ByzantineDriver(Driver):
+    node: ByzantineDaemon
+
+    async def perform(self, actions: list[Any]) -> None:
+        """equivocate: every vote it casts is followed by a conflicting twin."""
+        await super().perform(actions)
+        node = self.node
+        if "equivocate" not in node.attacks:
+            return
+        for a in actions:
+            if isinstance(a, act.Broadcast) and isinstance(a.message, Vote) and a.message.validator == node.me:
+                v = a.message
+                other = None if v.block_hash is not None else digest(b"byzantine" + v.sign_payload())
+                twin = replace(v, block_hash=other, signature=b"").signed(node.key, node.chain_id)
+                await node._publish_raw(node.topics.consensus, encode_gossip(twin))
+                node.metrics.inc("byz_equivocations")
+
+
+class ByzantineProposer(Proposer):
+    node: ByzantineDaemon
+
+    async def ready_updates(self, height: int) -> list[tuple[UpdateAnnouncement, Any]]:
+        """censor: as proposer it lists only its own update."""
+        ready = await super().ready_updates(height)
+        if "censor" not in self.node.attacks:
+            return ready
+        own = [(a, b) for a, b in ready if a.author == self.node.me]
+        if len(own) < len(ready):
+            self.node.metrics.inc("byz_censored")
+        return own
+
+
+class ByzantineTrainer(Trainer):
+    node: ByzantineDaemon
+
+    async def run(self) -> None:
+        node = self.node
         with trio.move_on_after(10):  # a first update published before the links are up reaches no one
-            while len(self.transport.connected()) < len(self.genesis.validators) - 1:
+            while len(node.transport.connected()) < len(node.genesis.validators) - 1:
                 await trio.sleep(0.1)
         await trio.sleep(0.5)
-        await super()._participant_loop()
+        await super().run()
 
-    async def _publish_update(self, height: int, ann: UpdateAnnouncement, blob: bytes, loss: float) -> None:
-        if "inflate" in self.attacks:
+    async def publish(self, height: int, ann: UpdateAnnouncement, blob: bytes, loss: float) -> None:
+        node = self.node
+        if "inflate" in node.attacks:
             # 2^40 samples, refused at admission, until one went out in step with the others; then odd heights
             # only, and even heights the cap, so only the norm bound stands in the way. An at-cap update is
             # penalised and gets us excluded, after which refusals count as "excluded", never as over the cap.
-            blob = self._malicious_blob()
-            over = height % 2 == 1 or not self._over_cap_sent
-            samples = INFLATED_SAMPLES if over else samples_cap(self.genesis, self.me)
-            self._over_cap_sent = self._over_cap_sent or (  # sent while in step with the others: not stale
-                over and bool(self.transport.connected()) and self.sync.ahead_of_us[0] <= self.state.height)
+            blob = node.malicious_blob()
+            over = height % 2 == 1 or not node._over_cap_sent
+            samples = INFLATED_SAMPLES if over else samples_cap(node.genesis, node.me)
+            node._over_cap_sent = node._over_cap_sent or (  # sent while in step with the others: not stale
+                over and bool(node.transport.connected()) and node.sync.ahead_of_us[0] <= node.state.height)
             ann = replace(ann, blob_hash=digest(blob), blob_size=len(blob), num_samples=samples,
-                          signature=b"").signed(self.key, self.chain_id)
-            self.metrics.inc("byz_inflated")
-        self._own_blobs.add(ann.blob_hash)
-        await self.blobs.put(ann.blob_hash, blob)
-        if self.gate.admit(self.topics.updates, encode_gossip(ann), None) is not None:
-            self.pool.add(ann, height)  # an update our own proposals may carry
-            self._notify()
-        withhold = "withhold" in self.attacks
+                          signature=b"").signed(node.key, node.chain_id)
+            node.metrics.inc("byz_inflated")
+        node._own_blobs.add(ann.blob_hash)
+        await node.blobs.put(ann.blob_hash, blob)
+        if node.gate.admit(node.topics.updates, encode_gossip(ann), None) is not None:
+            node.mempool.add_update(ann)  # an update our own proposals may carry
+        withhold = "withhold" in node.attacks
         out = ann if withhold or len(blob) > UpdateBundle.INLINE_MAX else UpdateBundle(ann, blob)
         log.info("published update", extra={"height": height, "samples": ann.num_samples, "inline": not withhold})
-        await self._publish_raw(self.topics.updates, encode_gossip(out))
+        await node._publish_raw(node.topics.updates, encode_gossip(out))
+
+
+ByzantineDaemon.driver_class = ByzantineDriver
+ByzantineDaemon.proposer_class = ByzantineProposer
+ByzantineDaemon.trainer_class = ByzantineTrainer
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,12 +15,17 @@ from pathlib import Path
 
 from flnode.node.app import AppState
 from flnode.node.daemon import Daemon
+from flnode.node.trainer import Trainer
 from netutil import run_until_signal
 
 
-class ForcedDaemon(Daemon):
-    async def _privacy_allows(self, state: AppState) -> bool:
+class ForcedTrainer(Trainer):
+    async def privacy_allows(self, state: AppState) -> bool:
         return True
+
+
+class ForcedDaemon(Daemon):
+    trainer_class = ForcedTrainer
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,12 +31,12 @@ async def test_a_raising_client_costs_the_round_not_the_daemon(
 ) -> None:
     d, genesis, _ = net
     daemon = _daemon(d, genesis, tmp_path)
-    daemon.participant_index = genesis.index_of(daemon.me)
-    daemon.data = Participant(genesis, Raising(), daemon.participant_index)
+    index = genesis.index_of(daemon.me)
+    trainer = daemon.use_trainer(Participant(genesis, Raising(), index), index)
     async with trio.open_nursery() as n:
-        daemon._nursery = n
-        daemon._gate_open.set()
-        daemon._supervise("participant", daemon._participant_loop)
+        daemon._nursery = n  # the daemon's supervision is what is tested
+        daemon.gate_open.set()
+        daemon._supervise("participant", trainer.run)
         with trio.fail_after(10):
             while daemon.metrics.counters["trainer_errors_exception"] < 1:
                 await trio.sleep(0.02)

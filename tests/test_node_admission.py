@@ -211,19 +211,19 @@ async def test_proposer_waits_on_trios_clock_without_spinning(net: tuple[Path, G
     sent: list[object] = []
 
     async def drain() -> None:
-        async for ev in daemon._events_recv:
+        async for ev in daemon.driver.events:
             sent.append(ev)
 
     async with trio.open_nursery() as n:
         n.start_soon(drain)
         t0 = trio.current_time()
-        daemon._height_started = t0
-        await daemon._build_value(1, 0)  # no update ever arrives: waits the collection timeout, then proposes
+        daemon.timing.begin(t0, False)
+        await daemon.proposer.propose(1, 0)  # no update ever arrives: waits the collection timeout, then proposes
         elapsed = trio.current_time() - t0
         n.cancel_scope.cancel()
     store.close()
     assert 0.5 <= elapsed < 3.0, elapsed
-    assert daemon.collect_passes <= 3, daemon.collect_passes  # woken only by changes or the deadline
+    assert daemon.proposer.collect_passes <= 3, daemon.proposer.collect_passes  # woken only by arrivals or the deadline
     assert len(sent) == 1
 
 

@@ -41,9 +41,9 @@ async def _run_driver(daemon: Daemon, nursery: trio.Nursery) -> None:
     async def no_gate() -> None:  # no network here: the start-up gate is tested with real peers elsewhere
         return None
 
-    daemon._wait_for_quorum = no_gate  # type: ignore[method-assign]
-    daemon._nursery = nursery
-    nursery.start_soon(daemon._consensus_loop)
+    daemon.wait_for_quorum = no_gate  # type: ignore[method-assign]
+    daemon._nursery = nursery  # where the driver's one-shot tasks (fetch, validate) are supervised
+    await nursery.start(daemon.driver.run)
 
 
 async def test_missing_blob_of_a_committed_block_does_not_stop_the_driver(
@@ -55,14 +55,14 @@ async def test_missing_blob_of_a_committed_block_does_not_stop_the_driver(
     daemon = _daemon(d, genesis, tmp_path)
     async with trio.open_nursery() as n:
         await _run_driver(daemon, n)
-        await daemon._events_send.send(CommitReceived(block, _certify(genesis, keys, block)))
+        await daemon.driver.inbox.send(CommitReceived(block, _certify(genesis, keys, block)))
         # No peer has the blobs. The driver must keep taking events: far more than the queue holds.
         with trio.fail_after(10):
             for i in range(3000):
-                await daemon._events_send.send(TimeoutFired(TimeoutKind.PREVOTE, 1, i % 50))
-            while daemon._events_recv.statistics().current_buffer_used:  # and really consumed them
+                await daemon.driver.inbox.send(TimeoutFired(TimeoutKind.PREVOTE, 1, i % 50))
+            while daemon.driver.events.statistics().current_buffer_used:  # and really consumed them
                 await trio.sleep(0.01)
-        assert daemon.state.height == 0 and daemon._applying == 1
+        assert daemon.state.height == 0 and daemon.driver.applying == 1
         with trio.fail_after(10):
             while daemon.metrics.counters["blob_fetch_retries"] < 2:  # and it keeps trying
                 await trio.sleep(0.05)
@@ -86,12 +86,12 @@ async def test_committed_block_that_cannot_be_executed_halts_without_crashing(
     daemon = _daemon(d, genesis, tmp_path)
     async with trio.open_nursery() as n:
         await _run_driver(daemon, n)
-        await daemon._events_send.send(CommitReceived(bad, _certify(genesis, keys, bad)))
+        await daemon.driver.inbox.send(CommitReceived(bad, _certify(genesis, keys, bad)))
         with trio.fail_after(10):
             while daemon.halted is None:
                 await trio.sleep(0.05)
             for i in range(2000):  # still alive and taking events
-                await daemon._events_send.send(TimeoutFired(TimeoutKind.PREVOTE, 1, i % 50))
+                await daemon.driver.inbox.send(TimeoutFired(TimeoutKind.PREVOTE, 1, i % 50))
         n.cancel_scope.cancel()
     status = json.loads((tmp_path / "status.json").read_text())
     assert "cannot execute committed block 1" in status["halted"]
@@ -114,14 +114,14 @@ async def test_a_block_whose_blobs_are_missing_is_not_judged_invalid(
     answers: list[ValueValidated] = []
 
     async def listen() -> None:
-        async for ev in daemon._events_recv:
+        async for ev in daemon.driver.events:
             if isinstance(ev, ValueValidated):
                 answers.append(ev)
 
     async with trio.open_nursery() as n:
         daemon._nursery = n
         n.start_soon(listen)
-        n.start_soon(daemon._validate_value, 1, 0, block)
+        n.start_soon(daemon.checker.validate, 1, 0, block)
         await trio.sleep(1.5)  # several fetch attempts fail: no holder is reachable
         assert answers == [] and daemon.metrics.counters["blob_fetch_retries"] >= 1
         for ann, blob in ups:

@@ -36,18 +36,18 @@ async def test_a_crashing_participant_loop_does_not_stop_the_node(
 ) -> None:
     d, genesis, _ = net
     daemon: Daemon = _daemon(d, genesis, tmp_path)
-    daemon.data = object()  # type: ignore[assignment]  # a participant, whose training code is broken
+    trainer = daemon.use_trainer(object(), 0)  # type: ignore[arg-type]  # a participant whose training code is broken
 
     def broken(*args: object) -> None:
         raise ValueError("a bug in training")
 
-    import flnode.node.daemon as mod
+    import flnode.node.trainer as mod
 
     monkeypatch.setattr(mod, "make_update", broken)  # type: ignore[attr-defined]
     async with trio.open_nursery() as n:
         daemon._nursery = n
-        daemon._gate_open.set()  # as if the start-up gate had opened
-        daemon._supervise("participant", daemon._participant_loop)
+        daemon.gate_open.set()  # as if the start-up gate had opened
+        daemon._supervise("participant", trainer.run)
         with trio.fail_after(10):
             while daemon.metrics.counters["task_failures_participant"] < 3:
                 await trio.sleep(0.05)

@@ -4,37 +4,22 @@ a block that does not link is refused and counted; the server answers batches an
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import trio
 from flnode.consensus import CommitReceived
-from flnode.node.app import AppState, genesis_state
+from flnode.node.app import genesis_state
 from flnode.node.chain.store import ChainStore
 from flnode.node.chain.verify import genesis_block_hash
+from flnode.node.head import Head
 from flnode.node.metrics import Metrics
 from flnode.node.store_worker import StoreWorker
 from flnode.node.sync import BLOCKS_PROTOCOL, STATUS_PROTOCOL, BlockSync
 from flnode.protocol.genesis import Genesis
 from flnode.protocol.messages import Status
 from test_chain import make_chain, store_chain
-
-
-@dataclass
-class Tip:
-    genesis: Genesis
-    state: AppState
-    last_block_hash: bytes
-    moved: trio.Event = field(default_factory=trio.Event)
-
-    async def tip_changed(self) -> None:
-        await self.moved.wait()
-
-    def advance(self, state: AppState, block_hash: bytes) -> None:
-        self.state, self.last_block_hash = state, block_hash
-        self.moved.set()
-        self.moved = trio.Event()
 
 
 class Net:
@@ -63,7 +48,7 @@ def serving(tmp_path: Path, heights: int) -> tuple[Genesis, list[Any], BlockSync
     net = Net()
     worker = StoreWorker(store)
     last = blocks[-1]
-    server = BlockSync(Tip(g, last[2], last[0].hash()), net, store, worker, Metrics(), None)  # type: ignore[arg-type]
+    server = BlockSync(Head(g, last[2], last[0].hash(), None), net, store, worker, Metrics(), None)  # type: ignore[arg-type]
     server.register()
     return g, blocks, server, worker
 
@@ -74,13 +59,13 @@ async def test_a_node_behind_syncs_every_block_and_refuses_a_forged_one(tmp_path
     assert status.height == 4 and status.block_hash == blocks[-1][0].hash()
     assert set(server.net.handlers) == {BLOCKS_PROTOCOL, STATUS_PROTOCOL}  # type: ignore[attr-defined]
 
-    tip = Tip(g, genesis_state(g), genesis_block_hash(g))
+    tip = Head(g, genesis_state(g), genesis_block_hash(g), None)
     by_height = {b.height: (b, s) for b, _, s, _ in blocks}
     delivered: list[int] = []
 
     async def apply(ev: CommitReceived) -> None:  # the driver's commit path, in one line
         delivered.append(ev.block.height)
-        tip.advance(by_height[ev.block.height][1], ev.block.hash())
+        tip.advance(by_height[ev.block.height][1], ev.block.hash(), ev.certificate)
 
     net = Net()
     net.server = server
@@ -92,7 +77,7 @@ async def test_a_node_behind_syncs_every_block_and_refuses_a_forged_one(tmp_path
     assert delivered == [1, 2, 3, 4] and tip.state.height == 4
 
     # the same chain again, with height 2's certificate signed for height 1's block: refused at height 2
-    forged = Tip(g, by_height[1][1], blocks[0][0].hash())
+    forged = Head(g, by_height[1][1], blocks[0][0].hash(), None)
     bad_cert = replace(blocks[1][1], block_hash=blocks[0][0].hash())
     real_read = server._read_blocks
 
