@@ -17,13 +17,11 @@ from typing import Any
 
 import trio
 from flnode.consensus import (
-    ProposalReceived,
     Tendermint,
     TimeoutConfig,
     TimeoutFired,
     TimeoutKind,
     ValidatorSet,
-    VoteReceived,
 )
 from flnode.node.app import AppState, check_announcement_admission, genesis_state
 from flnode.node.app.membership import trainer_count, trains_at
@@ -39,13 +37,8 @@ from flnode.protocol.hashing import digest
 from flnode.protocol.membership import MembershipTx
 from flnode.protocol.messages import (
     GOSSIP_MAX_SIZE,
-    DuplicateVoteEvidence,
-    Message,
-    Proposal,
     UpdateAnnouncement,
     UpdateBundle,
-    Vote,
-    encode_gossip,
 )
 
 from .admission import AdmissionGate
@@ -60,6 +53,7 @@ from .net import ConsensusTransport
 from .net.consensus_stream import DirectConfig
 from .peers import Peers
 from .proposer import Proposer
+from .router import Router
 from .signer import LastSignGuard, guarded
 from .status import StatusFile, probe_loop_lag, status_record, write_every
 from .store_worker import StoreWorker
@@ -72,8 +66,6 @@ __all__ = ["BLOB_PROTOCOL", "BLOCKS_PROTOCOL", "STATUS_PROTOCOL", "Daemon", "Top
 
 P2P_DEFER_MAX_S = 20.0  # libp2p starts after the first commit, or after this long without one
 log = logging.getLogger("flnode.daemon")
-
-CUT_OFF_REASONS = {"malformed", "bad_signature", "unexpected_type", "wrong_topic"}
 
 
 def direct_config(config: NodeConfig, key: NodeKey, chain_id: str) -> DirectConfig | None:
@@ -120,6 +112,11 @@ class Daemon:
     trainer_class: type[Trainer] = Trainer
     proposer_class: type[Proposer] = Proposer
     driver_class: type[Driver] = Driver
+    router_class: type[Router] = Router
+    # built late in __init__, read by callbacks built earlier
+    router: Router
+    sync: BlockSync
+    driver: Driver
 
     def __init__(
         self,
@@ -177,7 +174,7 @@ class Daemon:
             # Validators exchange consensus messages and their own update announcements over direct streams;
             # gossip carries only announcements from and to non-validators (trainers, observers).
             topics=[self.topics.updates],
-            validator=self._validate_gossip,
+            validator=lambda topic, data, peer=None: self.router.validate_gossip(topic, data, peer),
             announce=list(config.announce) or None,
             max_peers=config.p2p_max_peers,
         )
@@ -233,11 +230,14 @@ class Daemon:
         self.driver = self.driver_class(genesis, self.me, self.machine, self.head, self.timing, self.transport, self.worker,
                              sign_guard, self.metrics, proposer=self.proposer, checker=self.checker,
                              committer=self.committer, already_has=self.peers.already_has,
-                             pool_evidence=self._pool_evidence, before_height=self._sync_validators,
+                             pool_evidence=lambda ev: self.router.pool_evidence(ev), before_height=self._sync_validators,
                              spawn=self._spawn)
         self.sync = BlockSync(self.head, self.net, store, self.worker, self.metrics, self.driver.inbox.send)
         self.committer.on_committed += [self.sync.committed, self.mempool.committed,
                                         lambda: self.gate.prune(self.head.height)]
+        self.router = self.router_class(genesis, self.head, self.gate, self.net, self.transport, self.peers,
+                                        self.sync, self.mempool, self.blobs, self.metrics, self.timing,
+                                        deliver=self._deliver, voting=lambda: self.is_validator, spawn=self._spawn)
         self.trainer = self.use_trainer(self.data, participant_index) if self.data is not None else None
 
     def use_trainer(self, data: Participant, index: int) -> Trainer:
@@ -338,8 +338,8 @@ class Daemon:
 
                 await nursery.start(serve_web, self, self.config.http_listen)
             nursery.start_soon(self._consensus)  # fatal: an exception here stops the node
-            self._supervise("inbound", self._inbound_loop)
-            self._supervise("consensus_inbound", self._consensus_inbound_loop)
+            self._supervise("inbound", self.router.run_gossip)
+            self._supervise("consensus_inbound", self.router.run_consensus)
             self._supervise("sync", self.sync.run)
             self._supervise("status", write_every, self._write_status)
             self._supervise("loop_lag", probe_loop_lag, self.metrics)
@@ -395,67 +395,6 @@ class Daemon:
 
     async def _deliver(self, event: Any) -> None:
         await self.driver.inbox.send(event)
-
-    # ---------------------------------------------------------------- network in: route each message to its owner
-
-    def _validate_gossip(self, topic: str, data: bytes, peer: str | None = None) -> bool:
-        """libp2p topic validator: only what the admission gate admits is re-gossiped."""
-        return self.gate.admit(topic, data, peer) is not None
-
-    async def _inbound_loop(self) -> None:
-        async for item in self.net.inbound:
-            msg = self.gate.admit(item.topic, item.data, None)
-            if msg is None:
-                continue
-            await self._on_message(msg, item.from_peer)
-
-    async def _consensus_inbound_loop(self) -> None:
-        async for peer, data in self.transport.inbound:
-            msg = self.gate.admit(None, data, peer)
-            if msg is None:
-                if self.gate.last_reason in CUT_OFF_REASONS:  # a direct peer sent what no honest node sends
-                    self.transport.cut_off(peer, self.gate.last_reason or "")
-                continue
-            await self._on_message(msg, peer)
-
-    async def _on_message(self, msg: Message, from_peer: str | None) -> None:
-        self.metrics.inc("gossip_received")
-        self.peers.note(msg)
-        self.sync.saw_height(getattr(msg, "height", 0), from_peer)
-        if isinstance(msg, Vote):
-            await self.driver.inbox.send(VoteReceived(msg))
-        elif isinstance(msg, Proposal):
-            if msg.height == self.head.next_height:
-                self.timing.mark("proposal_t")
-            await self.driver.inbox.send(ProposalReceived(msg))
-        elif isinstance(msg, UpdateBundle):
-            await self.blobs.put(msg.announcement.blob_hash, msg.blob, msg.announcement.height)
-            self._on_announcement(msg.announcement, from_peer)
-        elif isinstance(msg, UpdateAnnouncement):
-            self._on_announcement(msg, from_peer)
-        elif isinstance(msg, DuplicateVoteEvidence):
-            self._pool_evidence(msg)
-        elif isinstance(msg, MembershipTx) and self.members.add(msg) and self.is_validator:
-            self.transport.broadcast(encode_gossip(msg), height=self.head.next_height, round=0)  # relay once
-
-    def _on_announcement(self, ann: UpdateAnnouncement, from_peer: str | None) -> None:
-        if self.mempool.add_update(ann):
-            log.debug("update announced", extra={"height": ann.height, "author": self.genesis.name_of(ann.author)})
-            if not self.blobs.holds(ann.blob_hash):
-                holders = [peer_id_of(ann.author)] + ([from_peer] if from_peer else [])
-                self._spawn("fetch", self._fetch_announced, ann, holders)
-
-    async def _fetch_announced(self, ann: UpdateAnnouncement, holders: list[str]) -> None:
-        await self.blobs.fetch_until(
-            ann.blob_hash, lambda: list(dict.fromkeys(holders + self.net.connected_peers())), ann.blob_size,
-            give_up=lambda: self.state.height >= ann.height, height=ann.height,
-        )
-
-    def _pool_evidence(self, ev: DuplicateVoteEvidence) -> None:
-        why = self.mempool.add_evidence(ev)
-        if why is not None and why != "duplicate":
-            log.info("evidence not pooled", extra={"validator": self.genesis.name_of(ev.validator), "why": why})
-            self.metrics.inc(f"evidence_dropped_{why}")
 
     def _check_updates_complete(self) -> None:
         height = self.head.next_height

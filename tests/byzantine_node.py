@@ -43,6 +43,7 @@ from flnode.node.daemon import Daemon
 from flnode.node.driver import Driver
 from flnode.node.net import peer_id_of
 from flnode.node.proposer import Proposer
+from flnode.node.router import Router
 from flnode.node.trainer import Trainer
 from flnode.protocol.crypto import NodeKey
 from flnode.protocol.hashing import digest
@@ -72,7 +73,7 @@ class ByzantineDaemon(Daemon):
     def __init__(self, *args: Any, attacks: set[str], flood_rate: float = 200.0, flood_seconds: float = 12.0,
                  swap_proposals: int = 1, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        for service in (self.driver, self.proposer, self.trainer):
+        for service in (self.driver, self.proposer, self.trainer, self.router):
             if service is not None:
                 service.node = self  # type: ignore[union-attr]
         unknown = attacks - set(ATTACKS)
@@ -117,11 +118,6 @@ class ByzantineDaemon(Daemon):
         round_ = self.consensus_round() if topic == self.topics.consensus else 0
         self.transport.broadcast(data, height=self.state.height + 1, round=round_)
 
-    def _validate_gossip(self, topic: str, data: bytes, peer: str | None = None) -> bool:
-        if digest(data) in self._own_out:
-            return True
-        return super()._validate_gossip(topic, data, peer)
-
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         honest_run = super().run
         async with trio.open_nursery() as n:
@@ -135,8 +131,7 @@ class ByzantineDaemon(Daemon):
 
     # ---------------------------------------------------------------- swap
 
-    async def _on_message(self, msg: Message, from_peer: str | None) -> None:
-        await super()._on_message(msg, from_peer)
+    async def _after_message(self, msg: Message) -> None:
         if not isinstance(msg, Proposal) or msg.proposer == self.me:
             return
         if msg.height == self.state.height + 1:
@@ -227,6 +222,21 @@ class ByzantineDaemon(Daemon):
         return encode_tensors({n: np.full(s, MALICIOUS_DELTA, np.float32) for n, s in param_spec(self.genesis)})
 
 
+class ByzantineRouter(Router):
+    node: ByzantineDaemon
+
+    def validate_gossip(self, topic: str, data: bytes, peer: str | None = None) -> bool:
+        """Our own gossip validator lets our own messages out."""
+        if digest(data) in self.node._own_out:
+            return True
+        return super().validate_gossip(topic, data, peer)
+
+    async def on_message(self, msg: Message, from_peer: str | None) -> None:
+        """swap: a proposal of another proposer is re-published with a swapped body."""
+        await super().on_message(msg, from_peer)
+        await self.node._after_message(msg)
+
+
 class ByzantineDriver(Driver):
     node: ByzantineDaemon
 
@@ -295,6 +305,7 @@ class ByzantineTrainer(Trainer):
 
 
 ByzantineDaemon.driver_class = ByzantineDriver
+ByzantineDaemon.router_class = ByzantineRouter
 ByzantineDaemon.proposer_class = ByzantineProposer
 ByzantineDaemon.trainer_class = ByzantineTrainer
 
