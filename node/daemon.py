@@ -204,7 +204,7 @@ class Daemon:
         self.mempool.on_arrival = self._check_updates_complete
         self.blobs.on_stored = self.mempool.blob_stored
         self.timing = HeightTiming(trio.current_time)
-        self.gate_open = trio.Event()  # set once the start-up gate opened: updates sent before reach too few
+        self.links_up = trio.Event()  # set once linked to 2/3+ of the power (the start-up gate): updates sent before reach too few
         self._nursery: trio.Nursery | None = None
         self.data: Participant | None = None  # the node's trainer (its client), if it participates
         participant_index = -1
@@ -245,7 +245,7 @@ class Daemon:
         self.data = self.committer.data = data
         self.trainer = self.trainer_class(self.genesis, self.key, self.head, data, index, self.mempool, self.blobs,
                                           self.metrics, self.timing, admit=self._admits_own,
-                                          send=self._send_own_update, links_up=self.gate_open)
+                                          send=self._send_own_update, links_up=self.links_up)
         return self.trainer
 
     # ---------------------------------------------------------------- what other parts read
@@ -351,7 +351,7 @@ class Daemon:
 
     async def _consensus(self) -> None:
         await self.wait_for_quorum()
-        self.gate_open.set()
+        self.links_up.set()
         await self.driver.run()
 
     async def wait_for_quorum(self) -> None:
