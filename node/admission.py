@@ -37,7 +37,7 @@ CACHE_BYTES = 64 << 20
 
 
 class ChainView(Protocol):
-    """What the gate needs to know about the node's position; implemented by the daemon."""
+    """What the gate needs to know about the node's position (node/chain_view.py)."""
 
     def next_height(self) -> int: ...
 

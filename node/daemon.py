@@ -23,8 +23,8 @@ from flnode.consensus import (
     TimeoutKind,
     ValidatorSet,
 )
-from flnode.node.app import AppState, check_announcement_admission, genesis_state
-from flnode.node.app.membership import trainer_count, trains_at
+from flnode.node.app import AppState, genesis_state
+from flnode.node.app.membership import trainer_count
 from flnode.node.app.participant import Participant, load_participant
 from flnode.node.app.state import state_size_cap
 from flnode.node.chain.store import ChainStore
@@ -34,15 +34,14 @@ from flnode.node.net import P2PNode, peer_id_of
 from flnode.protocol.crypto import NodeKey
 from flnode.protocol.genesis import Genesis
 from flnode.protocol.hashing import digest
-from flnode.protocol.membership import MembershipTx
 from flnode.protocol.messages import (
     GOSSIP_MAX_SIZE,
-    UpdateAnnouncement,
     UpdateBundle,
 )
 
 from .admission import AdmissionGate
 from .blobs import BLOB_PROTOCOL, BlobService
+from .chain_view import NodeChainView
 from .checker import Checker
 from .committer import Committer
 from .driver import Driver
@@ -192,14 +191,15 @@ class Daemon:
             self._follow_validators(validators)
         self.worker = StoreWorker(store)
         self.blobs = BlobService(self.net, self.worker, self.metrics, max_blob_bytes=genesis.rules.max_blob_bytes)
-        self.gate = AdmissionGate(
-            self.chain_id, self.topics.consensus, self.topics.updates, self, self.metrics, trio.current_time,
-            max_bytes={self.topics.consensus: GOSSIP_MAX_SIZE,
-                       self.topics.updates: UpdateBundle.MAX_SIZE + 16},
-        )
         # membership transactions: mempool, and the CLI's outbox in the data dir
         self.members = MemberTxs(genesis, key, status_path.parent if status_path else None, lambda: self.state,
                                  self._send_member_tx)
+        self.view = NodeChainView(genesis, self.head, self.machine, self.members)
+        self.gate = AdmissionGate(
+            self.chain_id, self.topics.consensus, self.topics.updates, self.view, self.metrics, trio.current_time,
+            max_bytes={self.topics.consensus: GOSSIP_MAX_SIZE,
+                       self.topics.updates: UpdateBundle.MAX_SIZE + 16},
+        )
         self.mempool = Mempool(genesis, self.head, self.blobs, self.members, trio.current_time)
         self.mempool.on_arrival = self._check_updates_complete
         self.blobs.on_stored = self.mempool.blob_stored
@@ -261,33 +261,6 @@ class Daemon:
     @property
     def validator_peers(self) -> dict[str, bytes]:
         return self.peers.validator_peers
-
-    # ---------------------------------------------------------------- ChainView (for the admission gate)
-
-    def next_height(self) -> int:
-        return self.head.next_height
-
-    def consensus_round(self) -> int:
-        return max(0, int(getattr(self.machine, "round", 0)))
-
-    def validator_set(self, height: int) -> ValidatorSet | None:
-        return self.head.validator_set(height)
-
-    def membership_problem(self, tx: MembershipTx) -> str | None:
-        return self.members.problem(tx)
-
-    def announcement_problem(self, ann: UpdateAnnouncement) -> str | None:
-        state = self.head.state
-        if ann.height == state.height + 1:
-            reason = check_announcement_admission(self.genesis, state, ann)
-            return None if reason is None else str(getattr(reason, "value", reason))
-        if not trains_at(self.genesis, state, ann.author, ann.height):
-            return "not_participant"
-        if state.excluded(ann.author, self.genesis.rules.rewards.exclude_below):
-            return "excluded"
-        if ann.blob_size > self.genesis.rules.max_blob_bytes:
-            return "oversize"
-        return None
 
     # ---------------------------------------------------------------- validator set
 

@@ -106,7 +106,7 @@ class ByzantineDaemon(Daemon):
 
     def _proposer_peer(self) -> str:
         height = self.state.height + 1
-        return peer_id_of(self.machine.validators.proposer(height, self.consensus_round()))
+        return peer_id_of(self.machine.validators.proposer(height, self.view.consensus_round()))
 
     async def _publish_raw(self, topic: str, data: bytes) -> None:
         self._own_out.add(digest(data))
@@ -115,7 +115,7 @@ class ByzantineDaemon(Daemon):
             self._own_out.add(digest(data))
         await self.net.publish(topic, data)
         # and down the direct validator streams, the path honest validators use for both (libp2p may not be up yet)
-        round_ = self.consensus_round() if topic == self.topics.consensus else 0
+        round_ = self.view.consensus_round() if topic == self.topics.consensus else 0
         self.transport.broadcast(data, height=self.state.height + 1, round=round_)
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -179,7 +179,7 @@ class ByzantineDaemon(Daemon):
             tmpl = self._template
             assert tmpl is not None
             height = self.state.height + 1
-            base = self.consensus_round()
+            base = self.view.consensus_round()
             vs = self.machine.validators
             own = [(h, r) for h in (height, height + 1) for r in range(0, base + 17)
                    if vs.proposer(h, r) == self.me] if self.me in vs.powers else []
