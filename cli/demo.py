@@ -9,7 +9,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Container
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -18,23 +17,11 @@ import typer
 
 from .errors import fail, user_errors
 from .options import AGGREGATOR_HELP
+from .testnet import _task_and_rules, aggregator_rules, create_testnet, free_ports, open_membership_rules
 
 
-def free_ports(n: int, host: str = "127.0.0.1", besides: Container[int] = ()) -> list[int]:
-    """n TCP ports free on `host` now, none of them in `besides`."""
-    socks: list[socket.socket] = []
-    ports: list[int] = []
-    try:
-        while len(ports) < n:
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            socks.append(s)
-            s.bind((host, 0))
-            if (port := s.getsockname()[1]) not in besides:
-                ports.append(port)
-    finally:
-        for s in socks:
-            s.close()
-    return ports
+def register(app: typer.Typer) -> None:
+    app.command("demo")(demo)
 
 
 def start_node(home: Path, *extra: str, log_format: str = "json") -> subprocess.Popen[bytes]:
@@ -162,8 +149,6 @@ def demo(
     from rich.live import Live
     from rich.table import Table
 
-    from .node_cmd import _task_and_rules, aggregator_rules, create_testnet
-
     console = Console(stderr=as_json)
     home = home.expanduser().resolve()
     if home.exists() and any(home.iterdir()) and not (home / "node0").exists():
@@ -179,8 +164,6 @@ def demo(
                                  trainer)
     task_rules[1].update(aggregator_rules(aggregator, validators or nodes))
     if trainers:  # trainers join by transaction; the proposer waits for their updates, not for the validators'
-        from .node_cmd import open_membership_rules
-
         task_rules[1].update(open_membership_rules(task_rules[0], nodes, "open", nodes + trainers),
                              min_updates=trainers, max_recent_join_weight_percent=100,
                              max_joins_per_block=max(4, trainers))

@@ -22,9 +22,9 @@ def version() -> None:
 
 
 def _register() -> None:
-    from . import chain_cmd, config_cmd, members_cmd, model_cmd, node_cmd, sim_cmd
+    from . import chain_cmd, config_cmd, demo, members_cmd, model_cmd, node_cmd, sim_cmd
 
-    for module in (node_cmd, chain_cmd, sim_cmd, config_cmd, members_cmd, model_cmd):
+    for module in (node_cmd, demo, chain_cmd, sim_cmd, config_cmd, members_cmd, model_cmd):
         module.register(app)
 
 
