@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from flnode.cli.node_cmd import make_genesis
 from flnode.node.app import execute, genesis_state, participant_data
+from flnode.node.app.models import task_for
 from flnode.node.app.participant import (
     Participant,
     TrainerError,
@@ -23,7 +24,7 @@ from flnode.node.app.participant import (
     sign_update,
     trainer_record,
 )
-from flnode.node.app.tasks import BuiltinClient, FunctionClient, load_trainer, round_config, task_for
+from flnode.node.app.tasks import BuiltinClient, FunctionClient, load_trainer, round_config
 from flnode.node.app.validation import Reason, check_update
 from flnode.protocol.crypto import NodeKey
 from flnode.protocol.genesis import Genesis, TaskSpec
@@ -131,7 +132,7 @@ def test_validation_uses_the_declared_parameters_and_never_imports_the_trainer()
     good = {"w": np.zeros((64, 10), np.float32), "b": np.ones(10, np.float32) * 0.01}
     bad = {"w": np.zeros((64, 5), np.float32), "b": np.zeros(10, np.float32)}
     for tensors, reason in ((good, None), (bad, Reason.WRONG_SHAPE)):
-        from flnode.node.app.tasks import TrainResult
+        from flnode.node.app.models import TrainResult
 
         ann, blob = sign_update(g, KEYS[0], state, TrainResult(tensors, 10, 0.1, 0.5))
         assert check_update(g, state, ann, blob)[1] == reason

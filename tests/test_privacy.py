@@ -26,7 +26,7 @@ from flnode.node.app import (
     privacy,
 )
 from flnode.node.app.blocks import build_block
-from flnode.node.app.tasks import MLP, LogisticRegression
+from flnode.node.app.models import MLP, LogisticRegression
 from flnode.node.chain.store import ChainStore
 from flnode.node.chain.verify import genesis_block_hash, verify_chain
 from flnode.node.config import NodeConfig, write_config

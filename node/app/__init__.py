@@ -11,21 +11,22 @@ from .aggregation import (
 )
 from .data import Dataset, load_dataset, load_npz, participant_data, partition
 from .execute import Receipt, evidence_key, execute
-from .limits import param_spec, samples_cap, update_blob_size
-from .participant import make_update, sign_update, train_update
-from .powers import SLASH_DELAY, slash_height, validator_powers
-from .state import AppState, decode_state, encode_state, genesis_state
-from .tasks import (
+from .limits import samples_cap, update_blob_size
+from .models import (
     MLP,
     LogisticRegression,
     Metrics,
     Task,
     TrainResult,
     initial_model,
-    local_seed,
     make_task,
+    param_spec,
     task_for,
 )
+from .participant import make_update, sign_update, train_update
+from .powers import SLASH_DELAY, slash_height, validator_powers
+from .state import AppState, decode_state, encode_state, genesis_state
+from .tasks import local_seed
 from .validation import (
     PENALISED,
     Reason,

@@ -29,7 +29,7 @@ from flnode.protocol.tensors import (
     raw_size,
 )
 
-from .limits import param_spec
+from .models import param_spec
 
 Tensors = dict[str, np.ndarray]
 

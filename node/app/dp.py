@@ -32,7 +32,7 @@ import numpy as np
 from flnode.protocol.genesis import Genesis, Rules
 
 from .data import Dataset
-from .tasks import TrainResult, _SGDTask, _softmax_xent
+from .models import TrainResult, _SGDTask, _softmax_xent, param_spec
 
 Tensors = dict[str, np.ndarray]
 
@@ -173,8 +173,6 @@ def update_bound_for(genesis: Genesis) -> float:
     """update_bound for the genesis task's parameter count (what validation checks)."""
     if genesis.rules.dp_mode != "participant":
         return math.inf
-    from .limits import param_spec
-
     return update_bound(genesis, sum(math.prod(shape) for _, shape in param_spec(genesis)))
 
 
@@ -192,8 +190,6 @@ def update_floor(genesis: Genesis, n_params: int) -> float:
 def update_floor_for(genesis: Genesis) -> float:
     if genesis.rules.dp_mode != "participant":
         return 0.0
-    from .limits import param_spec
-
     return update_floor(genesis, sum(math.prod(shape) for _, shape in param_spec(genesis)))
 
 

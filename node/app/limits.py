@@ -6,25 +6,14 @@ import functools
 
 from flnode.protocol.genesis import Genesis, TaskSpec
 
+from .compression import blob_size
 from .data import load_dataset, partition
-from .tasks import task_for
-
-
-@functools.lru_cache(maxsize=8)
-def _param_spec(spec: TaskSpec) -> tuple[tuple[str, tuple[int, ...]], ...]:
-    return tuple(task_for(spec).param_spec())
-
-
-def param_spec(genesis: Genesis) -> list[tuple[str, tuple[int, ...]]]:
-    """(name, shape) of every model tensor, in order."""
-    return list(_param_spec(genesis.task))
+from .models import param_spec as param_spec  # re-export: validation.py, participant.py, node/export.py
 
 
 def update_blob_size(genesis: Genesis) -> int:
     """The exact byte size of every well-formed update blob of the genesis task (protocol/tensors.py format)."""
-    from .compression import blob_size  # from headers alone (compression imports this module)
-
-    return blob_size(genesis)
+    return blob_size(genesis)  # from headers alone
 
 
 @functools.lru_cache(maxsize=8)
