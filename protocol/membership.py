@@ -12,9 +12,9 @@ from enum import IntEnum
 from typing import Any, ClassVar
 
 from . import crypto
+from .base import MAX_HEIGHT, Message
 from .encoding import expect_bytes, expect_int, expect_list, expect_str, pack_trusted
 from .errors import DecodeError
-from .messages import GOSSIP_TYPES, MAX_HEIGHT, Message, register_gossip
 
 TX_TTL = 64  # a transaction signed after height t may be included in blocks t+1 .. t+TX_TTL
 MAX_TXS_PER_BLOCK = 64
@@ -141,8 +141,3 @@ def decode_txs(value: Any) -> tuple[MembershipTx, ...]:
     if not isinstance(value, list) or not 0 < len(value) <= MAX_TXS_PER_BLOCK:
         raise DecodeError("block: bad membership tx list")
     return tuple(MembershipTx.from_list(t) for t in value)
-
-
-GOSSIP_TAG = 7
-if GOSSIP_TYPES.get(GOSSIP_TAG) is None:
-    register_gossip(GOSSIP_TAG, MembershipTx)

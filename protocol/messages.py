@@ -9,27 +9,23 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from enum import IntEnum
 from functools import cached_property
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 from . import crypto
+from .base import MAX_HEIGHT, Message
 from .encoding import expect_bytes, expect_int, expect_list, expect_str, pack_trusted, unpack
 from .errors import DecodeError, ValidationError
 from .hashing import HASH_LEN, digest
+from .membership import MembershipTx, decode_txs
 
 pack = pack_trusted  # messages are built by typed constructors; decoding re-checks strictly
 
 PK = crypto.PUBKEY_LEN
 SIG = crypto.SIGNATURE_LEN
-MAX_HEIGHT = (1 << 62)
 MAX_ROUND = (1 << 20)
 MAX_VALIDATORS = 1024
 MAX_UPDATES_PER_BLOCK = 1024
 MAX_EVIDENCE_PER_BLOCK = 256
-
-T = TypeVar("T", bound="Message")
-
-if TYPE_CHECKING:
-    from .membership import MembershipTx
 
 
 def _hash(v: Any, what: str) -> bytes:
@@ -38,33 +34,6 @@ def _hash(v: Any, what: str) -> bytes:
 
 def _opt_hash(v: Any, what: str) -> bytes | None:
     return None if v is None else _hash(v, what)
-
-
-class Message:
-    MAX_SIZE: ClassVar[int] = 4096
-    KIND: ClassVar[str] = "message"
-
-    def to_list(self) -> list[Any]:
-        raise NotImplementedError
-
-    @classmethod
-    def from_list(cls: type[T], value: Any) -> T:
-        raise NotImplementedError
-
-    def encode(self) -> bytes:
-        return pack(self.to_list())
-
-    @classmethod
-    def decode(cls: type[T], data: bytes) -> T:
-        return cls.from_list(unpack(data, max_size=cls.MAX_SIZE))
-
-    def hash(self) -> bytes:
-        """Cached: a message is frozen, and pools sort and index by this on every arrival."""
-        h: bytes | None = self.__dict__.get("_hash_cache")
-        if h is None:
-            h = digest(self.encode())
-            self.__dict__["_hash_cache"] = h  # beside the dataclass fields: not compared, not encoded
-        return h
 
 
 class VoteType(IntEnum):
@@ -309,8 +278,6 @@ class Block(Message):
 
     @classmethod
     def from_list(cls, value: Any) -> Block:
-        from .membership import decode_txs
-
         n = 5 if isinstance(value, list) and len(value) == 5 else 4
         hdr, ups, evs, lc, *txs = expect_list(value, n, "block")
         if not isinstance(ups, list) or len(ups) > MAX_UPDATES_PER_BLOCK:
@@ -507,15 +474,10 @@ class UpdateBundle(Message):
 
 GOSSIP_TYPES: dict[int, type[Message]] = {
     1: Proposal, 2: Vote, 3: UpdateAnnouncement, 4: Status, 5: UpdateBundle, 6: DuplicateVoteEvidence,
+    7: MembershipTx,
 }
 _GOSSIP_TAGS = {cls: tag for tag, cls in GOSSIP_TYPES.items()}
 GOSSIP_MAX_SIZE = Proposal.MAX_SIZE + 16
-
-
-def register_gossip(tag: int, cls: type[Message]) -> None:
-    """Add a message type defined in another module (protocol/membership.py) to the gossip envelope."""
-    GOSSIP_TYPES[tag] = cls
-    _GOSSIP_TAGS[cls] = tag
 
 
 def encode_gossip(msg: Message) -> bytes:
@@ -529,6 +491,3 @@ def decode_gossip(data: bytes) -> Message:
     if cls is None:
         raise DecodeError(f"gossip: unknown message tag {tag!r}")
     return cls.from_list(body)
-
-
-from . import membership as _membership  # noqa: E402,F401 - registers MembershipTx (tag 7) with the envelope
