@@ -200,9 +200,6 @@ class Tendermint:
 
     # ------------------------------------------------------------------ entry point
 
-    def step_event(self, event: Event) -> list[Action]:
-        return self.step(event)
-
     def step(self, event: Event) -> list[Action]:  # noqa: C901 - one dispatch table
         out: list[Action] = []
         cls = type(event)

@@ -48,9 +48,6 @@ class UpdatePool:
     def for_height(self, height: int) -> list[UpdateAnnouncement]:
         return sorted(self.unordered(height), key=lambda a: a.hash())
 
-    def authors(self, height: int) -> set[bytes]:
-        return set(self.by_height.get(height, {}))
-
     def prune(self, below: int) -> None:
         for h in [h for h in self.by_height if h < below]:
             del self.by_height[h]
