@@ -19,7 +19,7 @@ from flnode.protocol.hashing import short
 from flnode.protocol.messages import BlobRequest
 from flnode.protocol.tensors import BlobReader, BytesReader
 
-from .chain.store import BlobSink, BlobWriteError
+from .chain.blob_files import BlobSink, BlobWriteError
 from .metrics import Metrics
 from .net import NetError, P2PNode, StreamedResponse
 from .store_worker import StoreWorker
@@ -103,7 +103,7 @@ class BlobService:
             def write_all() -> BlobWriteError | None:
                 for h, (data, height) in batch.items():
                     try:
-                        worker.store.put_blob(h, data, height)
+                        worker.store.blobs.put(h, data, height)
                     except BlobWriteError as exc:
                         return exc
                 return None

@@ -75,8 +75,8 @@ def committed_model(home: Path, height: int | None = None) -> CommittedModel:
             if row[0] != committed:
                 raise ExportError(f"height {h}: the stored state names model {row[0].hex()[:16]}, "
                                   f"the block {committed.hex()[:16]}")
-            blob = store.get_blob(committed)  # None also for a file whose content does not hash to its name
-            if blob is None and store.has_blob(committed):
+            blob = store.blobs.get(committed)  # None also for a file whose content does not hash to its name
+            if blob is None and store.blobs.has(committed):
                 raise ExportError(f"height {h}: model blob {committed.hex()[:16]} does not hash to its name: "
                                   "it is corrupt")
             if blob is None:

@@ -16,7 +16,8 @@ from typing import Any, TypeVar
 import trio
 from flnode.protocol.tensors import BlobReader
 
-from .chain.store import BlobSink, ChainStore
+from .chain.blob_files import BlobSink
+from .chain.store import ChainStore
 
 T = TypeVar("T")
 BLOB_THREADS = 4
@@ -62,23 +63,23 @@ class StoreWorker:
 
     # the calls the daemon makes, typed
     async def append_record(self, height: int, data: bytes) -> None:
-        await self.run(self.store.append_record, height, data)
+        await self.run(self.store.log.append, height, data)
 
     async def put_blob(self, h: bytes, data: bytes, height: int | None = None) -> None:
         """Raises DiskFullError (a StoreError) when the disk is full: stop fetching, keep voting."""
-        await self.run(self.store.put_blob, h, data, height, limiter=self.blob_limiter)
+        await self.run(self.store.blobs.put, h, data, height, limiter=self.blob_limiter)
 
     async def get_blobs(self, hashes: list[bytes]) -> dict[bytes, bytes]:
         """The blobs we hold among `hashes`, in one trip to a blob thread."""
         def read() -> dict[bytes, bytes]:
-            return {h: d for h in hashes if (d := self.store.get_blob(h)) is not None}
+            return {h: d for h in hashes if (d := self.store.blobs.get(h)) is not None}
 
         return await self.run(read, limiter=self.blob_limiter)
 
     async def blob_readers(self, hashes: list[bytes]) -> dict[bytes, BlobReader]:
         """Open the blobs we hold among `hashes` for chunked reading (no content is read here)."""
         def open_all() -> dict[bytes, BlobReader]:
-            return {h: r for h in hashes if (r := self.store.blob_reader(h)) is not None}
+            return {h: r for h in hashes if (r := self.store.blobs.reader(h)) is not None}
 
         return await self.run(open_all, limiter=self.blob_limiter)
 
@@ -86,7 +87,7 @@ class StoreWorker:
         return bytes(await self.run(reader.read_at, offset, n, limiter=self.blob_limiter))
 
     def blob_sink(self, h: bytes) -> BlobSink:
-        return self.store.blob_sink(h)
+        return self.store.blobs.sink(h)
 
     async def sink_write(self, sink: BlobSink, data: bytes) -> None:
         """Hash and write a piece of a streamed blob on a blob thread (BlobWriteError / DiskFullError)."""
@@ -97,7 +98,7 @@ class StoreWorker:
         def commit() -> bool:
             if not sink.commit():
                 return False
-            self.store.adopt_blob(sink.h, sink.size, height)
+            self.store.blobs.adopt(sink.h, sink.size, height)
             return True
 
         return await self.run(commit, limiter=self.blob_limiter)
@@ -107,7 +108,7 @@ class StoreWorker:
             await self.run(sink.abort, limiter=self.blob_limiter)
 
     async def has_blob(self, h: bytes) -> bool:
-        return await self.run(self.store.has_blob, h, limiter=self.blob_limiter)
+        return await self.run(self.store.blobs.has, h, limiter=self.blob_limiter)
 
     async def prune_blobs(self, committed_height: int, retention: int, removed: list[bytes] | None = None) -> int:
         return await self.run(self.store.prune_blobs, committed_height, retention, removed)

@@ -146,7 +146,7 @@ def test_the_state_carries_the_previous_model_and_the_store_reloads_it(tmp_path:
         cands = []
         for k in KEYS:
             ann, blob, _ = make_update(g, k, state, data[k.public_key], g.index_of(k.public_key))
-            store.put_blob(ann.blob_hash, blob)
+            store.blobs.put(ann.blob_hash, blob)
             cands.append((ann, blob))
         block, new, receipt = build_block(g, state, prev_block_hash=prev, last_commit=last,
                                           proposer=KEYS[h % 4].public_key, time_ms=h, candidates=cands)

@@ -72,7 +72,7 @@ def certify(g: Genesis, block: Block, keys: list[NodeKey]) -> CommitCertificate:
 def store_chain(path: Path, g: Genesis, chain: list, blobs: dict[bytes, bytes]) -> None:  # type: ignore[type-arg]
     s = ChainStore.open(path, genesis_hash=g.hash())
     for h, b in blobs.items():
-        s.put_blob(h, b)
+        s.blobs.put(h, b)
     for block, cert, state, receipt in chain:
         s.commit_height(block, cert, state, receipt, encode_tensors(state.model))
     s.close()
@@ -116,7 +116,7 @@ def test_reader_works_beside_a_writer(tmp_path: Path, chain: tuple) -> None:  # 
 
 
 def _blob_file(db: Path, h: bytes) -> Path:
-    return ChainStore.open(db, readonly=True).blobs.path(h)
+    return ChainStore.open(db, readonly=True).blobs.files.path(h)
 
 
 @pytest.mark.parametrize("what", ["update blob", "certificate", "state row", "receipt", "model blob"])
@@ -181,13 +181,13 @@ from flnode.protocol.tensors import encode_tensors
 g, blocks, blobs = pickle.loads(Path(sys.argv[1]).read_bytes())
 s = ChainStore.open(Path(sys.argv[2]), genesis_hash=g.hash())
 for h, b in blobs.items():
-    s.put_blob(h, b)
+    s.blobs.put(h, b)
 start = s.latest_height()
 print("ready", start, flush=True)
 for block, cert, state, receipt in blocks[start:]:
     s.commit_height(block, cert, state, receipt, encode_tensors(state.model))
     for i in range(200):
-        s.append_record(block.height + 1, b"r" * 100)
+        s.log.append(block.height + 1, b"r" * 100)
 print("done", flush=True)
 """
 

@@ -83,7 +83,7 @@ def test_start_errors_are_one_line(tmp_path: Path, setup: str, expect: str) -> N
         key = NodeKey.load(home / "node_key.json")
         for r, raw in ((0, None), (1, b"\x96torn"), (2, None)):
             vote = Vote(VoteType.PREVOTE, 1, r, None, key.public_key).signed(key, g.chain_id)
-            store.append_record(1, raw or _record("vote", 1, r, vote.encode()))
+            store.log.append(1, raw or _record("vote", 1, r, vote.encode()))
         store.close()
     if setup == "bad_sign_state":
         (home / "sign_state.json").write_text("{half a fi")

@@ -622,17 +622,16 @@ def test_restore_records(case: str, records: list[bytes], expected: int | type[E
 def test_store_deletes_a_torn_last_record_at_startup(tmp_path: Path) -> None:
     store = ChainStore.open(tmp_path / "chain.sqlite")
     for rec in (PV_REC, PC_REC[:9]):
-        store.append_record(1, rec)
+        store.log.append(1, rec)
     assert store.restorable_records(1, Tendermint.check_records) == [PV_REC]
-    assert store.records(1) == [PV_REC]  # gone, so the next record does not land behind it
-    store.append_record(1, PC_REC)
+    assert store.log.records(1) == [PV_REC]  # gone, so the next record does not land behind it
+    store.log.append(1, PC_REC)
     assert store.restorable_records(1, Tendermint.check_records) == [PV_REC, PC_REC]
-    store.append_record(1, b"")
-    store.append_record(1, PC_REC)
+    store.log.append(1, b"")
+    store.log.append(1, PC_REC)
     with pytest.raises(RestoreError):
         store.restorable_records(1, Tendermint.check_records)
-    assert len(store.records(1)) == 4  # nothing deleted when the node refuses to start
-    assert store.drop_last_record(1) and not store.drop_last_record(7)
+    assert len(store.log.records(1)) == 4  # nothing deleted when the node refuses to start
     store.close()
 
 

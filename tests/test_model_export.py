@@ -84,7 +84,7 @@ def test_a_tampered_model_blob_is_refused(tmp_path: Path) -> None:
     g, blocks, blobs = make_chain(2)
     home = home_with_chain(tmp_path / "home", g, blocks, blobs)
     store = ChainStore.open(home / "data" / "chain.sqlite", readonly=True)
-    path = store.blobs.path(blocks[1][0].header.model_hash)
+    path = store.blobs.files.path(blocks[1][0].header.model_hash)
     store.close()
     model = decode_tensors(path.read_bytes())
     data = bytearray(path.read_bytes())
@@ -135,7 +135,7 @@ def test_a_pruned_model_blob_is_a_clear_error(tmp_path: Path) -> None:
     g, blocks, blobs = make_chain(2)
     home = home_with_chain(tmp_path / "home", g, blocks, blobs)
     store = ChainStore.open(home / "data" / "chain.sqlite", readonly=True)
-    store.blobs.path(blocks[0][0].header.model_hash).unlink()
+    store.blobs.files.path(blocks[0][0].header.model_hash).unlink()
     store.close()
     res = CliRunner().invoke(app, ["model", "export", "--home", str(home), "--height", "1", "--out", str(tmp_path / "m.npz")])
     assert res.exit_code == 2 and "height 1: model blob" in res.output and "not kept here" in res.output

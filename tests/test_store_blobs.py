@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 from flnode.cli.main import app
 from flnode.node.app import encode_state
-from flnode.node.chain.store import BlobWriteError, ChainStore, DiskFullError, StoreError
+from flnode.node.chain.blob_files import BlobWriteError, DiskFullError
+from flnode.node.chain.store import ChainStore, StoreError
 from flnode.node.chain.verify import verify_chain
 from flnode.node.config import ConfigError, NodeConfig, load_config, write_config
 from flnode.protocol.hashing import digest
@@ -34,6 +35,12 @@ def chain8() -> Chain:
     return make_chain(8)
 
 
+def _index(s: ChainStore, h: bytes) -> tuple[int, int, str] | None:
+    """(size, height, kind) of an indexed blob, read from the on-disk index."""
+    row = s.conn.execute("SELECT size, height, kind FROM blob_index WHERE hash = ?", (h,)).fetchone()
+    return None if row is None else (int(row[0]), int(row[1]), str(row[2]))
+
+
 def _commit(s: ChainStore, entry: Any) -> None:
     block, cert, state, receipt = entry
     s.commit_height(block, cert, state, receipt, encode_tensors(state.model))
@@ -43,16 +50,16 @@ def test_put_get_has_and_the_file_layout(tmp_path: Path) -> None:
     s = ChainStore.open(tmp_path / "chain.sqlite")
     data = b"update" * 1000
     h = digest(data)
-    assert not s.has_blob(h) and s.get_blob(h) is None and s.blob_path(h) is None and s.open_blob(h) is None
-    s.put_blob(h, data, height=3)
-    assert s.blobs.root == tmp_path / "blobs"
-    assert s.blob_path(h) == tmp_path / "blobs" / h.hex()[:2] / h.hex()
-    assert s.has_blob(h) and s.get_blob(h) == data
-    f = s.open_blob(h)
-    assert f is not None and f.read() == data
-    f.close()
+    assert not s.blobs.has(h) and s.blobs.get(h) is None and not s.blobs.files.path(h).exists()
+    s.blobs.put(h, data, height=3)
+    assert s.blobs.files.root == tmp_path / "blobs"
+    assert s.blobs.files.path(h) == tmp_path / "blobs" / h.hex()[:2] / h.hex()
+    assert s.blobs.has(h) and s.blobs.get(h) == data
+    r = s.blobs.reader(h)
+    assert r is not None and r.read_at(0, r.size) == data
+    r.close()
     with pytest.raises(StoreError, match="hash"):
-        s.put_blob(digest(b"x"), b"y")
+        s.blobs.put(digest(b"x"), b"y")
     s.close()
 
 
@@ -60,14 +67,14 @@ def test_a_torn_temporary_file_is_never_visible(tmp_path: Path) -> None:
     s = ChainStore.open(tmp_path / "c.sqlite")
     data = os.urandom(50_000)
     h = digest(data)
-    p = s.blobs.path(h)
+    p = s.blobs.files.path(h)
     p.parent.mkdir(parents=True)
     tmp = p.parent / f".tmp-{p.name}.1.1"
     tmp.write_bytes(data[:1000])  # the writer died before its rename
-    assert not s.has_blob(h) and s.get_blob(h) is None
+    assert not s.blobs.has(h) and s.blobs.get(h) is None
     s.close()
     s = ChainStore.open(tmp_path / "c.sqlite")  # start-up clears leftovers
-    assert not tmp.exists() and not s.has_blob(h)
+    assert not tmp.exists() and not s.blobs.has(h)
     s.close()
 
 
@@ -77,16 +84,16 @@ def test_unindexed_torn_file_is_dropped_at_open(tmp_path: Path) -> None:
     g, blocks, blobs = make_chain(1)
     s = ChainStore.open(tmp_path / "c.sqlite")
     good, torn = os.urandom(3000), os.urandom(3000)
-    s.put_blob(digest(good), good)
-    s.put_blob(digest(torn), torn)
-    s.blobs.path(digest(torn)).write_bytes(torn[:100])
+    s.blobs.put(digest(good), good)
+    s.blobs.put(digest(torn), torn)
+    s.blobs.files.path(digest(torn)).write_bytes(torn[:100])
     s.close()
     s = ChainStore.open(tmp_path / "c.sqlite")
-    assert not s.has_blob(digest(torn)) and s.get_blob(digest(good)) == good
+    assert not s.blobs.has(digest(torn)) and s.blobs.get(digest(good)) == good
     for h, b in blobs.items():
-        s.put_blob(h, b, height=1)
+        s.blobs.put(h, b, height=1)
     _commit(s, blocks[0])
-    assert s.blob_index(digest(good)) == (3000, 1, "update")
+    assert _index(s, digest(good)) == (3000, 1, "update")
     s.close()
 
 
@@ -100,7 +107,7 @@ print("ready", flush=True)
 i = 0
 while True:
     data = os.urandom(1 + (i * 7919) % 400_000)
-    s.put_blob(digest(data), data, height=i)
+    s.blobs.put(digest(data), data, height=i)
     i += 1
 """
 
@@ -117,29 +124,29 @@ def test_kill9_while_writing_blobs_leaves_only_whole_files(tmp_path: Path) -> No
         p.wait(10)
         reader = ChainStore.open(db, readonly=True)
         seen = 0
-        for h, path in reader.blobs.scan():
+        for h, path in reader.blobs.files.scan():
             if h is not None:  # every file under a hash name hashes to it
                 assert digest(path.read_bytes()) == h
-                assert reader.get_blob(h) is not None
+                assert reader.blobs.get(h) is not None
                 seen += 1
         reader.close()
         assert seen > 0
     s = ChainStore.open(db)  # and the writer reopens, clearing temporary files
-    assert all(h is not None for h, _ in s.blobs.scan())
+    assert all(h is not None for h, _ in s.blobs.files.scan())
     s.close()
 
 
 def test_has_blob_never_reads_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     s = ChainStore.open(tmp_path / "c.sqlite")
     data = b"z" * 10_000
-    s.put_blob(digest(data), data)
+    s.blobs.put(digest(data), data)
 
     def no(*a: Any, **k: Any) -> Any:
         raise AssertionError("has_blob opened a file")
 
     monkeypatch.setattr(builtins, "open", no)
     monkeypatch.setattr(os, "open", no)
-    assert s.has_blob(digest(data)) and not s.has_blob(digest(b"absent"))
+    assert s.blobs.has(digest(data)) and not s.blobs.has(digest(b"absent"))
     monkeypatch.undo()
     s.close()
 
@@ -148,13 +155,13 @@ def test_a_corrupt_blob_file_is_never_served(tmp_path: Path) -> None:
     s = ChainStore.open(tmp_path / "c.sqlite")
     data = os.urandom(4096)
     h = digest(data)
-    s.put_blob(h, data)
-    s.blobs.path(h).write_bytes(os.urandom(4096))  # same size, other content (bit rot)
+    s.blobs.put(h, data)
+    s.blobs.files.path(h).write_bytes(os.urandom(4096))  # same size, other content (bit rot)
     reader = ChainStore.open(tmp_path / "c.sqlite", readonly=True)
-    assert reader.get_blob(h) is None and reader.has_blob(h)  # a reader reports it missing, deletes nothing
-    assert s.get_blob(h) is None and not s.has_blob(h)  # the writer deletes it
-    s.put_blob(h, data)  # and can fetch it again
-    assert reader.get_blob(h) == data
+    assert reader.blobs.get(h) is None and reader.blobs.has(h)  # a reader reports it missing, deletes nothing
+    assert s.blobs.get(h) is None and not s.blobs.has(h)  # the writer deletes it
+    s.blobs.put(h, data)  # and can fetch it again
+    assert reader.blobs.get(h) == data
     reader.close()
     s.close()
 
@@ -168,11 +175,11 @@ def test_disk_full_is_a_typed_store_error(tmp_path: Path, monkeypatch: pytest.Mo
 
         monkeypatch.setattr(os, "write", failing)
         with pytest.raises(cls) as info:
-            s.put_blob(digest(data), data)
+            s.blobs.put(digest(data), data)
         monkeypatch.undo()
         assert isinstance(info.value, StoreError)
-        assert not s.has_blob(digest(data))
-        assert [p for _, p in s.blobs.scan()] == []  # no temporary file left behind
+        assert not s.blobs.has(digest(data))
+        assert [p for _, p in s.blobs.files.scan()] == []  # no temporary file left behind
     s.close()
 
 
@@ -213,16 +220,16 @@ def test_an_old_store_with_blobs_in_sqlite_reads_and_migrates(tmp_path: Path, ch
     _legacy_store(db, chain8)
     reader = ChainStore.open(db, readonly=True, genesis_hash=g.hash())  # not migrated: read from the table
     u = blocks[2][0].updates[0].blob_hash
-    assert reader.has_blob(u) and reader.get_blob(u) == blobs[u]
+    assert reader.blobs.has(u) and reader.blobs.get(u) == blobs[u]
     assert reader.get_state(5).hash() == blocks[4][2].hash()
     assert verify_chain(reader, g).ok
     reader.close()
 
     s = ChainStore.open(db, genesis_hash=g.hash())  # the writer moves them to files
-    assert not s._legacy and s.get_blob(u) == blobs[u] and s.blob_path(u) is not None
-    assert s.blob_index(u) == (len(blobs[u]), 3, "update")
-    assert s.blob_index(blocks[5][2].model_hash) == (len(encode_tensors(blocks[5][2].model)), 6, "model")
-    assert s.blob_index(b"\x01" * 32) is None  # a corrupt legacy row is dropped, not served
+    assert not s.blobs.legacy and s.blobs.get(u) == blobs[u] and s.blobs.exists(u)
+    assert _index(s, u) == (len(blobs[u]), 3, "update")
+    assert _index(s, blocks[5][2].model_hash) == (len(encode_tensors(blocks[5][2].model)), 6, "model")
+    assert _index(s, b"\x01" * 32) is None  # a corrupt legacy row is dropped, not served
     s.close()
     tables = {r[0] for r in sqlite3.connect(db).execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert "blobs" not in tables
@@ -241,17 +248,17 @@ def test_prune_keeps_what_verify_needs(tmp_path: Path, chain8: Chain) -> None:
     store_chain(db, g, blocks, blobs)
     s = ChainStore.open(db)
     orphan = os.urandom(500)
-    s.put_blob(digest(orphan), orphan, height=4)  # announced for 4, never in a block
+    s.blobs.put(digest(orphan), orphan, height=4)  # announced for 4, never in a block
     late = os.urandom(500)
-    s.put_blob(digest(late), late, height=9)  # announced for the next height: kept
+    s.blobs.put(digest(late), late, height=9)  # announced for the next height: kept
     removed: list[bytes] = []
     n = s.prune_blobs(8, 3, removed)  # cut-off 5: heights 1-4 go, the model of 5 and everything later stays
     assert n == len(removed) > 0 and digest(orphan) in removed
-    assert s.blob_floor() == 5 and s.has_blob(digest(late))
+    assert s.blobs.floor() == 5 and s.blobs.has(digest(late))
     for block, _, state, _ in blocks:
         h = block.height
-        assert s.has_blob(state.model_hash) == (h >= 5), h
-        assert all(s.has_blob(u.blob_hash) == (h > 4) for u in block.updates), h
+        assert s.blobs.has(state.model_hash) == (h >= 5), h
+        assert all(s.blobs.has(u.blob_hash) == (h > 4) for u in block.updates), h
     with pytest.raises(StoreError, match="missing"):
         s.get_state(4)
     assert s.get_state(5).hash() == blocks[4][2].hash()
@@ -292,9 +299,9 @@ def test_verify_after_pruning_still_names_tampering(tmp_path: Path, chain8: Chai
         other = replace(state, balances={**state.balances, next(iter(state.balances)): 10**6})
         s.conn.execute("UPDATE states SET data = ? WHERE height = ?", (encode_state(other), height))
     elif what == "update blob":
-        s.blobs.path(block.updates[0].blob_hash).write_bytes(b"junk")
+        s.blobs.files.path(block.updates[0].blob_hash).write_bytes(b"junk")
     else:  # a blob above the floor may not be missing
-        s.blobs.remove(block.updates[0].blob_hash)
+        s.blobs.files.remove(block.updates[0].blob_hash)
     s.close()
     report = verify_chain(ChainStore.open(db, readonly=True), g)
     assert not report.ok and report.first_bad_height == height, report
@@ -310,12 +317,12 @@ def test_disk_use_stays_bounded_with_retention(tmp_path: Path) -> None:
     for entry in blocks:
         block = entry[0]
         for u in block.updates:
-            s.put_blob(u.blob_hash, blobs[u.blob_hash], height=block.height)
+            s.blobs.put(u.blob_hash, blobs[u.blob_hash], height=block.height)
         junk = os.urandom(2000)  # an orphan every height
-        s.put_blob(digest(junk), junk, height=block.height)
+        s.blobs.put(digest(junk), junk, height=block.height)
         _commit(s, entry)
         s.prune_blobs(block.height, retention)
-        sizes.append(s.blob_bytes())
+        sizes.append(sum(p.stat().st_size for _, p in s.blobs.files.scan()))
     assert max(sizes) <= (retention + 2) * (per_height + 2000)
     assert sizes[-1] <= sizes[retention + 2] + per_height  # flat, not growing
     assert s.conn.execute("SELECT COUNT(*) FROM blob_index").fetchone()[0] <= (retention + 2) * 6
@@ -337,38 +344,38 @@ def test_blob_retention_setting(tmp_path: Path) -> None:
 
 
 def test_a_streamed_blob_is_hashed_once_and_appears_only_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import flnode.node.chain.store as store_mod
+    import flnode.node.chain.blob_store as store_mod
 
     s = ChainStore.open(tmp_path / "chain.sqlite")
     data = os.urandom(3 * (1 << 20) + 17)
     h = digest(data)
     calls: list[int] = []
     monkeypatch.setattr(store_mod, "digest", lambda b: calls.append(len(b)) or digest(b))  # type: ignore[func-returns-value]
-    sink = s.blob_sink(h)
+    sink = s.blobs.sink(h)
     for at in range(0, len(data), 1 << 20):
         sink.write(data[at : at + (1 << 20)])
-        assert not s.has_blob(h) and s.blob_reader(h) is None  # nothing under the hash name yet
+        assert not s.blobs.has(h) and s.blobs.reader(h) is None  # nothing under the hash name yet
     assert sink.tmp.exists()
     assert sink.commit()
-    s.adopt_blob(h, sink.size, 5)
+    s.blobs.adopt(h, sink.size, 5)
     assert calls == []  # the sink's running hash was the only pass
-    assert not sink.tmp.exists() and s.has_blob(h)
-    r = s.blob_reader(h)
+    assert not sink.tmp.exists() and s.blobs.has(h)
+    r = s.blobs.reader(h)
     assert r is not None and r.size == len(data) and bytes(r.read_at(100, 50)) == data[100:150]
     assert calls == []
     r.close()
-    assert s._pending[h] == (len(data), 5)
+    assert s.blobs._pending[h] == (len(data), 5)
     s.close()
 
 
 def test_a_streamed_blob_that_does_not_match_leaves_nothing(tmp_path: Path) -> None:
     s = ChainStore.open(tmp_path / "chain.sqlite")
     h = digest(b"what was asked for")
-    sink = s.blob_sink(h)
+    sink = s.blobs.sink(h)
     sink.write(b"something else")
     assert not sink.commit()
-    assert not s.has_blob(h) and not sink.tmp.exists()
-    assert [p for _, p in s.blobs.scan()] == []
+    assert not s.blobs.has(h) and not sink.tmp.exists()
+    assert [p for _, p in s.blobs.files.scan()] == []
     s.close()
 
 
@@ -379,7 +386,7 @@ from flnode.node.chain.store import ChainStore
 from flnode.protocol.hashing import digest
 s = ChainStore.open(__import__('pathlib').Path({str(tmp_path / 'c.sqlite')!r}))
 data = os.urandom(1 << 22)
-sink = s.blob_sink(digest(data))
+sink = s.blobs.sink(digest(data))
 sink.write(data[: 1 << 21])
 print(sink.tmp, flush=True)
 os._exit(9)  # no commit, no cleanup: a torn temporary file
@@ -387,24 +394,24 @@ os._exit(9)  # no commit, no cleanup: a torn temporary file
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     tmp = Path(out.stdout.strip())
     assert tmp.exists() and tmp.name.startswith(".tmp-")
-    assert all(h is None for h, _ in ChainStore.open(tmp_path / "c.sqlite", readonly=True).blobs.scan())
+    assert all(h is None for h, _ in ChainStore.open(tmp_path / "c.sqlite", readonly=True).blobs.files.scan())
     s = ChainStore.open(tmp_path / "c.sqlite")
-    assert not tmp.exists() and list(s.blobs.scan()) == []
+    assert not tmp.exists() and list(s.blobs.files.scan()) == []
     s.close()
 
 
 def test_a_file_from_before_a_restart_is_hashed_once_and_dropped_if_corrupt(tmp_path: Path) -> None:
     s = ChainStore.open(tmp_path / "c.sqlite")
     good, bad = os.urandom(5000), os.urandom(5000)
-    s.put_blob(digest(good), good)
-    s.put_blob(digest(bad), bad)
+    s.blobs.put(digest(good), good)
+    s.blobs.put(digest(bad), bad)
     s.close()
     s = ChainStore.open(tmp_path / "c.sqlite")  # un-indexed files are re-hashed at open (and so trusted)
-    s._verified.clear()  # as for indexed files, which open does not read
-    s.blobs.path(digest(bad)).write_bytes(os.urandom(5000))
-    r = s.blob_reader(digest(good))
+    s.blobs._verified.clear()  # as for indexed files, which open does not read
+    s.blobs.files.path(digest(bad)).write_bytes(os.urandom(5000))
+    r = s.blobs.reader(digest(good))
     assert r is not None and bytes(r.read_at(0, 5000)) == good
-    assert s.blob_reader(digest(bad)) is None and not s.has_blob(digest(bad))
+    assert s.blobs.reader(digest(bad)) is None and not s.blobs.has(digest(bad))
     s.close()
 
 
@@ -413,8 +420,8 @@ def test_commit_height_streams_the_model_to_its_file(tmp_path: Path, chain8: Cha
     s = ChainStore.open(tmp_path / "c.sqlite")
     for block, cert, state, receipt in entries[:3]:
         s.commit_height(block, cert, state, receipt, state.model)  # tensors, not an encoded blob
-        assert s.get_blob(state.model_hash) == encode_tensors(state.model)
-        assert s.blob_index(state.model_hash) == (len(encode_tensors(state.model)), block.height, "model")
+        assert s.blobs.get(state.model_hash) == encode_tensors(state.model)
+        assert _index(s, state.model_hash) == (len(encode_tensors(state.model)), block.height, "model")
     s.close()
 
 
@@ -445,9 +452,9 @@ def test_the_blob_service_streams_in_and_out(tmp_path: Path) -> None:
     async def main() -> None:
         svc = BlobService(FakeNet(), StoreWorker(store), Metrics(), max_blob_bytes=64 << 20)  # type: ignore[arg-type]
         assert not await svc.fetch(h, ["liar"], len(data), height=2)
-        assert svc.metrics.counters["rejected_blob_hash_mismatch"] == 1 and not store.has_blob(h)
+        assert svc.metrics.counters["rejected_blob_hash_mismatch"] == 1 and not store.blobs.has(h)
         assert await svc.fetch(h, ["good"], len(data), height=2)
-        assert svc.holds(h) and store.get_blob(h) == data
+        assert svc.holds(h) and store.blobs.get(h) == data
         resp = await svc.serve("peer", BlobRequest(h).encode())
         assert isinstance(resp, StreamedResponse) and resp.size == len(data)
         got = [p async for p in resp.chunks()]
@@ -456,5 +463,5 @@ def test_the_blob_service_streams_in_and_out(tmp_path: Path) -> None:
         assert list(readers) == [h] and bytes(readers[h].read_at(len(data) - 3, 3)) == data[-3:]
 
     trio.run(main)
-    assert [p.name for _, p in store.blobs.scan()] == [h.hex()]  # no temporary file left behind
+    assert [p.name for _, p in store.blobs.files.scan()] == [h.hex()]  # no temporary file left behind
     store.close()

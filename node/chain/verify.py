@@ -103,10 +103,10 @@ def _reexecute(
     h = block.height
     blobs: dict[bytes, BlobReader] = {}
     for u in block.updates:
-        blob = store.blob_reader(u.blob_hash)  # hash-checked once, then read a chunk at a time (large models)
+        blob = store.blobs.reader(u.blob_hash)  # hash-checked once, then read a chunk at a time (large models)
         if blob is not None:
             blobs[u.blob_hash] = blob
-        elif store.blob_floor() >= h:
+        elif store.blobs.floor() >= h:
             return None
     new_state, recomputed = check_block(genesis, state, block, blobs, prev_block_hash=prev)
     row = store.state_row(h)
@@ -114,7 +114,7 @@ def _reexecute(
         raise ValidationError("stored model hash differs from the recomputed one")
     if row[1] != encode_state(new_state):
         raise ValidationError("stored app state (balances, reputation) differs from the recomputed one")
-    if store.blob_reader(new_state.model_hash) is None:  # None: missing, or does not hash to its name
+    if store.blobs.reader(new_state.model_hash) is None:  # None: missing, or does not hash to its name
         raise ValidationError("stored model blob is missing or corrupt")
     if receipt.encode() != recomputed.encode():
         raise ValidationError("stored receipt (rewards, rejections) differs from the recomputed one")
@@ -127,7 +127,7 @@ def verify_chain(store: ChainStore, genesis: Genesis) -> VerifyReport:
         light: AppState = genesis_state(genesis)
     except ProtocolError as exc:
         return VerifyReport(False, top, 0, f"genesis: {exc}")
-    start = min(store.blob_floor(), top)
+    start = min(store.blobs.floor(), top)
     full: AppState | None = light if start == 0 else None  # the state re-execution goes on from
     prev = genesis_block_hash(genesis)
     first_exec: int | None = None
@@ -138,7 +138,7 @@ def verify_chain(store: ChainStore, genesis: Genesis) -> VerifyReport:
             if full is not None:
                 full = _reexecute(store, genesis, full, block, prev, receipt)
                 if full is None:  # pruned while we were verifying: re-execution restarts at the new floor
-                    start, first_exec = min(store.blob_floor(), top), None
+                    start, first_exec = min(store.blobs.floor(), top), None
                 elif first_exec is None:
                     first_exec = h
             if full is None and h == start:

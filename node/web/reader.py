@@ -8,7 +8,6 @@ keys the block page needs (``signers``, ``evidence_validators``).
 
 from __future__ import annotations
 
-import json
 import queue
 import threading
 from collections import OrderedDict
@@ -208,14 +207,11 @@ class ChainReader:
         top = self.latest(store)
         start = max(1, top - last + 1)
         try:
-            rows = store.conn.execute(
-                "SELECT height, data FROM metrics WHERE height BETWEEN ? AND ? ORDER BY height", (start, top)
-            ).fetchall()
+            rows = store.metrics_between(start, top)
         except Exception:  # noqa: BLE001 - no metrics table yet: nothing to draw
             rows = []
         out: dict[str, Any] = {"height": top, "heights": [], "test_accuracy": [], "test_loss": [], "round_time_s": []}
-        for h, raw in rows:
-            m = json.loads(raw)
+        for h, m in rows:
             out["heights"].append(h)
             for k in ("test_accuracy", "test_loss", "round_time_s"):
                 out[k].append(m.get(k))
