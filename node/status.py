@@ -29,8 +29,10 @@ class NodeView(Protocol):
     transport: Any
     machine: Any
     metrics: Metrics
-    is_validator: bool
     config: Any
+
+    @property
+    def is_validator(self) -> bool: ...
 
     @property
     def state(self) -> Any: ...

@@ -38,3 +38,19 @@ async def supervised(
                 return
         await trio.sleep(backoff)
         backoff = min(max_backoff_s, backoff * 2)
+
+
+class Tasks:
+    """The node's nursery for background work: supervised services (restarted with back-off) and one-shot
+    tasks (a failure is logged and counted, not fatal, not restarted)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self.nursery: trio.Nursery | None = None  # set by the daemon's run (or a test driving services)
+
+    def supervise(self, name: str, fn: Callable[..., Awaitable[Any]], *args: Any, restart: bool = True) -> None:
+        assert self.nursery is not None, "tasks started before the node runs"
+        self.nursery.start_soon(lambda: supervised(name, fn, *args, metrics=self.metrics, restart=restart))
+
+    def spawn(self, name: str, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        self.supervise(name, fn, *args, restart=False)

@@ -34,9 +34,9 @@ async def test_a_raising_client_costs_the_round_not_the_daemon(
     index = genesis.index_of(daemon.me)
     trainer = daemon.use_trainer(Participant(genesis, Raising(), index), index)
     async with trio.open_nursery() as n:
-        daemon._nursery = n  # the daemon's supervision is what is tested
+        daemon.tasks.nursery = n  # the daemon's supervision is what is tested
         daemon.links_up.set()
-        daemon._supervise("participant", trainer.run)
+        daemon.tasks.supervise("participant", trainer.run)
         with trio.fail_after(10):
             while daemon.metrics.counters["trainer_errors_exception"] < 1:
                 await trio.sleep(0.02)

@@ -18,8 +18,9 @@ import trio
 from flnode.cli.demo import NodeView, free_ports, start_node, stop_nodes
 from flnode.cli.node_cmd import _task_and_rules, create_testnet
 from flnode.node.app.limits import update_blob_size
-from flnode.node.daemon import BLOB_PROTOCOL, BLOCKS_PROTOCOL, STATUS_PROTOCOL, Topics
+from flnode.node.blobs import BLOB_PROTOCOL
 from flnode.node.net import CONSENSUS_PROTOCOL, NetError, P2PNode, encode_frames
+from flnode.node.sync import BLOCKS_PROTOCOL, STATUS_PROTOCOL
 from flnode.protocol.crypto import NodeKey
 from flnode.protocol.encoding import pack
 from flnode.protocol.genesis import Genesis
@@ -30,6 +31,7 @@ from flnode.protocol.messages import (
     decode_gossip,
     encode_gossip,
 )
+from flnode.protocol.topics import Topics
 from netutil import heights, model_hashes_at
 
 pytestmark = pytest.mark.slow

@@ -18,7 +18,7 @@ from flnode.node.app import genesis_state, make_update, participant_data
 from flnode.node.app.blocks import build_block
 from flnode.node.chain.store import ChainStore
 from flnode.node.config import home_paths, load_config
-from flnode.node.daemon import Daemon, Topics
+from flnode.node.daemon import Daemon
 from flnode.node.metrics import Metrics
 from flnode.protocol.crypto import NodeKey
 from flnode.protocol.errors import DecodeError
@@ -34,6 +34,7 @@ from flnode.protocol.messages import (
     decode_gossip,
     encode_gossip,
 )
+from flnode.protocol.topics import Topics
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -38,11 +38,8 @@ def _daemon(d: Path, genesis: Genesis, tmp: Path) -> Daemon:
 
 
 async def _run_driver(daemon: Daemon, nursery: trio.Nursery) -> None:
-    async def no_gate() -> None:  # no network here: the start-up gate is tested with real peers elsewhere
-        return None
-
-    daemon.wait_for_quorum = no_gate  # type: ignore[method-assign]
-    daemon._nursery = nursery  # where the driver's one-shot tasks (fetch, validate) are supervised
+    # no network here: the start-up gate is tested with real peers elsewhere
+    daemon.tasks.nursery = nursery  # where the driver's one-shot tasks (fetch, validate) are supervised
     await nursery.start(daemon.driver.run)
 
 
@@ -119,7 +116,7 @@ async def test_a_block_whose_blobs_are_missing_is_not_judged_invalid(
                 answers.append(ev)
 
     async with trio.open_nursery() as n:
-        daemon._nursery = n
+        daemon.tasks.nursery = n
         n.start_soon(listen)
         n.start_soon(daemon.checker.validate, 1, 0, block)
         await trio.sleep(1.5)  # several fetch attempts fail: no holder is reachable

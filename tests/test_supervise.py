@@ -45,9 +45,9 @@ async def test_a_crashing_participant_loop_does_not_stop_the_node(
 
     monkeypatch.setattr(mod, "make_update", broken)  # type: ignore[attr-defined]
     async with trio.open_nursery() as n:
-        daemon._nursery = n
+        daemon.tasks.nursery = n
         daemon.links_up.set()  # as if the start-up gate had opened
-        daemon._supervise("participant", trainer.run)
+        daemon.tasks.supervise("participant", trainer.run)
         with trio.fail_after(10):
             while daemon.metrics.counters["task_failures_participant"] < 3:
                 await trio.sleep(0.05)
