@@ -1,4 +1,5 @@
-"""The daemon's small services, each driven through its own surface: the head, the timers, the mempool, peers."""
+"""The daemon's small services, each driven through its own surface: head, timers, mempool, peers, seat, outbox,
+start-up."""
 
 from __future__ import annotations
 
@@ -159,3 +160,134 @@ def test_peers_skip_a_relay_to_those_whose_votes_show_they_have_it(chain: Any) -
     peers.note(Vote(VoteType.PREVOTE, 4, 0, None, KEYS[2].public_key))  # c decided height 3
     assert peers.already_has(prevote)(c)
     assert peers.is_member_peer(a) and not peers.is_member_peer("12D3KooWoutsider")
+
+
+def _seat(g: Any, voting: bool = True) -> tuple[Any, Any, Any]:
+    from flnode.consensus import ValidatorSet
+    from flnode.node.seat import Seat
+
+    head = Head(g, genesis_state(g), genesis_block_hash(g), None)
+    calls: list[Any] = []
+    machine = SimpleNamespace(validators=ValidatorSet(g.powers), set_validators=lambda vs: (calls.append(("set", vs)),
+                                                                          setattr(machine, "validators", vs)))
+    transport = SimpleNamespace(set_validators=lambda peers, dial_all: calls.append(("links", dial_all)))
+    seat = Seat(KEYS[0].public_key, head, machine, Peers(g, head), transport, voting)  # type: ignore[arg-type]
+    return seat, head, calls
+
+
+def test_seat_gives_the_machine_the_next_heights_set_once_and_votes_by_power(chain: Any) -> None:
+    from flnode.consensus import ValidatorSet
+
+    g, _, _ = chain
+    seat, head, calls = _seat(g)
+    seat.before_height()
+    assert calls == [("set", head.validator_set(1))]
+    seat.before_height()  # the same set object: nothing to do
+    assert len(calls) == 1
+    seat.follow(ValidatorSet({k.public_key: 1 for k in KEYS[1:]}))  # a set without us: listen, dial every one
+    assert seat.voting is False and calls[-1] == ("links", True)
+    seat.follow(ValidatorSet({k.public_key: 1 for k in KEYS}))
+    assert seat.voting is True and calls[-1] == ("links", False)
+
+
+def _outbox(g: Any, voting: bool, subscribers: set[str], connected: list[str]) -> tuple[Any, list[Any], Any]:
+    from flnode.node.metrics import Metrics
+    from flnode.node.outbox import Outbox
+    from flnode.node.supervise import Tasks
+    from flnode.protocol.topics import Topics
+
+    head = Head(g, genesis_state(g), genesis_block_hash(g), None)
+    sent: list[Any] = []
+
+    async def publish(topic: str, data: bytes) -> None:
+        sent.append(("gossip", topic, data))
+
+    net = SimpleNamespace(publish=publish, connected_peers=lambda: connected)
+    transport = SimpleNamespace(broadcast=lambda data, height, round: sent.append(("direct", height, data)),
+                                subscribers=lambda: subscribers)
+    machine = SimpleNamespace(height=1, round=0)
+    seat = SimpleNamespace(voting=voting)
+    box = Outbox(Topics.for_chain(g.chain_id), head, net, transport, Peers(g, head), seat, None,  # type: ignore[arg-type]
+                 machine, Tasks(Metrics()))  # type: ignore[arg-type]
+    return box, sent, machine
+
+
+def test_outbox_sends_our_update_directly_and_on_gossip_only_when_someone_beyond_the_validators_listens(
+    chain: Any
+) -> None:
+    g, _, _ = chain
+    validator_peer = peer_id_of(KEYS[1].public_key)
+    box, sent, _ = _outbox(g, True, set(), [validator_peer])
+    trio.run(box.send_update, b"u", 1)
+    assert sent == [("direct", 1, b"u")]
+    box, sent, _ = _outbox(g, True, set(), [validator_peer, "12D3KooWtrainer"])
+    trio.run(box.send_update, b"u", 1)
+    assert [s[0] for s in sent] == ["direct", "gossip"]
+    box, sent, _ = _outbox(g, False, set(), [validator_peer])  # a trainer: gossip only
+    trio.run(box.send_update, b"u", 1)
+    assert [s[0] for s in sent] == ["gossip"]
+
+
+def test_outbox_brings_a_validator_that_connects_up_to_date(chain: Any) -> None:
+    g, _, _ = chain
+    box, sent, machine = _outbox(g, True, set(), [])
+    send, receive = trio.open_memory_channel[Any](1)
+    box.rebroadcast = send
+    box.own_update = lambda: (1, b"mine")
+    box.validator_connected("peer")
+    assert sent == [("direct", 1, b"mine")]
+    assert receive.receive_nowait() == TimeoutFired(TimeoutKind.REBROADCAST, 1, 0)
+    box.own_update = lambda: (0, b"old")  # an update of a settled height is not re-sent
+    machine.height = 5  # nor is a round of a height the node is not at
+    box.validator_connected("peer")
+    assert sent == [("direct", 1, b"mine")]
+    with pytest.raises(trio.WouldBlock):
+        receive.receive_nowait()
+
+
+def test_startup_defers_libp2p_only_for_a_validator_at_genesis_with_direct_links(chain: Any) -> None:
+    from flnode.node.startup import Startup
+
+    g, blocks, _ = chain
+    head = Head(g, genesis_state(g), genesis_block_hash(g), None)
+    transport = SimpleNamespace(direct=object())
+    seat = SimpleNamespace(voting=True)
+
+    def startup(direct_peers: bool = True) -> Startup:
+        return Startup(head, None, transport, seat, None, None, direct_peers=direct_peers)  # type: ignore[arg-type]
+
+    assert startup().defer_p2p()
+    assert not startup(direct_peers=False).defer_p2p()
+    seat.voting = False
+    assert not startup().defer_p2p()  # a trainer or observer reaches the network only through libp2p
+    seat.voting = True
+    head.advance(blocks[0][2], blocks[0][0].hash(), blocks[0][1])
+    assert not startup().defer_p2p()  # a restart on an existing chain may need blocks from peers
+
+
+def test_startup_opens_the_links_up_gate_once_peers_hold_two_thirds(chain: Any) -> None:
+    from flnode.node.startup import Startup
+
+    g, _, _ = chain
+    head = Head(g, genesis_state(g), genesis_block_hash(g), None)
+    gate = trio.Event()
+
+    async def wait_gate(powers: Any, own: int) -> None:
+        assert own == 1 and len(powers) == len(KEYS)
+        await gate.wait()
+
+    transport = SimpleNamespace(gate_open=lambda powers, own: gate.is_set(), wait_gate=wait_gate,
+                                connected=lambda: [])
+    net = SimpleNamespace(peer_id=peer_id_of(KEYS[0].public_key))
+    s = Startup(head, net, transport, SimpleNamespace(voting=True), None, None,  # type: ignore[arg-type]
+                direct_peers=True)
+
+    async def main() -> None:
+        async with trio.open_nursery() as n:
+            n.start_soon(s.wait_for_quorum)
+            await trio.testing.wait_all_tasks_blocked()
+            assert not s.links_up.is_set()
+            gate.set()
+        assert s.links_up.is_set()
+
+    trio.run(main)
