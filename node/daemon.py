@@ -22,7 +22,7 @@ from flnode.node.app.participant import Participant, load_participant
 from flnode.node.app.state import state_size_cap
 from flnode.node.chain.store import ChainStore
 from flnode.node.config import NodeConfig, parse_direct_peer
-from flnode.node.metrics import Metrics, serve_metrics
+from flnode.node.metrics import Metrics
 from flnode.node.net import P2PNode
 from flnode.protocol.crypto import NodeKey
 from flnode.protocol.genesis import Genesis
@@ -261,12 +261,13 @@ class Daemon:
                 extra={"height": self.state.height, "peer_id": self.net.peer_id,
                        "addrs": "libp2p after the first commit" if deferred else ",".join(self.net.listen_addrs())},
             )
-            if self.config.metrics_listen:
-                await nursery.start(serve_metrics, self.metrics, self.config.metrics_listen)
-            if self.config.http_listen:  # read-only explorer, JSON API and /metrics (node/web)
-                from flnode.node.web import serve_web
+            if self.config.metrics_listen or self.config.http_listen:  # imported only when served: hypercorn
+                from flnode.node.web import serve_metrics, serve_web
 
-                await nursery.start(serve_web, self, self.config.http_listen)
+                if self.config.metrics_listen:
+                    await nursery.start(serve_metrics, self.metrics, self.config.metrics_listen)
+                if self.config.http_listen:  # read-only explorer, JSON API and /metrics
+                    await nursery.start(serve_web, self, self.config.http_listen)
             nursery.start_soon(self._consensus)  # fatal: an exception here stops the node
             supervise = self.tasks.supervise
             supervise("inbound", self.router.run_gossip)

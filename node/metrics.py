@@ -11,8 +11,6 @@ from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
-import trio
-
 PREFIX = "flnode_"
 
 
@@ -66,11 +64,3 @@ def _collector(metrics: Metrics) -> Any:
                 yield GaugeMetricFamily(PREFIX + name, f"flnode gauge {name}", value=fvalue)
 
     return _Collector()
-
-
-async def serve_metrics(metrics: Metrics, listen: str, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-    """Serve only ``/metrics`` on ``listen`` (the ``metrics_listen`` setting) with the web server."""
-    from flnode.node.web.app import metrics_only_app
-    from flnode.node.web.server import serve_asgi
-
-    await serve_asgi(metrics_only_app(metrics), listen, task_status=task_status)

@@ -17,13 +17,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("cli", "node", "protocol", "consensus")
 
-# Known cycles outside the import-cycle cleanup (node/metrics.py imports the web app and server inside a function;
-# both import Metrics back). Remove an entry once its cycle is broken; a new cycle fails the test.
-KNOWN_CYCLES = {
-    ("flnode.node.metrics", "flnode.node.web.app", "flnode.node.metrics"),
-    ("flnode.node.metrics", "flnode.node.web.server", "flnode.node.status", "flnode.node.metrics"),
-    ("flnode.node.metrics", "flnode.node.web.server", "flnode.node.web.app", "flnode.node.metrics"),
-}
+# Known cycles: none. Add an entry only with a reason; a new cycle fails the test.
+KNOWN_CYCLES: set[tuple[str, ...]] = set()
 
 
 def module_files() -> dict[str, Path]:

@@ -214,3 +214,23 @@ async def test_a_fresh_store_renders_every_page(tmp_path: Any) -> None:
         assert b"no data yet" in (await _call(app, "GET", "/"))[2]
     finally:
         app.reader.close()
+
+
+async def test_serve_metrics_answers_prometheus_text_on_its_own_port() -> None:
+    """metrics_listen: /metrics alone, over real HTTP on 127.0.0.1."""
+    from flnode.cli.testnet import free_ports
+    from flnode.node.web import serve_metrics
+
+    metrics = Metrics()
+    metrics.inc("blocks_committed", 3)
+    port = free_ports(1)[0]
+    async with trio.open_nursery() as n:
+        await n.start(serve_metrics, metrics, f"127.0.0.1:{port}")
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.send_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        reply = b""
+        with trio.fail_after(10):
+            while chunk := await stream.receive_some():
+                reply += chunk
+        n.cancel_scope.cancel()
+    assert reply.startswith(b"HTTP/1.1 200") and b"flnode_blocks_committed_total 3.0" in reply

@@ -16,8 +16,9 @@ from hypercorn.config import Config
 from hypercorn.trio.run import worker_serve
 from hypercorn.utils import wrap_app
 
+from ..metrics import Metrics
 from ..status import NodeView, live_snapshot
-from .app import WebApp
+from .app import WebApp, metrics_only_app
 
 log = logging.getLogger("flnode.web")
 
@@ -69,3 +70,8 @@ async def serve_web(node: NodeView, listen: str, *, task_status: Any = trio.TASK
         await serve_asgi(app, listen, task_status=task_status)
     finally:
         app.reader.close()
+
+
+async def serve_metrics(metrics: Metrics, listen: str, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve only ``/metrics`` on ``listen`` (the ``metrics_listen`` setting)."""
+    await serve_asgi(metrics_only_app(metrics), listen, task_status=task_status)
