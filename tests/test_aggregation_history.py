@@ -166,6 +166,14 @@ def test_the_state_carries_the_previous_model_and_the_store_reloads_it(tmp_path:
     assert execute(g, again, cands)[0].hash() == execute(g, state, cands)[0].hash()
     report = verify_chain(store, g)
     assert report.ok and report.heights == 3, report.reason
+    # pruning below height 2 drops height 1's updates, keeps the later models and the previous model (of 1)
+    # the state at height 2 points back at, so the state at the cut-off still loads
+    first_updates = [u.blob_hash for u in store.get_block(1).updates]
+    removed: list[bytes] = []
+    store.prune_blobs(3, 1, removed)
+    assert sorted(removed) == sorted([*first_updates, models[0]])
+    assert all(store.blobs.has(m) for m in models[1:])
+    assert store.get_state(2).prev_model_hash == models[1] and store.get_state(2).hash()
     store.close()
 
 

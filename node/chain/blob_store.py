@@ -192,14 +192,12 @@ class BlobStore:
 
     # ---------------------------------------------------------------- pruning
 
-    def prune(self, cutoff: int, named: bytes | None, removed: list[bytes] | None = None) -> int:
-        """Delete the blobs of heights below `cutoff`, except the model of every state from `cutoff` on and `named`
-        (the previous model the state at `cutoff` points at). Orphans (never in a block) go once their announced
-        height is below it. Returns how many went; their hashes are appended to `removed`."""
-        keep = "SELECT model_hash FROM states WHERE height >= ?"
-        gone = [bytes(r[0]) for r in self.db.conn.execute(
-            f"SELECT hash FROM blob_index WHERE height < ? AND hash NOT IN ({keep})", (cutoff, cutoff))
-            if bytes(r[0]) != named]
+    def prune(self, cutoff: int, keep: set[bytes], removed: list[bytes] | None = None) -> int:
+        """Delete the blobs of heights below `cutoff`, except those in `keep` (the models the chain still needs).
+        Orphans (never in a block) go once their announced height is below it. Returns how many went; their
+        hashes are appended to `removed`."""
+        gone = [bh for bh in (bytes(r[0]) for r in self.db.conn.execute(
+            "SELECT hash FROM blob_index WHERE height < ?", (cutoff,))) if bh not in keep]
         with self._pending_lock:
             stale = [bh for bh, (_, ah) in self._pending.items() if ah is not None and ah < cutoff]
             for bh in stale:
@@ -207,8 +205,7 @@ class BlobStore:
         floor = max(cutoff, self.floor())
 
         def body(c: sqlite3.Connection) -> None:
-            c.execute(f"DELETE FROM blob_index WHERE height < ? AND hash NOT IN ({keep}) AND hash != ?",
-                      (cutoff, cutoff, named or b""))
+            c.executemany("DELETE FROM blob_index WHERE hash = ? AND height < ?", [(bh, cutoff) for bh in gone])
             c.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('blob_floor', ?)", (str(floor).encode(),))
 
         self.db.transaction(body)  # index first: a reader never expects a blob that is already gone

@@ -175,7 +175,9 @@ class ChainStore:
         cutoff = min(committed_height, self.latest_height()) - retention
         if cutoff <= 0:
             return 0
-        return self.blobs.prune(cutoff, self._previous_model(cutoff), removed)
+        keep = {bytes(r[0]) for r in self.conn.execute("SELECT model_hash FROM states WHERE height >= ?", (cutoff,))}
+        previous = self._previous_model(cutoff)  # the model the state at the cut-off points back at
+        return self.blobs.prune(cutoff, keep | ({previous} if previous else set()), removed)
 
     def _previous_model(self, h: int) -> bytes | None:
         """The previous model's hash the state of `h` names (centered_clip_momentum), or None."""
