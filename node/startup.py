@@ -48,8 +48,8 @@ class Startup:
             vs = self.head.validator_set(self.head.next_height) or self.machine.validators
             powers = {peer_id_of(k): p for k, p in vs.powers.items()}
             own = powers.get(self.net.peer_id, 0)
-            if not self.transport.gate_open(powers, own):
+            if not self.transport.quorum_linked(powers, own):
                 log.info("waiting for peers holding more than 2/3 of the voting power")
-                await self.transport.wait_gate(powers, own)
+                await self.transport.wait_quorum_linked(powers, own)
                 log.info("start-up gate open", extra={"peers": len(self.transport.connected())})
         self.links_up.set()

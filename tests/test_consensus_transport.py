@@ -338,14 +338,14 @@ async def test_startup_gate_opens_and_closes_as_validators_come_and_go() -> None
     powers = {m.peer_id: 1 for m in ms}
     with trio.fail_after(20):
         async with cluster(ms, start=1) as c:
-            assert not a.t.gate_open(powers, 1)
+            assert not a.t.quorum_linked(powers, 1)
             await c.start(b)
             await full_mesh(c, [a, b])
-            assert not a.t.gate_open(powers, 1)  # 2 of 4 is not > 2/3
+            assert not a.t.quorum_linked(powers, 1)  # 2 of 4 is not > 2/3
             opened = trio.Event()
 
             async def waiter() -> None:
-                await a.t.wait_gate(powers, 1)
+                await a.t.wait_quorum_linked(powers, 1)
                 opened.set()
 
             c.nursery.start_soon(waiter)
@@ -354,12 +354,12 @@ async def test_startup_gate_opens_and_closes_as_validators_come_and_go() -> None
             await c.start(cc)
             with trio.fail_after(10):
                 await opened.wait()
-            assert a.t.gate_open(powers, 1)
+            assert a.t.quorum_linked(powers, 1)
             await c.stop(cc)
             with trio.fail_after(5):
-                while a.t.gate_open(powers, 1):
+                while a.t.quorum_linked(powers, 1):
                     await trio.sleep(0.05)
-            assert a.t.gate_open({**powers, b.peer_id: 5}, 1)  # by power, not by count
+            assert a.t.quorum_linked({**powers, b.peer_id: 5}, 1)  # by power, not by count
 
 
 async def test_outsiders_fill_their_own_listener_slots_and_a_member_still_gets_in() -> None:

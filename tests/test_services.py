@@ -272,11 +272,11 @@ def test_startup_opens_the_links_up_gate_once_peers_hold_two_thirds(chain: Any) 
     head = Head(g, genesis_state(g), genesis_block_hash(g), None)
     gate = trio.Event()
 
-    async def wait_gate(powers: Any, own: int) -> None:
+    async def wait_quorum_linked(powers: Any, own: int) -> None:
         assert own == 1 and len(powers) == len(KEYS)
         await gate.wait()
 
-    transport = SimpleNamespace(gate_open=lambda powers, own: gate.is_set(), wait_gate=wait_gate,
+    transport = SimpleNamespace(quorum_linked=lambda powers, own: gate.is_set(), wait_quorum_linked=wait_quorum_linked,
                                 connected=lambda: [])
     net = SimpleNamespace(peer_id=peer_id_of(KEYS[0].public_key))
     s = Startup(head, net, transport, SimpleNamespace(voting=True), None, None,  # type: ignore[arg-type]

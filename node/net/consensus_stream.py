@@ -331,13 +331,13 @@ class ConsensusTransport:
             if r.queued:
                 s.wakeup.set()
 
-    def gate_open(self, powers: Mapping[str, int], self_power: int) -> bool:
+    def quorum_linked(self, powers: Mapping[str, int], self_power: int) -> bool:
         return has_quorum(powers, self._sessions, self.p2p.peer_id, self_power)
 
-    async def wait_gate(self, powers: Mapping[str, int], self_power: int) -> None:
+    async def wait_quorum_linked(self, powers: Mapping[str, int], self_power: int) -> None:
         while True:
             changed = self._changed
-            if self.gate_open(powers, self_power):
+            if self.quorum_linked(powers, self_power):
                 return
             await changed.wait()
 
