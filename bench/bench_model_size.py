@@ -1,4 +1,4 @@
-"""Model size: updates of 1M, 10M and 100M float32 parameters through a real 4-node testnet (issue 16).
+"""Model size: updates of 1M, 10M and 100M float32 parameters through a real 4-node testnet.
 
 First the single-stream throughput of the blob path is measured on this machine (two hosts, one large blob served
 in pieces and hashed as it is received) and written to bench/results/stream.json; the bound of every size run is

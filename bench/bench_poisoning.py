@@ -1,4 +1,4 @@
-"""Poisoning at 40 % (issue 12): 10 trainers of which 0, 2, 3 or 4 poison, in-process through the pure app.
+"""Poisoning at 40 %: 10 trainers of which 0, 2, 3 or 4 poison, in-process through the pure app.
 
 Every round goes through the real `execute` (validation with the norm bound, the genesis' aggregator, rewards,
 penalties, reputation); an author whose reputation fell below `exclude_below` is left out of later blocks, as a

@@ -8,7 +8,7 @@ they would otherwise take the CPU the nodes need and the table would measure the
 One network, alternating windows of at least K heights and S seconds (idle, 50 pollers, idle, 50 pollers, ...,
 then flat out), so the windows share start-up state and the machine's background load; each window starts
 after a 1.5 s warm-up (every tab polling) and leaves out the height under way at its start.
-Target (issue 15): round time with pollers within 10 % of without.
+Target: round time with pollers within 10 % of without.
 
     python -m bench.bench_web [--quick] [--heights K] [--seconds S] [--pairs P]
 """

@@ -1,4 +1,4 @@
-"""`flnode join`, `flnode members`, `flnode admit`, `flnode remove`, `flnode leave` (open membership, issue 12).
+"""`flnode join`, `flnode members`, `flnode admit`, `flnode remove`, `flnode leave` (open membership).
 
 The commands that change membership queue a request in the node's data dir; the running node signs it with its
 key at its current height and sends it until a block carries it (node/member_txs.py). `join` also runs the node.

@@ -245,7 +245,7 @@ class AdmissionGate:
             except ProtocolError:
                 return "bad_evidence"
             return None
-        if isinstance(msg, MembershipTx):  # membership (issue 12): on gossip or a direct link, the block's rules
+        if isinstance(msg, MembershipTx):  # membership: on gossip or a direct link, the block's rules
             problem = getattr(self.view, "membership_problem", None)
             return "unexpected_type" if problem is None else problem(msg)
         if isinstance(msg, UpdateBundle):

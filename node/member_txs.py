@@ -1,4 +1,4 @@
-"""The node's side of open membership (issue 12): a bounded mempool of membership transactions, and the outbox
+"""The node's side of open membership: a bounded mempool of membership transactions, and the outbox
 through which the CLI (`flnode join/admit/remove/leave`) asks the running node to sign and send one.
 
 The CLI writes an intent (JSON) into `<data_dir>/membership/outbox/`; the node signs it with its key at its

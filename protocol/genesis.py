@@ -45,7 +45,7 @@ class TaskSpec:
     synthetic_features: int = 64
     synthetic_classes: int = 10
     synthetic_samples: int = 4000
-    # A participant-supplied model (issue 13): the trainer's import path ("pkg.module:make_client", the default a
+    # A participant-supplied model: the trainer's import path ("pkg.module:make_client", the default a
     # node loads), each parameter's (name, shape, dtype) and the initial parameters (base64 of the tensor codec's
     # blob; initial_model_hash is its hash). Validation and `chain verify` need only these, never the code.
     trainer: str = ""

@@ -234,7 +234,7 @@ class BlockHeader(Message):
     last_commit_hash: bytes
     model_hash: bytes
     app_hash: bytes
-    txs_hash: bytes | None = None  # membership transactions (issue 12); absent, not hashed, when there are none
+    txs_hash: bytes | None = None  # membership transactions; absent, not hashed, when there are none
 
     def to_list(self) -> list[Any]:
         return [

@@ -1,4 +1,4 @@
-"""Bring your own model over real node processes on 127.0.0.1 (issue 13).
+"""Bring your own model over real node processes on 127.0.0.1.
 
 1. PyTorch: a genesis made from examples/pytorch_cnn; two nodes train with its TorchClient, one with Flower's
    tutorial class (examples/flower_client, unchanged; same architecture, so it fits the genesis). The model reaches

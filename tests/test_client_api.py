@@ -1,4 +1,4 @@
-"""The client API's contract (issue 13): what a participant's own training code may return, and what happens
+"""The client API's contract: what a participant's own training code may return, and what happens
 when it misbehaves. In-process and fast; no torch (tests/test_adapters*.py and tests/test_byo*.py have it)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Open membership (issue 12), the pure part: every transaction's rules, the h+2 delay, the header binding, and
+"""Open membership, the pure part: every transaction's rules, the h+2 delay, the header binding, and
 that a genesis without it keeps its hashes."""
 
 from __future__ import annotations

@@ -199,7 +199,7 @@ def test_gate_per_peer_budget_and_byte_bounded_cache(net: tuple[Path, Genesis, l
     assert lru.bytes <= 1000 and len(lru) == 10
 
 
-# ------------------------------------------------------------------ issue 16 item 1: the proposer's clock
+# ------------------------------------------------------------------ the proposer's clock
 
 
 async def test_proposer_waits_on_trios_clock_without_spinning(net: tuple[Path, Genesis, list[NodeKey]]) -> None:

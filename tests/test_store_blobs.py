@@ -340,7 +340,7 @@ def test_blob_retention_setting(tmp_path: Path) -> None:
         load_config(tmp_path, {}, {"FLNODE_BLOB_RETENTION_HEIGHTS": "lots"})
 
 
-# ---------------------------------------------------------------- streamed blobs (issue 16)
+# ---------------------------------------------------------------- streamed blobs
 
 
 def test_a_streamed_blob_is_hashed_once_and_appears_only_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

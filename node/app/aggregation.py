@@ -5,7 +5,7 @@ elementwise add/multiply is correctly rounded, so the result cannot depend on SI
 np.sum/np.dot/BLAS reduction touches a value that enters the model. Selection scores (Multi-Krum) use exactly
 rounded sums (math.fsum) and a stable sort with the update hash as the tie-break.
 
-Rules with history (issue 22) compose in front of, or parametrise, a rule: reputation weighting, then a mixing
+Rules with history compose in front of, or parametrise, a rule: reputation weighting, then a mixing
 step (bucketing, nearest-neighbour mixing) whose outputs are derived deltas computed a chunk at a time, then the
 rule (centered clipping may start from the previous aggregate step, the momentum). build_aggregator assembles
 them from the genesis rules and what the caller takes from the committed state: the seed (the previous state's
@@ -303,7 +303,7 @@ class CenteredClipMomentum(CenteredClip):
     name = "centered_clip_momentum"
 
 
-# ---- pre-aggregation steps in front of any rule (issue 22) ----
+# ---- pre-aggregation steps in front of any rule ----
 
 
 def _bucket_key(members: Sequence[WeightedUpdate]) -> bytes:

@@ -109,7 +109,7 @@ def block_detail(genesis: Genesis, store: ChainStore, h: int, row: dict[str, Any
         "updates": updates,
         "participants": participants,
         "privacy": privacy_rows(genesis, store, h),
-        # membership transactions (issue 12), each taking effect from height h + 2
+        # membership transactions, each taking effect from height h + 2
         "membership": [{"kind": t.kind.name.lower(), "signer": name_of(genesis, state, t.signer),
                         "target": name_of(genesis, state, t.target), "what": t.describe()} for t in block.txs],
     }

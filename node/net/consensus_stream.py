@@ -350,7 +350,7 @@ class ConsensusTransport:
             await changed.wait()
 
     def set_validators(self, validator_peer_ids: Iterable[str], *, dial_all: bool) -> None:
-        """The validator set changed (open membership, issue 12): dial the new validators, and let a stream whose
+        """The validator set changed (open membership): dial the new validators, and let a stream whose
         role changed (a listener that became a validator, a validator that left) reconnect in its new role."""
         new = set(validator_peer_ids) - {self.p2p.peer_id}
         changed = (new ^ self.peers) | (self.peers if dial_all != self.dial_all else set())

@@ -176,7 +176,7 @@ def block_page(chain_id: str, d: dict[str, Any]) -> str:
         ("evidence", (f'{d["evidence"]}: ' + _e(", ".join(d["evidence_validators"]))) if d["evidence"] else "none"),
     ]
     t = d.get("trainer")
-    if t is not None:  # this node's own client at this height (issue 13): its fit, or the error that cost the round
+    if t is not None:  # this node's own client at this height: its fit, or the error that cost the round
         facts.append(("this node's training", f'<span class=bad>{_e(t["error_kind"])}: {_e(t["error"])}</span>'
                       if "error" in t else _e(", ".join(f"{k} {v:.4g}" if isinstance(v, int | float) else f"{k} {v}"
                                                        for k, v in (t.get("metrics") or {}).items()))
