@@ -155,7 +155,7 @@ class Daemon:
         is_voting, deliver, spawn = (lambda: self.seat.voting), self._deliver, self.tasks.spawn
         self.checker = Checker(genesis, self.me, self.head, self.mempool, self.blobs, self.metrics, self.timing,
                                deliver, voting=is_voting, committed_elsewhere=lambda h: self.sync.committed_elsewhere(h),
-                               connected=self.net.connected_peers)
+                               connected=self.transport.reachable)
         self.committer = Committer(genesis, self.head, store, self.worker, self.blobs, self.checker, self.metrics,
                                    self.timing, deliver, blob_retention_heights=config.blob_retention_heights,
                                    data=self.data, spawn=spawn, on_status=self.write_status)
@@ -168,7 +168,8 @@ class Daemon:
                                         pool_evidence=lambda ev: self.router.pool_evidence(ev),
                                         before_height=self.seat.before_height, spawn=spawn)
         self.outbox.rebroadcast = self.driver.inbox
-        self.sync = BlockSync(self.head, self.net, store, self.worker, self.metrics, self.driver.inbox.send)
+        self.sync = BlockSync(self.head, self.net, store, self.worker, self.metrics, self.driver.inbox.send,
+                              reachable=self.transport.reachable)
         self.committer.on_committed += [self.sync.committed, self.mempool.committed,
                                         lambda: self.gate.prune(self.head.height)]
         self.router = self.router_class(genesis, self.head, self.gate, self.net, self.transport, self.peers,

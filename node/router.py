@@ -94,7 +94,7 @@ class Router:
 
     async def fetch_announced(self, ann: UpdateAnnouncement, holders: list[str]) -> None:
         await self.blobs.fetch_until(
-            ann.blob_hash, lambda: list(dict.fromkeys(holders + self.net.connected_peers())), ann.blob_size,
+            ann.blob_hash, lambda: list(dict.fromkeys(holders + self.transport.reachable())), ann.blob_size,
             give_up=lambda: self.head.height >= ann.height, height=ann.height,
         )
 

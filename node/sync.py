@@ -9,6 +9,7 @@ driver's commit path executes and stores it as any other decided block.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import trio
@@ -46,8 +47,9 @@ class Tip(Protocol):
 
 class BlockSync:
     def __init__(self, tip: Tip, net: P2PNode, store: ChainStore, worker: StoreWorker, metrics: Metrics,
-                 deliver: Any) -> None:
+                 deliver: Any, reachable: Callable[[], list[str]] | None = None) -> None:
         self.tip, self.net, self.store, self.worker, self.metrics = tip, net, store, worker, metrics
+        self.reachable = reachable or net.connected_peers  # peers a request can go to
         self.deliver = deliver  # async: hands a CommitReceived to the consensus driver
         self.behind = trio.Event()  # set when a message shows peers at a higher height
         self.ahead_seen = False
@@ -118,11 +120,11 @@ class BlockSync:
                 target, ahead_peer = self.ahead_of_us
                 if self.tip.state.height >= target and trio.current_time() - self.last_commit < STALL_POLL_S:
                     continue
-                if ahead_peer is not None and ahead_peer in self.net.connected_peers():
+                if ahead_peer is not None and ahead_peer in self.reachable():
                     await self.sync_from(ahead_peer, target)  # the peer that showed it: no status poll
                     if self.tip.state.height >= target:
                         continue
-            for peer in self.net.connected_peers():
+            for peer in self.reachable():
                 try:
                     raw = await self.net.request(peer, STATUS_PROTOCOL, b"", max_response=256, timeout=5.0)
                     status = Status.decode(raw)

@@ -168,3 +168,71 @@ async def test_validators_not_connected_by_libp2p_still_get_direct_links() -> No
             assert await ts[3].inbound.receive() == (peer_id_of(keys[0].public_key), b"from a")
             assert all(t.counters["libp2p_sessions"] == 0 and t.counters["direct_sessions"] >= 1 for t in ts)
             n.cancel_scope.cancel()
+
+
+async def test_requests_between_validators_take_a_direct_connection_without_libp2p() -> None:
+    """Blobs, blocks and status requests to a validator with a direct address go over a direct connection of
+    their own (REQUEST_MAGIC), framed as over libp2p, even while libp2p is not running; large responses stream."""
+    from flnode.node.net import ConsensusTransport, P2PNode, StreamedResponse
+    from flnode.node.net.consensus_stream import DirectConfig
+
+    keys = [NodeKey.generate() for _ in range(2)]
+    ids = [peer_id_of(k.public_key) for k in keys]
+    big = bytes(range(256)) * (12 << 10)  # 3 MiB: many 64 KiB wire frames
+
+    async def reverse(peer: str, request: bytes) -> bytes:
+        assert peer == ids[0]  # the authenticated identity of the requester
+        return request[::-1]
+
+    async def stream_big(peer: str, request: bytes) -> StreamedResponse:
+        async def chunks():  # type: ignore[no-untyped-def]
+            for i in range(0, len(big), 1 << 20):
+                yield big[i:i + (1 << 20)]
+
+        return StreamedResponse(len(big), chunks, timeout=10)
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as n:
+            nodes = [P2PNode(k.seed, ["/ip4/127.0.0.1/tcp/0"]) for k in keys]  # never run: no libp2p
+            ts = [ConsensusTransport(node, ids, direct=DirectConfig(k, CHAIN, "127.0.0.1"))
+                  for node, k in zip(nodes, keys, strict=True)]
+            nodes[1].set_handler("/test/reverse/1", reverse)
+            nodes[1].set_handler("/test/big/1", stream_big)
+            for t in ts:
+                await n.start(t.run)
+            assert ts[1]._listener is not None
+            ts[0].directory.configure([(ids[1], "127.0.0.1", ts[1]._listener.port)], ids[0])
+            assert await nodes[0].request(ids[1], "/test/reverse/1", b"abc", max_response=16, timeout=5) == b"cba"
+            got = bytearray()
+
+            async def sink(chunk: bytes) -> None:
+                got.extend(chunk)
+
+            size = await nodes[0].request_into(ids[1], "/test/big/1", b"", sink, max_response=len(big), timeout=10)
+            assert size == len(big) and bytes(got) == big
+            with pytest.raises(NetError):  # a protocol the peer does not serve
+                await nodes[0].request(ids[1], "/test/none/1", b"", max_response=16, timeout=5)
+            with pytest.raises(NetError):  # the cap holds over a direct connection too
+                await nodes[0].request(ids[1], "/test/big/1", b"", max_response=1000, timeout=5)
+            with pytest.raises(NetError, match="not running"):  # no direct address, no libp2p: nothing to use
+                await nodes[1].request(ids[0], "/test/reverse/1", b"abc", max_response=16, timeout=5)
+            assert nodes[0].counters["direct_requests"] == 4
+            assert nodes[1].counters["direct_requests_served"] == 3 and nodes[1].counters["requests_served"] == 2
+            assert nodes[1].counters["direct_unknown_protocol"] == 1
+            assert ts[1].counters["direct_requests_accepted"] == 4 and ts[1].counters["direct_accepted"] == 0
+            n.cancel_scope.cancel()
+
+
+def test_a_request_handshake_cannot_pass_for_a_consensus_link() -> None:
+    """The purpose is bound into the transcript: a request dialler and a consensus listener agree on it; a
+    consensus-only peer that ignored the request magic would derive other keys."""
+    from flnode.node.net.direct import REQUEST_MAGIC
+
+    ka, kb = NodeKey.generate(), NodeKey.generate()
+    a, b = Handshake(ka, CHAIN, magic=REQUEST_MAGIC), Handshake(kb, CHAIN)
+    a.on_hello(b.hello())
+    b.on_hello(a.hello())
+    assert a.purpose == b.purpose == "request" and a.transcript == b.transcript
+    plain_a, plain_b = Handshake(ka, CHAIN), Handshake(kb, CHAIN)
+    plain_a.on_hello(plain_b.hello())
+    assert plain_a.purpose == "consensus" and plain_a.transcript != a.transcript

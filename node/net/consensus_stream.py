@@ -24,7 +24,15 @@ from typing import Any, Protocol
 import trio
 from flnode.protocol.crypto import NodeKey
 
-from .direct import DIRECT_PROTOCOL, MAX_DIRECTORY_ANSWER, DirectListener, Directory, dial
+from .direct import (
+    DIRECT_PROTOCOL,
+    MAX_DIRECTORY_ANSWER,
+    REQUEST_MAGIC,
+    DirectListener,
+    Directory,
+    ExactReader,
+    dial,
+)
 from .gate import has_quorum
 from .host import FRAME_HEADER, NetError, P2PNode, Stream, encode_frames
 
@@ -39,6 +47,7 @@ COUNTERS = (
     "duplicates_out", "inbound_overflow", "oversize", "connects", "disconnects", "dial_failed",
     "write_timeouts", "rejected_streams", "skipped_peer_has_it", "direct_sessions", "libp2p_sessions",
     "direct_dial_failed", "direct_accepted", "direct_handshake_failed", "direct_no_port", "direct_no_host",
+    "direct_requests_accepted", "direct_request_dial_failed",
 )
 
 
@@ -298,13 +307,34 @@ class ConsensusTransport:
         self._asked: dict[str, float] = {}  # libp2p peer -> when we last asked it for its directory
         if direct is not None:
             self._listener = DirectListener(direct.key, direct.chain_id, self._accept, direct.host, direct.port,
-                                            self.counters)
+                                            self.counters, request_handler=p2p.serve_direct_request)
             p2p.set_handler(DIRECT_PROTOCOL, self._serve_directory, max_request=16)
+            p2p.open_direct = self.open_request
 
     # ---------------------------------------------------------------- API
 
     def connected(self) -> set[str]:
         return {p for p, s in self._sessions.items() if not s.subscriber}
+
+    def reachable(self) -> list[str]:
+        """Peers a request can go to: libp2p connections, and validators linked to us (over a direct link a
+        request needs no libp2p connection)."""
+        return list(dict.fromkeys([*self.p2p.connected_peers(), *sorted(self.connected())]))
+
+    async def open_request(self, peer: str) -> ExactReader | None:
+        """A direct connection for one request to `peer`, or None (no direct address known, or the dial failed:
+        libp2p carries it)."""
+        addr = self.directory.get(peer) if self.direct is not None else None
+        if addr is None or self.direct is None:
+            return None
+        try:
+            stream = await dial(addr[0], addr[1], self.direct.key, self.direct.chain_id, peer,
+                                timeout=self.open_timeout, magic=REQUEST_MAGIC)
+        except NetError as exc:
+            self.counters["direct_request_dial_failed"] += 1
+            log.debug("direct request dial failed", extra={"peer": peer[:16], "error": str(exc)[:200]})
+            return None
+        return ExactReader(stream)
 
     def subscribers(self) -> set[str]:
         return {p for p, s in self._sessions.items() if s.subscriber}

@@ -2,7 +2,9 @@
 
 Why: a consensus frame through py-libp2p's yamux + noise costs ~0.3 ms of CPU on each side (docs/LIBP2P.md,
 "Direct links"); here a batch costs one `send_all`, one `receive_some` and one AEAD call. libp2p still finds
-peers, carries gossip and blobs, and tells each side the other's direct port (`/flnode/direct/1.0.0`).
+peers, carries gossip to and from non-validators, and tells each side the other's direct port
+(`/flnode/direct/1.0.0`). A request between validators (a blob, blocks, a status) takes a direct connection of its
+own (`REQUEST_MAGIC`), so a 40 MB blob never queues behind, or in front of, consensus frames.
 
 Handshake, in the station-to-station pattern of CometBFT's SecretConnection, with pynacl's primitives:
 1. each side sends `MAGIC | chain tag | ephemeral X25519 public key`;
@@ -41,7 +43,8 @@ from .host import FRAME_HEADER, NetError, peer_id_of
 log = logging.getLogger("flnode.net.direct")
 
 DIRECT_PROTOCOL = "/flnode/direct/1.0.0"  # libp2p request: "which TCP port is your direct listener on?"
-MAGIC = b"FLD1"
+MAGIC = b"FLD1"  # a consensus link
+REQUEST_MAGIC = b"FLQ1"  # one request and its response (blobs, blocks, status), on a connection of its own
 AUTH_KIND = "direct-link-auth"
 MAX_WIRE_FRAME = (64 << 10) + 16  # plaintext is cut into 64 KiB pieces
 PIECE = 64 << 10
@@ -152,9 +155,11 @@ class Handshake:
 
     HELLO_SIZE = len(MAGIC) + 16 + 32
 
-    def __init__(self, key: NodeKey, chain_id: str, eph_secret: bytes | None = None) -> None:
+    def __init__(self, key: NodeKey, chain_id: str, eph_secret: bytes | None = None, magic: bytes = MAGIC) -> None:
         self.key = key
         self.chain_id = chain_id
+        self.magic = magic
+        self.purpose = "request" if magic == REQUEST_MAGIC else "consensus"  # the listener learns it from the hello
         self.tag = chain_tag(chain_id)
         self._eph = eph_secret or os.urandom(32)
         self.eph_public = crypto_scalarmult_base(self._eph)
@@ -163,11 +168,13 @@ class Handshake:
         self.recv: Cipher | None = None
 
     def hello(self) -> bytes:
-        return MAGIC + self.tag + self.eph_public
+        return self.magic + self.tag + self.eph_public
 
     def on_hello(self, data: bytes) -> None:
-        if len(data) != self.HELLO_SIZE or data[:4] != MAGIC:
+        if len(data) != self.HELLO_SIZE or data[:4] not in (MAGIC, REQUEST_MAGIC):
             raise HandshakeError("not a flnode direct link")
+        if data[:4] == REQUEST_MAGIC:
+            self.purpose = "request"
         if data[4:20] != self.tag:
             raise HandshakeError("the peer is on another chain")
         theirs = data[20:]
@@ -180,7 +187,8 @@ class Handshake:
         if shared == bytes(32):
             raise HandshakeError("a low-order ephemeral key")
         lo, hi = sorted((self.eph_public, theirs))
-        self.transcript = hashlib.blake2b(self.tag + lo + hi, digest_size=32).digest()
+        purpose = b"request" if self.purpose == "request" else b""  # bound into the keys and the signatures
+        self.transcript = hashlib.blake2b(purpose + self.tag + lo + hi, digest_size=32).digest()
         k_up, k_down = _kdf(shared, self.transcript, b"lo->hi"), _kdf(shared, self.transcript, b"hi->lo")
         mine_lo = self.eph_public == lo
         self.send, self.recv = Cipher(k_up if mine_lo else k_down), Cipher(k_down if mine_lo else k_up)
@@ -206,9 +214,11 @@ class Handshake:
 class DirectStream:
     """An authenticated link with the read/write/reset surface of host.Stream; `read` returns plaintext."""
 
-    def __init__(self, sock: trio.SocketStream, peer: str, send: Cipher, recv: Cipher) -> None:
+    def __init__(self, sock: trio.SocketStream, peer: str, send: Cipher, recv: Cipher,
+                 purpose: str = "consensus") -> None:
         self._sock = sock
         self.peer = peer
+        self.purpose = purpose
         self._send = send
         self._recv = recv
         self._wire = bytearray()
@@ -268,9 +278,34 @@ async def _read_exact(sock: trio.SocketStream, n: int, buf: bytearray) -> bytes:
     return out
 
 
-async def handshake(sock: trio.SocketStream, key: NodeKey, chain_id: str) -> DirectStream:
+class ExactReader:
+    """A direct stream whose `read(n)` returns at most n bytes (the rest is kept for the next read), as the
+    request framing of host.py expects; a DirectStream returns whole wire frames."""
+
+    def __init__(self, stream: DirectStream) -> None:
+        self.stream = stream
+        self.peer = stream.peer
+        self._left = b""
+
+    async def read(self, n: int) -> bytes:
+        if not self._left:
+            self._left = await self.stream.read(n)
+        out, self._left = self._left[:n], self._left[n:]
+        return out
+
+    async def write(self, data: bytes) -> None:
+        await self.stream.write(data)
+
+    async def close(self) -> None:
+        await self.stream.reset()
+
+    async def reset(self) -> None:
+        await self.stream.reset()
+
+
+async def handshake(sock: trio.SocketStream, key: NodeKey, chain_id: str, magic: bytes = MAGIC) -> DirectStream:
     """Run both halves of the handshake on a connected socket; any failure raises NetError."""
-    hs = Handshake(key, chain_id)
+    hs = Handshake(key, chain_id, magic=magic)
     buf = bytearray()
     try:
         with trio.fail_after(HANDSHAKE_TIMEOUT):
@@ -287,19 +322,20 @@ async def handshake(sock: trio.SocketStream, key: NodeKey, chain_id: str) -> Dir
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
         raise HandshakeError(f"handshake failed: {exc!r}"[:200]) from None
     assert hs.send is not None and hs.recv is not None
-    stream = DirectStream(sock, peer_id_of(pub), hs.send, hs.recv)
+    stream = DirectStream(sock, peer_id_of(pub), hs.send, hs.recv, hs.purpose)
     stream._wire = buf  # bytes the peer sent right after its identity
     return stream
 
 
-async def dial(host: str, port: int, key: NodeKey, chain_id: str, expect_peer: str, *, timeout: float) -> DirectStream:
+async def dial(host: str, port: int, key: NodeKey, chain_id: str, expect_peer: str, *, timeout: float,
+               magic: bytes = MAGIC) -> DirectStream:
     try:
         with trio.fail_after(timeout):
             sock = await trio.open_tcp_stream(host, port)
     except (trio.TooSlowError, OSError) as exc:
         raise NetError(f"direct dial to {host}:{port} failed: {exc!r}"[:200]) from None
     try:
-        stream = await handshake(sock, key, chain_id)
+        stream = await handshake(sock, key, chain_id, magic)
     except BaseException:
         with trio.CancelScope(shield=True):
             await sock.aclose()
@@ -311,13 +347,16 @@ async def dial(host: str, port: int, key: NodeKey, chain_id: str, expect_peer: s
 
 
 class DirectListener:
-    """Accepts direct links and hands each authenticated one to `handler(peer, stream)`, which owns it."""
+    """Accepts direct links and hands each authenticated one to `handler(peer, stream)`, which owns it; a
+    request connection goes to `request_handler(peer, reader)` instead."""
 
     def __init__(self, key: NodeKey, chain_id: str, handler: Callable[[str, DirectStream], Awaitable[None]],
-                 host: str, port: int = 0, counters: dict[str, int] | None = None) -> None:
+                 host: str, port: int = 0, counters: dict[str, int] | None = None,
+                 request_handler: Callable[[str, ExactReader], Awaitable[None]] | None = None) -> None:
         self.key = key
         self.chain_id = chain_id
         self.handler = handler
+        self.request_handler = request_handler
         self.host = host
         self.port = port
         self.counters = counters if counters is not None else {}
@@ -340,8 +379,13 @@ class DirectListener:
             with trio.CancelScope(shield=True):
                 await sock.aclose()
             return
-        self.counters["direct_accepted"] = self.counters.get("direct_accepted", 0) + 1
         try:
-            await self.handler(stream.peer, stream)
+            if stream.purpose == "request":
+                self.counters["direct_requests_accepted"] = self.counters.get("direct_requests_accepted", 0) + 1
+                if self.request_handler is not None:
+                    await self.request_handler(stream.peer, ExactReader(stream))
+            else:
+                self.counters["direct_accepted"] = self.counters.get("direct_accepted", 0) + 1
+                await self.handler(stream.peer, stream)
         finally:
             await stream.reset()

@@ -23,6 +23,7 @@ log = logging.getLogger("flnode.net")
 FRAME_HEADER = 4
 CHUNK = 1 << 20
 MAX_REQUEST = 64 << 10
+MAX_PROTOCOL_ID = 128
 
 class StreamedResponse:
     """A response too large to hold: `size` bytes produced by `chunks()` (written as one frame, piece by piece).
@@ -181,6 +182,9 @@ class P2PNode:
         self._host: Any = None
         self._pubsub: Any = None
         self._ready = trio.Event()
+        # A stream for one request to a validator over a direct link, or None (then libp2p carries it): set by
+        # the consensus transport, which knows the direct addresses.
+        self.open_direct: Callable[[str], Awaitable[Any]] | None = None
 
     def _count(self, name: str, by: int = 1) -> None:
         self.counters[name] = self.counters.get(name, 0) + by
@@ -198,28 +202,46 @@ class P2PNode:
         handler, max_request = self._handlers[protocol_id]
 
         async def on_stream(stream: Any) -> None:
-            # (p1) an exception escaping a stream handler kills the host: catch everything, reset the stream.
-            try:
-                peer = stream.muxed_conn.peer_id.to_base58()
-                with trio.fail_after(30):
-                    request = await read_frame(stream, max_request)
-                    response = await handler(peer, request)
-                    if not isinstance(response, StreamedResponse):
-                        await write_frame(stream, response)
-                if isinstance(response, StreamedResponse):
-                    with trio.fail_after(response.timeout):
-                        await _write_streamed(stream, response)
-                await stream.close()
-                self._count("requests_served")
-            except Exception as exc:
-                self._count("handler_errors")
-                log.debug("stream handler failed", extra={"protocol": protocol_id, "error": repr(exc)[:200]})
-                try:
-                    await stream.reset()
-                except Exception:
-                    pass
+            # (p1) an exception escaping a stream handler kills the host: serve_request catches everything
+            await self._serve(stream, stream.muxed_conn.peer_id.to_base58(), protocol_id, handler, max_request)
 
         self._host.set_stream_handler(TProtocol(protocol_id), on_stream)
+
+    async def _serve(self, stream: Any, peer: str, protocol_id: str, handler: Handler, max_request: int) -> None:
+        """One framed request and its response; any failure resets the stream and is counted."""
+        try:
+            with trio.fail_after(30):
+                request = await read_frame(stream, max_request)
+                response = await handler(peer, request)
+                if not isinstance(response, StreamedResponse):
+                    await write_frame(stream, response)
+            if isinstance(response, StreamedResponse):
+                with trio.fail_after(response.timeout):
+                    await _write_streamed(stream, response)
+            await stream.close()
+            self._count("requests_served")
+        except Exception as exc:
+            self._count("handler_errors")
+            log.debug("stream handler failed", extra={"protocol": protocol_id, "error": repr(exc)[:200]})
+            try:
+                await stream.reset()
+            except Exception:
+                pass
+
+    async def serve_direct_request(self, peer: str, stream: Any) -> None:
+        """A request that came over a direct link: its first frame names the protocol, then as over libp2p."""
+        try:
+            with trio.fail_after(10):
+                protocol_id = (await read_frame(stream, MAX_PROTOCOL_ID)).decode()
+        except (NetError, trio.TooSlowError, UnicodeDecodeError):
+            self._count("handler_errors")
+            return
+        entry = self._handlers.get(protocol_id)
+        if entry is None:
+            self._count("direct_unknown_protocol")
+            return
+        self._count("direct_requests_served")
+        await self._serve(stream, peer, protocol_id, *entry)
 
     def set_stream_handler(self, protocol_id: str, handler: StreamHandler) -> None:
         """A long-lived stream protocol: `handler(peer, stream)` owns the stream until it returns."""
@@ -293,16 +315,23 @@ class P2PNode:
         """A request whose response is passed to `sink` piece by piece as it arrives (never held whole); returns
         its size (0: the peer has nothing). Same framing as request(); errors as NetError. `idle_timeout`: the
         longest wait for the next bytes, so a slow but moving transfer is not cut off by a tight total timeout
-        (on a busy machine a retry from scratch only adds load)."""
-        if self._host is None:  # checked first: these imports would load all of libp2p on the event loop
-            raise NetError("not running")
-        from libp2p.custom_types import TProtocol
-        from libp2p.peer.id import ID
-
+        (on a busy machine a retry from scratch only adds load). To a validator with a direct link the request
+        takes a direct connection of its own, else a libp2p stream."""
         stream = None
         try:
             with trio.fail_after(timeout):
-                stream = await self._host.new_stream(ID.from_base58(peer), [TProtocol(protocol_id)])
+                if self.open_direct is not None:
+                    stream = await self.open_direct(peer)  # None: no direct link to it
+                if stream is not None:
+                    await write_frame(stream, protocol_id.encode())
+                    self._count("direct_requests")
+                else:
+                    if self._host is None:  # checked first: these imports would load all of libp2p on the loop
+                        raise NetError("not running")
+                    from libp2p.custom_types import TProtocol
+                    from libp2p.peer.id import ID
+
+                    stream = await self._host.new_stream(ID.from_base58(peer), [TProtocol(protocol_id)])
                 await write_frame(stream, payload)
                 size = int.from_bytes(await _read_exactly(stream, FRAME_HEADER), "big")
                 if size > max_response:
