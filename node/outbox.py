@@ -36,7 +36,8 @@ class Outbox:
             await self.net.publish(self.topics.updates, data)
 
     def send_member_tx(self, data: bytes, height: int) -> None:
-        """To the validators directly, and on gossip for everyone else."""
+        """To the validators directly (when we are one: a listener's streams carry nothing out), and on gossip
+        for everyone else."""
         self.transport.broadcast(data, height=height, round=0)
         if self.tasks.nursery is not None:
             self.tasks.spawn("publish_member_tx", self.net.publish, self.topics.updates, data)

@@ -391,3 +391,32 @@ async def test_outsiders_fill_their_own_listener_slots_and_a_member_still_gets_i
             subs = v.t.subscribers()
             assert len(subs - {member.peer_id}) == 2 and subs <= {member.peer_id, *(m.peer_id for m in outsiders)}
             nursery.cancel_scope.cancel()
+
+
+async def test_a_listener_sends_nothing_and_stays_linked() -> None:
+    """A node that is not a validator (a joiner with its join transaction, a trainer relaying) broadcasts on its
+    transport: nothing goes out, so the validator never cuts it off as a listener that speaks, and the validator's
+    own messages still reach it."""
+    v, joiner = make_members(2)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            v.node = P2PNode(v.seed, LOCAL)
+            v.transport = ConsensusTransport(v.node, {v.peer_id}, is_member=lambda p: True)
+            await nursery.start(v.node.run)
+            await nursery.start(v.transport.run)
+            joiner.node = P2PNode(joiner.seed, LOCAL, bootstrap=v.node.listen_addrs()[:1])
+            joiner.transport = ConsensusTransport(joiner.node, {v.peer_id}, dial_all=True)
+            await nursery.start(joiner.node.run)
+            await nursery.start(joiner.transport.run)
+            while joiner.peer_id not in v.t.subscribers() or v.peer_id not in joiner.t.connected():
+                await trio.sleep(0.05)
+            joiner.t.broadcast(b"a join transaction", height=3, round=0)
+            v.t.broadcast(b"a vote", height=3, round=0)
+            with trio.fail_after(5):
+                frame = await joiner.t.inbound.receive()
+            assert frame == (v.peer_id, b"a vote")
+            await trio.sleep(0.3)
+            assert v.t.counters["cut_off"] == 0 and v.t.counters["received"] == 0
+            assert joiner.peer_id in v.t.subscribers()
+            assert joiner.t.counters["listener_not_sent"] == 1 and joiner.t.counters["sent"] == 0
+            nursery.cancel_scope.cancel()

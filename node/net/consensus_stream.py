@@ -47,7 +47,7 @@ COUNTERS = (
     "duplicates_out", "inbound_overflow", "oversize", "connects", "disconnects", "dial_failed",
     "write_timeouts", "rejected_streams", "skipped_peer_has_it", "direct_sessions", "libp2p_sessions",
     "direct_dial_failed", "direct_accepted", "direct_handshake_failed", "direct_no_port", "direct_no_host",
-    "direct_requests_accepted", "direct_request_dial_failed",
+    "direct_requests_accepted", "direct_request_dial_failed", "listener_not_sent",
 )
 
 
@@ -345,7 +345,11 @@ class ConsensusTransport:
 
     def broadcast(self, data: bytes, *, height: int, round: int, skip: Callable[[str], bool] | None = None) -> None:
         """Never blocks: queue `data` for every connected validator (not for those offline: rebroadcast), except
-        the peers `skip` says already have it."""
+        the peers `skip` says already have it. A node that is not a validator only listens: a validator cuts off
+        (and refuses for a while) a listener that sends, so nothing is queued."""
+        if self.dial_all:
+            self.counters["listener_not_sent"] += 1
+            return
         if len(data) > self.max_frame:
             self.counters["oversize"] += 1
             log.warning("not sending an oversize consensus message", extra={"size": len(data)})
