@@ -21,14 +21,14 @@ from .events import (
     ValueValidated,
     VoteReceived,
 )
-from .machine import RestoreError, SignRefused, Tendermint
+from .machine import RestoreError, ShellMisuse, SignRefused, Tendermint
 from .types import Step, TimeoutConfig, TimeoutKind
 from .validators import ValidatorSet
 from .votes import RoundVotes
 
 __all__ = [
     "Action", "Broadcast", "Commit", "CommitReceived", "EmitEvidence", "Event", "GetValue", "Persist",
-    "ProposalReceived", "RestoreError", "RoundVotes", "ScheduleTimeout", "SignRefused", "StartHeight", "Step",
+    "ProposalReceived", "RestoreError", "RoundVotes", "ScheduleTimeout", "ShellMisuse", "SignRefused", "StartHeight", "Step",
     "Tendermint", "TimeoutConfig",
     "TimeoutFired", "TimeoutKind", "ValidateValue", "ValidatorSet", "ValueReady", "ValueValidated", "VoteReceived",
     "actions", "events",

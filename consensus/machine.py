@@ -20,6 +20,7 @@ and its certificate fetched by the shell's block sync); f+1 voting power seen in
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
@@ -73,6 +74,14 @@ class SignRefused(Exception):
     """Raised by a Signer that refuses to sign (e.g. a last-sign guard that saw a conflicting signature). The
     machine then sends nothing for that step, as a silent validator would, and counts it in `sign_refusals`."""
 
+
+class ShellMisuse(Exception):
+    """The shell fed an input no correct shell can produce (a timeout the machine never scheduled, a value for a
+    round it never asked for, a commit whose certificate is for another block, a height going back): a bug in the
+    node, raised rather than dropped. Remote messages are never misuse: those are dropped and counted in
+    `Tendermint.dropped`."""
+
+
 PV, PC = int(VoteType.PREVOTE), int(VoteType.PRECOMMIT)  # vote-count keys on the hot path
 FUTURE_BUFFER = 4096
 # Each validator gets its own share of the future-height buffer (FUTURE_BUFFER // (n + 2)); signers outside the
@@ -103,6 +112,7 @@ class Tendermint:
         self.decided: Block | None = None
         self.restored = False
         self.sign_refusals = 0  # signatures the Signer refused (SignRefused)
+        self.dropped: Counter[str] = Counter()  # remote proposals and votes dropped, by reason
         self._quorum = validators.quorum()  # 2f+1: more than 2/3 of the power
         self._one_third = validators.total_power // 3  # f+1 is any power above this
         self._reset_height(0)
@@ -206,19 +216,27 @@ class Tendermint:
         if cls is StartHeight:
             assert isinstance(event, StartHeight)
             return self._on_start_height(event.height, out)
+        remote = cls is VoteReceived or cls is ProposalReceived
         if cls is VoteReceived:
             h = event.vote.height  # type: ignore[union-attr]
         elif cls is ProposalReceived:
             h = event.proposal.height  # type: ignore[union-attr]
         else:
             h = _event_height(event)
+            self._check_shell(event, h)
         if h > self.height or not self.started_round:
             if h <= self.height + 2 and cls is not TimeoutFired and len(self._future) < FUTURE_BUFFER:
                 self._buffer(event, cls, h)
+            elif remote:
+                self.dropped["future_height"] += 1
             return out
         if self.decided is not None:
+            if remote:
+                self.dropped["decided"] += 1
             return out  # decided: the shell moves us to the next height
         if h < self.height:
+            if remote:
+                self.dropped["stale_height"] += 1
             return out  # an old height (a CommitReceived for it is ignored too: that height is decided)
         # Only an event that changed something can make a rule fire: a duplicate vote or an ignored proposal skips
         # the rule evaluation (the hot path of a busy network).
@@ -252,8 +270,34 @@ class Tendermint:
             self._apply_rules(out)
         return out
 
+    def _check_shell(self, ev: Event, h: int) -> None:
+        """Raise ShellMisuse for an input of the node's own shell that it cannot have produced. What is merely
+        late (a timer or an answer for a round or height the machine has left) is normal and dropped."""
+        cls = type(ev)
+        if cls is TimeoutFired or cls is ValueReady:
+            r = ev.round  # type: ignore[union-attr]
+            if h > self.height or (h == self.height and (r > self.round or not self.started_round)):
+                what = "a timeout" if cls is TimeoutFired else "a value"
+                raise ShellMisuse(f"{what} for height {h} round {r}, but the machine is at height {self.height} "
+                                  f"round {self.round}{'' if self.started_round else ' (not started)'}")
+        if cls is ValueReady:
+            assert isinstance(ev, ValueReady)
+            if ev.block.height != ev.height:
+                raise ShellMisuse(f"a value for height {ev.height} holding a block of height {ev.block.height}")
+            if h == self.height and ev.round == self.round and self.validators.proposer(h, ev.round) != self.me:
+                raise ShellMisuse(f"a value for height {h} round {ev.round}, which this node does not propose")
+        elif cls is ValueValidated and h > self.height:
+            raise ShellMisuse(f"a verdict for height {h}, but the machine asks only for its height {self.height}")
+        elif cls is CommitReceived:
+            assert isinstance(ev, CommitReceived)
+            c = ev.certificate
+            if c.block_hash != ev.block.hash() or c.height != ev.block.height:
+                raise ShellMisuse(f"a commit of height {ev.block.height} whose certificate is for another block")
+
     def _on_start_height(self, height: int, out: list[Action]) -> list[Action]:
-        if height < self.height or (height == self.height and self.started_round):
+        if height < self.height:
+            raise ShellMisuse(f"StartHeight({height}) after height {self.height}: heights only go up")
+        if height == self.height and self.started_round:
             return out
         if height == self.height and self.restored:
             self._start_round(self.round, out)  # resume the restored round; signed votes are re-sent, not re-made
@@ -284,10 +328,12 @@ class Tendermint:
         else:  # from the node's own shell: block sync, application answers
             signer, r, kind, value = _LOCAL, 0, -1, None
         if r < 0 or r > (self.round if h == self.height else 0) + MAX_ROUND_AHEAD:
+            self._drop("round_out_of_range")
             return
         bucket = signer if kind < 0 or signer in self.validators.powers else _OUTSIDERS
         n = self._future_count.get(bucket, 0)
         if n >= self._future_share:
+            self._drop("future_share_full")
             return
         if kind >= 0:
             slot = (signer, h, r, kind)
@@ -295,7 +341,8 @@ class Tendermint:
             if values is None:
                 self._future_slots[slot] = [value]
             elif value in values or len(values) >= MAX_VALUES_PER_VALIDATOR:
-                return  # a duplicate, or a third value: never counted at that height either
+                self._drop("duplicate")  # or a third value: never counted at that height either
+                return
             else:
                 values.append(value)
         self._future_count[bucket] = n + 1
@@ -305,14 +352,14 @@ class Tendermint:
 
     def _on_proposal(self, p: Proposal, out: list[Action]) -> bool:
         if p.height != self.height or p.round > self.round + MAX_ROUND_AHEAD or p.round < 0:
-            return False
+            return self._drop("round_out_of_range")
         first = self.proposals.get(p.round)
         if first is not None and (p.round in self.second_proposal or first.block_hash == p.block_hash):
-            return False  # a duplicate, or a third value of an equivocating proposer
+            return self._drop("duplicate")  # or a third value of an equivocating proposer
         if p.pol_round >= p.round or p.pol_round < -1:
-            return False
+            return self._drop("bad_pol_round")
         if p.proposer != self.validators.proposer(p.height, p.round):
-            return False
+            return self._drop("not_the_proposer")
         if first is None:
             self.proposals[p.round] = p
         else:
@@ -334,9 +381,9 @@ class Tendermint:
 
     def _on_vote(self, v: Vote, out: list[Action]) -> bool:
         if v.height != self.height or v.round > self.round + MAX_ROUND_AHEAD or v.round < 0:
-            return False
+            return self._drop("round_out_of_range")
         if v.validator not in self.validators.powers:
-            return False
+            return self._drop("not_a_validator")
         rv = self.votes.get(v.round)
         if rv is None:
             rv = self._round_votes(v.round)
@@ -346,6 +393,10 @@ class Tendermint:
         if rv.changed:
             self._counted(rv, v)
             return True
+        return self._drop("duplicate")
+
+    def _drop(self, reason: str) -> bool:
+        self.dropped[reason] += 1
         return False
 
     def _note_polka(self, rv: RoundVotes, v: Vote) -> None:

@@ -300,4 +300,6 @@ class Daemon:
             return
         self.metrics.set("store_max_call_ms", round(self.worker.max_call_s * 1000, 2))
         self.metrics.set("sign_refusals", getattr(self.machine, "sign_refusals", 0))
+        for reason, n in getattr(self.machine, "dropped", {}).items():  # remote messages that could not count
+            self.metrics.set(f"consensus_dropped_{reason}", n)
         self.status_file.write(status_record(self))

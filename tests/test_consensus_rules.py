@@ -48,7 +48,7 @@ from flnode.consensus.machine import FUTURE_BUFFER, MAX_ROUND_AHEAD
 from flnode.consensus.sim import fake_sign, fake_verify, make_block
 from flnode.node.chain.store import ChainStore
 from flnode.protocol.encoding import pack, unpack
-from flnode.protocol.messages import Block, Proposal, Vote, VoteType
+from flnode.protocol.messages import Block, CommitCertificate, Proposal, Vote, VoteType
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -145,7 +145,7 @@ def T(kind: TimeoutKind, r: int) -> tuple[Any, ...]:
 
 # (paper line, events before, input, expected actions, expected state (h, r, step, locked, lr, valid, vr))
 TABLE: list[tuple[str, list[Event], Event, list[tuple[Any, ...]], tuple[Any, ...]]] = [
-    ("L11 start round 0, not proposer: propose timeout", [], TimeoutFired(PROPOSE, 1, 5), [],
+    ("L11 a late timer of a past height does nothing", [], TimeoutFired(PROPOSE, 0, 0), [],
      (1, 0, "PROPOSE", None, -1, None, -1)),
     ("L22 proposal asks the application once", [], proposal(0, A), [("validate", "A")],
      (1, 0, "PROPOSE", None, -1, None, -1)),
@@ -781,7 +781,8 @@ def test_future_height_messages_are_buffered_bounded_and_replayed() -> None:
     for i in range(FUTURE_BUFFER + 500):
         m.step(vote(PV, i % 60, None, OTHERS[i % 3], h=3))
     assert len(m._future) <= FUTURE_BUFFER
-    assert m.step(TimeoutFired(PROPOSE, 3, 0)) == [] and len(m._future) <= FUTURE_BUFFER  # timeouts never buffered
+    assert m.step(TimeoutFired(PROPOSE, 1, 0)) == [] and len(m._future) <= FUTURE_BUFFER  # a late timer: dropped
+    assert m.dropped["duplicate"] >= FUTURE_BUFFER and m.dropped["future_height"] == 1  # and counted
 
 
 @pytest.mark.parametrize("n", [4, 10])
@@ -837,8 +838,9 @@ def test_future_height_buffer_third_value_and_outsiders() -> None:
     assert len(m._future) == 4 + share
     m.step(vote(PV, 0, None, OTHERS[1], h=2))
     assert len(m._future) == 5 + share  # an honest validator still gets its place
-    # the shell's own events (block sync, application answers) have their own share too
-    m.step(ValueValidated(2, 0, A.hash(), True))
+    # the shell's own events (a block sync's commit) have their own share too
+    h2 = make_block(2, P[0], 1)
+    m.step(CommitReceived(h2, CommitCertificate(2, 0, h2.hash(), ())))
     assert len(m._future) == 6 + share
 
 

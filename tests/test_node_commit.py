@@ -55,8 +55,8 @@ async def test_missing_blob_of_a_committed_block_does_not_stop_the_driver(
         await daemon.driver.inbox.send(CommitReceived(block, _certify(genesis, keys, block)))
         # No peer has the blobs. The driver must keep taking events: far more than the queue holds.
         with trio.fail_after(10):
-            for i in range(3000):
-                await daemon.driver.inbox.send(TimeoutFired(TimeoutKind.PREVOTE, 1, i % 50))
+            for _ in range(3000):
+                await daemon.driver.inbox.send(TimeoutFired(TimeoutKind.PREVOTE, 1, 0))
             while daemon.driver.events.statistics().current_buffer_used:  # and really consumed them
                 await trio.sleep(0.01)
         assert daemon.state.height == 0 and daemon.driver.applying == 1
@@ -87,8 +87,8 @@ async def test_committed_block_that_cannot_be_executed_halts_without_crashing(
         with trio.fail_after(10):
             while daemon.halted is None:
                 await trio.sleep(0.05)
-            for i in range(2000):  # still alive and taking events
-                await daemon.driver.inbox.send(TimeoutFired(TimeoutKind.PREVOTE, 1, i % 50))
+            for _ in range(2000):  # still alive and taking events
+                await daemon.driver.inbox.send(TimeoutFired(TimeoutKind.PREVOTE, 1, 0))
         n.cancel_scope.cancel()
     status = json.loads((tmp_path / "status.json").read_text())
     assert "cannot execute committed block 1" in status["halted"]
