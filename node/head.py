@@ -59,6 +59,7 @@ class Head:
         if state.height != self.state.height + 1:
             raise ValueError(f"tip {self.state.height} cannot advance to height {state.height}")
         self.state, self.last_block_hash, self.last_cert = state, block_hash, cert
+        self._set_at.clear()  # its entries hold the old state (and so its model) alive
         self._moved.set()
 
     async def wait_for(self, height: int) -> None:

@@ -268,3 +268,43 @@ def test_a_hand_edited_genesis_whose_initial_values_do_not_match_its_params_is_r
         genesis_state(wrong)
     with pytest.raises(GenesisError, match="base64"):
         genesis_state(replace(g, task=replace(g.task, initial_params="not base64!")))
+
+
+class _KeepsItsWeights:
+    """A client that trains its own arrays and returns them (a stateful client): the node must not write to them."""
+
+    def __init__(self, init: list[np.ndarray]) -> None:
+        self.weights = [w.copy() for w in init]
+
+    def get_parameters(self, config: dict[str, Any]) -> list[np.ndarray]:
+        return self.weights
+
+    def fit(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[list[np.ndarray], int, dict[str, Any]]:
+        self.weights = [p + np.float32(0.5) for p in parameters]
+        return self.weights, 3, {"loss": 0.1}
+
+    def evaluate(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[float, int, dict[str, Any]]:
+        return 0.1, 1, {}
+
+
+class _TrainsTheCopiesItWasGiven(_KeepsItsWeights):
+    def fit(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[list[np.ndarray], int, dict[str, Any]]:
+        for p in parameters:
+            p += np.float32(0.25)
+        return parameters, 3, {"loss": 0.1}
+
+
+def test_the_delta_is_made_in_place_only_in_the_copies_the_client_was_given() -> None:
+    """new - base is computed in the client's output when that is one of the copies it was given (no third copy
+    of a large model); a client's own arrays and the node's global model are never written."""
+    g = genesis_with()
+    state = genesis_state(g)
+    before = {k: v.copy() for k, v in state.model.items()}
+    init = LinearClient(None).get_parameters({})
+    keeper = _KeepsItsWeights(init)
+    out = fit_update(g, state, keeper, 0).result
+    assert all(np.allclose(d, 0.5) for d in out.delta.values())
+    assert all(np.array_equal(w, before[k] + np.float32(0.5)) for w, k in zip(keeper.weights, out.delta, strict=True))
+    trained = fit_update(g, state, _TrainsTheCopiesItWasGiven(init), 0).result
+    assert all(np.allclose(d, 0.25) for d in trained.delta.values())
+    assert all(np.array_equal(state.model[k], before[k]) for k in before)

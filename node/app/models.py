@@ -75,12 +75,15 @@ class _SGDTask:
         return TrainResult(delta, n, loss, accuracy)
 
     def fit_params(
-        self, params: Tensors, data: Dataset, *, lr: float, epochs: int, batch_size: int, seed: int
+        self, params: Tensors, data: Dataset, *, lr: float, epochs: int, batch_size: int, seed: int,
+        in_place: bool = False,
     ) -> tuple[Tensors, int, float, float]:
         """Plain mini-batch SGD from `params`: (trained float32 params, samples, mean loss, accuracy while training).
-        The one place the built-in models train (a DP-SGD variant would clip and noise `grads` here)."""
+        The one place the built-in models train (a DP-SGD variant would clip and noise `grads` here). `in_place`:
+        the caller owns `params` (float32 copies) and they are trained as they are, with no copy of the model."""
         rng = np.random.default_rng(seed)
-        w = {k: v.astype(np.float32, copy=True) for k, v in params.items()}
+        w = {k: v.astype(np.float32, copy=not in_place) for k, v in params.items()}
+        step = np.float32(lr)
         losses, correct, seen = [], 0, 0
         for _ in range(max(1, epochs)):
             order = rng.permutation(len(data))
@@ -90,8 +93,10 @@ class _SGDTask:
                 logits, cache = self.forward(w, x)
                 loss, g, pred = _softmax_xent(logits, y)
                 grads = self.backward(w, cache, g)
-                for k in w:
-                    w[k] -= np.float32(lr) * grads[k].astype(np.float32)
+                for k in w:  # in place: the same float32 products and differences, no temporary model copies
+                    grad = grads[k].astype(np.float32, copy=False)
+                    np.multiply(grad, step, out=grad)
+                    np.subtract(w[k], grad, out=w[k])
                 losses.append(loss * len(idx))
                 correct += int((pred == y).sum())
                 seen += len(idx)

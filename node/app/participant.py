@@ -119,7 +119,8 @@ def fit_update(genesis: Genesis, state: AppState, client: Client, participant_in
     t0 = time.monotonic()
     try:
         # The client gets copies: one that trains in place must not touch the node's global model.
-        out = client.fit([b.copy() for b in base], dict(config))
+        given = [b.copy() for b in base]
+        out = client.fit(given, dict(config))
     except Exception as exc:  # noqa: BLE001 - user code: any failure is the client's, reported in one line
         raise TrainerError("exception", _last_line(exc)) from None
     fit_s = time.monotonic() - t0
@@ -144,10 +145,19 @@ def fit_update(genesis: Genesis, state: AppState, client: Client, participant_in
         metrics.update({f"eval_{k}": v for k, v in ev.items() if f"eval_{k}" not in metrics})
         loss = _number(ev_loss) or 0.0
         acc = _number(ev.get("accuracy")) if acc is None else acc
-    delta = {name: (p - b).astype(np.float32) for name, p, b in zip(names, new, base, strict=True)}
+    delta = {name: _delta(p, b, given) for name, p, b in zip(names, new, base, strict=True)}
+    del given
     delta = dp.after_fit(genesis, delta, config)  # participant-level DP: clip + noise share
     result = TrainResult(delta, int(n), loss, min(1.0, max(0.0, acc or 0.0)))
     return FitOutcome(result, metrics, fit_s)
+
+
+def _delta(new: np.ndarray, base: np.ndarray, given: list[np.ndarray]) -> np.ndarray:
+    """new - base as float32; in place when `new` is one of the copies the client was given (it trained them as
+    they were): no third copy of the model. An array the client keeps for itself is never written to."""
+    if new.dtype == np.float32 and new.flags.writeable and any(new is g for g in given):
+        return np.subtract(new, base, out=new)
+    return np.subtract(new, base).astype(np.float32, copy=False)
 
 
 def train_update(genesis: Genesis, state: AppState, data: Dataset, participant_index: int,

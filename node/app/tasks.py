@@ -132,9 +132,10 @@ class BuiltinClient:
             w, n, loss, acc = fit_params_dp(self.model, dict(zip(self.names, parameters, strict=True)), self.train,
                                             config)
             return [w[k] for k in self.names], n, {"loss": loss, "accuracy": acc}
-        w, n, loss, acc = self.model.fit_params(
+        w, n, loss, acc = self.model.fit_params(  # the parameters are ours (fit_update hands out copies)
             dict(zip(self.names, parameters, strict=True)), self.train, lr=float(config["lr"]),
             epochs=int(config["local_epochs"]), batch_size=int(config["batch_size"]), seed=int(config["seed"]),
+            in_place=True,
         )
         return [w[k] for k in self.names], n, {"loss": loss, "accuracy": acc}
 
