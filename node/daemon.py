@@ -15,10 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import trio
-from flnode.consensus import Tendermint, ValidatorSet
-from flnode.node.app import AppState, genesis_state
-from flnode.node.app.membership import trainer_count
-from flnode.node.app.participant import Participant, load_participant
+from flnode.consensus import ValidatorSet
+from flnode.node.app import AppState
+from flnode.node.app.participant import Participant
 from flnode.node.app.state import state_size_cap
 from flnode.node.chain.store import ChainStore
 from flnode.node.config import NodeConfig, parse_direct_peer
@@ -26,7 +25,6 @@ from flnode.node.metrics import Metrics
 from flnode.node.net import P2PNode
 from flnode.protocol.crypto import NodeKey
 from flnode.protocol.genesis import Genesis
-from flnode.protocol.hashing import digest
 from flnode.protocol.messages import GOSSIP_MAX_SIZE, UpdateBundle
 from flnode.protocol.topics import Topics
 
@@ -35,40 +33,27 @@ from .blobs import BLOB_PROTOCOL, BlobService
 from .chain_view import NodeChainView
 from .checker import Checker
 from .committer import Committer
-from .driver import Driver
+from .driver import Driver, restore_machine
 from .head import Head
 from .member_txs import MemberTxs
 from .mempool import Mempool
 from .net import ConsensusTransport
-from .net.consensus_stream import DirectConfig
 from .outbox import Outbox
 from .peers import Peers
 from .proposer import Proposer
 from .router import Router
 from .seat import Seat
-from .signer import LastSignGuard, guarded
-from .startup import Startup
+from .startup import Startup, direct_config
 from .status import StatusFile, probe_loop_lag, status_record, write_every
 from .store_worker import StoreWorker
 from .supervise import Tasks
 from .sync import BlockSync
-from .timing import HeightTiming, consensus_timeouts
-from .trainer import Trainer
+from .timing import HeightTiming
+from .trainer import Trainer, own_participant
 
 __all__ = ["Daemon"]
 
 log = logging.getLogger("flnode.daemon")
-
-
-def direct_config(config: NodeConfig, key: NodeKey, chain_id: str) -> DirectConfig | None:
-    """The direct consensus link listens on the IP of the first TCP listen address (docs/LIBP2P.md)."""
-    if config.direct_port < 0:
-        return None
-    for addr in config.listen:
-        parts = addr.split("/")
-        if len(parts) > 4 and parts[1] in ("ip4", "ip6") and parts[3] == "tcp":
-            return DirectConfig(key, chain_id, parts[2], config.direct_port)
-    return None
 
 
 class Daemon:
@@ -102,16 +87,12 @@ class Daemon:
         self.tasks = Tasks(self.metrics)
         self.topics = Topics.for_chain(genesis.chain_id)
 
-        height = store.latest_height()
-        self.head = Head(
-            genesis,
-            store.get_state(height) if height > 0 else genesis_state(genesis),
-            store.get_block(height).hash() if height > 0 else digest(genesis.canonical_bytes()),
-            store.get_certificate(height) if height > 0 else None,
-        )
+        self.head = Head.at_tip(genesis, store)
+        self.timing = HeightTiming(trio.current_time)
         validators = self.head.validator_set(self.head.next_height) or ValidatorSet(genesis.powers)
         voting = self.me in genesis.powers or validators.power(self.me) > 0  # or admitted by a tx
-        self.machine, sign_guard = self._machine(validators, voting, sign_state_path)
+        self.machine, sign_guard = restore_machine(genesis, key, store, self.head.next_height, validators, voting,
+                                                   sign_state_path)
 
         self.net = P2PNode(
             key.seed, list(config.listen), bootstrap=list(config.bootstrap),
@@ -147,10 +128,9 @@ class Daemon:
         self.outbox = Outbox(self.topics, self.head, self.net, self.transport, self.peers, self.seat, self.gate,
                              self.machine, self.tasks)
         self.mempool = Mempool(genesis, self.head, self.blobs, self.members, trio.current_time)
-        self.mempool.on_arrival = self._check_updates_complete
+        self.mempool.on_arrival = lambda: self.timing.mark_once("updates_t", when=self.mempool.all_arrived)
         self.blobs.on_stored = self.mempool.blob_stored
-        self.timing = HeightTiming(trio.current_time)
-        self.data, participant_index = self._participant(data_file)
+        self.data, participant_index = own_participant(genesis, config, self.me, self.members, data_file)
 
         is_voting, deliver, spawn = (lambda: self.seat.voting), self._deliver, self.tasks.spawn
         self.checker = Checker(genesis, self.me, self.head, self.mempool, self.blobs, self.metrics, self.timing,
@@ -178,37 +158,6 @@ class Daemon:
         self.startup = Startup(self.head, self.net, self.transport, self.seat, self.machine, self.sync,
                                direct_peers=bool(config.direct_peers))
         self.trainer = self.use_trainer(self.data, participant_index) if self.data is not None else None
-
-    def _machine(self, validators: ValidatorSet, voting: bool,
-                 sign_state_path: Path | None) -> tuple[Tendermint, LastSignGuard | None]:
-        """The machine, restored from our own consensus records of the next height if there are any. It signs
-        only while this node has power; the signer itself refuses a conflicting signature (store wiped or not)."""
-        may_validate = voting or self.genesis.rules.admission != "genesis"  # ...or may have it, later
-        sign: Any = None
-        sign_guard: LastSignGuard | None = None
-        if may_validate:
-            key, chain_id = self.key, self.chain_id
-            sign = lambda kind, payload: key.sign(chain_id, kind, payload)  # noqa: E731
-            if sign_state_path is not None:
-                sign_guard = LastSignGuard(sign_state_path, deferred=True)  # written with the record
-                sign = guarded(sign, sign_guard)
-        # A torn last record is deleted before anything is appended after it; any other unreadable one stops us.
-        records = self.store.restorable_records(self.head.next_height, Tendermint.check_records)
-        me = self.me if may_validate else None
-        timeouts = consensus_timeouts(self.genesis)
-        if records:
-            return Tendermint.restore(validators, me, sign, timeouts, records), sign_guard
-        return Tendermint(validators, me, sign, timeouts), sign_guard
-
-    def _participant(self, data_file: Path | None) -> tuple[Participant | None, int]:
-        """This node's trainer data: a genesis participant's, or a joined member's (its seed's shard)."""
-        path = str(data_file) if data_file else None
-        if self.config.participate and self.me in self.genesis.powers:
-            index = self.genesis.index_of(self.me)
-            return load_participant(self.genesis, index, path, self.config.trainer), index
-        if self.config.participate and (shard := self.members.own_shard()) is not None:
-            return load_participant(self.genesis, shard[0], path, self.config.trainer, shard[1]), shard[0]
-        return None, -1
 
     def use_trainer(self, data: Participant, index: int) -> Trainer:
         """Train as participant `index` with `data` (its client): the trainer `run` starts."""
@@ -288,12 +237,6 @@ class Daemon:
 
     async def _deliver(self, event: Any) -> None:
         await self.driver.inbox.send(event)
-
-    def _check_updates_complete(self) -> None:
-        height = self.head.next_height
-        if ("updates_t" not in self.timing.marks
-                and len(self.mempool.ready_authors(height)) >= trainer_count(self.genesis, self.state, height)):
-            self.timing.mark("updates_t")
 
     def write_status(self) -> None:
         if self.status_file is None:

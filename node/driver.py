@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeAlias
 
 import trio
-from flnode.consensus import Event, StartHeight, Tendermint, VoteReceived
+from flnode.consensus import Event, StartHeight, Tendermint, ValidatorSet, VoteReceived
 from flnode.consensus import actions as act
+from flnode.node.chain.store import ChainStore
 from flnode.node.metrics import Metrics
+from flnode.protocol.crypto import NodeKey
 from flnode.protocol.genesis import Genesis
 from flnode.protocol.messages import DuplicateVoteEvidence, Vote, VoteType, encode_gossip
 
@@ -20,15 +23,37 @@ from .committer import Committer, HeightApplied
 from .head import Head
 from .net import ConsensusTransport
 from .proposer import Proposer
-from .signer import LastSignGuard
+from .signer import LastSignGuard, guarded
 from .store_worker import StoreWorker
 from .timers import Timers
-from .timing import HeightTiming
+from .timing import HeightTiming, consensus_timeouts
 
 log = logging.getLogger("flnode.daemon")
 
 EVENT_QUEUE = 1024  # events waiting for the driver; producers wait when it is full
 Inbound: TypeAlias = Event | HeightApplied
+
+
+def restore_machine(genesis: Genesis, key: NodeKey, store: ChainStore, height: int, validators: ValidatorSet,
+                    voting: bool, sign_state_path: Path | None) -> tuple[Tendermint, LastSignGuard | None]:
+    """The machine at `height`, restored from our own consensus records of it if there are any. It signs only
+    while this node has power; the signer itself refuses a conflicting signature (store wiped or not)."""
+    may_validate = voting or genesis.rules.admission != "genesis"  # ...or may have it, later
+    sign: Any = None
+    sign_guard: LastSignGuard | None = None
+    if may_validate:
+        chain_id = genesis.chain_id
+        sign = lambda kind, payload: key.sign(chain_id, kind, payload)  # noqa: E731
+        if sign_state_path is not None:
+            sign_guard = LastSignGuard(sign_state_path, deferred=True)  # written with the record
+            sign = guarded(sign, sign_guard)
+    # A torn last record is deleted before anything is appended after it; any other unreadable one stops us.
+    records = store.restorable_records(height, Tendermint.check_records)
+    me = key.public_key if may_validate else None
+    timeouts = consensus_timeouts(genesis)
+    if records:
+        return Tendermint.restore(validators, me, sign, timeouts, records), sign_guard
+    return Tendermint(validators, me, sign, timeouts), sign_guard
 
 
 class Driver:

@@ -7,14 +7,18 @@ signal, so a commit does not wake those who wait for data and data does not wake
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 from flnode.consensus import ValidatorSet
-from flnode.node.app import AppState, validator_powers
+from flnode.node.app import AppState, genesis_state, validator_powers
 from flnode.node.app.powers import SLASH_DELAY, carries_priorities, proposer_sets, set_at
 from flnode.protocol.genesis import Genesis
+from flnode.protocol.hashing import digest
 from flnode.protocol.messages import CommitCertificate
+
+if TYPE_CHECKING:
+    from flnode.node.chain.store import ChainStore
 
 SET_CACHE = 16  # distinct validator sets kept (a set change is rare; a cache miss costs a recomputation)
 
@@ -45,6 +49,16 @@ class Head:
         self._moved = Signal()
         self._sets: dict[Any, ValidatorSet] = {}
         self._set_at: dict[int, tuple[AppState, ValidatorSet]] = {}
+
+    @classmethod
+    def at_tip(cls, genesis: Genesis, store: ChainStore) -> Head:
+        """The head at the store's latest height (genesis when it holds none)."""
+        height = store.latest_height()
+        if height == 0:
+            return cls(genesis, genesis_state(genesis), digest(genesis.canonical_bytes()), None)
+        block = store.get_block(height)
+        assert block is not None
+        return cls(genesis, store.get_state(height), block.hash(), store.get_certificate(height))
 
     @property
     def height(self) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from flnode.node.app.membership import ever_validator
+from flnode.node.app.membership import ever_validator, trainer_count
 from flnode.protocol.genesis import Genesis
 from flnode.protocol.messages import DuplicateVoteEvidence, UpdateAnnouncement
 
@@ -53,6 +53,11 @@ class Mempool:
     def ready_announcements(self, height: int) -> list[UpdateAnnouncement]:
         """Ready updates for `height`, in canonical order."""
         return [a for a in self.updates.for_height(height) if self.ready(a)]
+
+    def all_arrived(self) -> bool:
+        """Every trainer of the next height has its update here, announcement and blob."""
+        height = self.head.next_height
+        return len(self.ready_authors(height)) >= trainer_count(self.genesis, self.head.state, height)
 
     def ready_authors(self, height: int) -> set[bytes]:
         """Authors of ready_announcements (unordered: asked on every arrival, so no sort)."""

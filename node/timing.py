@@ -23,6 +23,11 @@ class HeightTiming:
         if name not in self.marks:
             self.marks[name] = self.clock() - self.started_at if value is None else value
 
+    def mark_once(self, name: str, *, when: Callable[[], bool]) -> None:
+        """Mark `name` the first time `when()` holds (asked only until then: it may cost a scan)."""
+        if name not in self.marks and when():
+            self.mark(name)
+
     def since_start(self) -> float:
         return self.clock() - self.started_at
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import trio
 from flnode.node.app import AppState, make_update
 from flnode.node.app.membership import trains_at
-from flnode.node.app.participant import Participant, TrainerError
+from flnode.node.app.participant import Participant, TrainerError, load_participant
+from flnode.node.config import NodeConfig
 from flnode.node.metrics import Metrics
 from flnode.protocol.crypto import NodeKey
 from flnode.protocol.genesis import Genesis
@@ -19,10 +21,24 @@ from flnode.protocol.messages import UpdateAnnouncement, UpdateBundle, encode_go
 
 from .blobs import BlobService
 from .head import Head
+from .member_txs import MemberTxs
 from .mempool import Mempool
 from .timing import HeightTiming
 
 log = logging.getLogger("flnode.daemon")
+
+
+def own_participant(genesis: Genesis, config: NodeConfig, me: bytes, members: MemberTxs,
+                    data_file: Path | None) -> tuple[Participant | None, int]:
+    """This node's trainer data and participant index: a genesis participant's, or a joined member's (its
+    seed's shard); (None, -1) when it does not train."""
+    path = str(data_file) if data_file else None
+    if config.participate and me in genesis.powers:
+        index = genesis.index_of(me)
+        return load_participant(genesis, index, path, config.trainer), index
+    if config.participate and (shard := members.own_shard()) is not None:
+        return load_participant(genesis, shard[0], path, config.trainer, shard[1]), shard[0]
+    return None, -1
 
 
 class Trainer:
