@@ -97,6 +97,7 @@ class _SGDTask:
                     grad = grads[k].astype(np.float32, copy=False)
                     np.multiply(grad, step, out=grad)
                     np.subtract(w[k], grad, out=w[k])
+                del grads, grad  # else this step's gradients live on while the next step's are computed
                 losses.append(loss * len(idx))
                 correct += int((pred == y).sum())
                 seen += len(idx)
