@@ -21,14 +21,8 @@ from flnode.node.net import (
     has_quorum,
     peer_id_of,
 )
-from flnode.node.net.consensus_stream import (
-    DirectConfig,
-    FrameDecoder,
-    FrameTooBig,
-    PeerQueue,
-    RateBudget,
-    SeenSet,
-)
+from flnode.node.net.consensus_stream import DirectConfig
+from flnode.node.net.flow import FrameDecoder, FrameTooBig, PeerQueue, RateBudget, SeenSet
 from flnode.protocol.crypto import NodeKey
 
 LOCAL = ["/ip4/127.0.0.1/tcp/0"]
