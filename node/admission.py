@@ -204,7 +204,9 @@ class AdmissionGate:
         if isinstance(msg, Vote):
             if topic != self.consensus_topic:
                 return "wrong_topic"
-            if not current - 1 <= msg.height <= current + 1:
+            if msg.height > current + 1:
+                return "ahead_height"
+            if msg.height < current - 1:
                 return "stale_height"
             if msg.height == current and msg.round > self.view.consensus_round() + ROUND_WINDOW:
                 return "round_too_far"
@@ -217,7 +219,9 @@ class AdmissionGate:
         if isinstance(msg, Proposal):
             if topic != self.consensus_topic:
                 return "wrong_topic"
-            if not current <= msg.height <= current + 1:
+            if msg.height > current + 1:
+                return "ahead_height"
+            if msg.height < current:
                 return "stale_height"
             limit = (self.view.consensus_round() if msg.height == current else 0) + ROUND_WINDOW
             if msg.round > limit:
@@ -253,7 +257,9 @@ class AdmissionGate:
         if isinstance(msg, UpdateAnnouncement):
             if topic != self.updates_topic:
                 return "wrong_topic"
-            if not current <= msg.height <= current + 1:
+            if msg.height > current + 1:
+                return "ahead_height"
+            if msg.height < current:
                 return "stale_height"
             problem = self.view.announcement_problem(msg)
             if problem is not None:

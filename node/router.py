@@ -55,6 +55,8 @@ class Router:
             msg = self.gate.admit(item.topic, item.data, None)
             if msg is not None:
                 await self.on_message(msg, item.from_peer)
+            elif self.gate.last_reason == "ahead_height":
+                self.sync.peer_ahead(item.from_peer)
 
     async def run_consensus(self) -> None:
         async for peer, data in self.transport.inbound:
@@ -62,6 +64,8 @@ class Router:
             if msg is None:
                 if self.gate.last_reason in CUT_OFF_REASONS:
                     self.transport.cut_off(peer, self.gate.last_reason or "")
+                elif self.gate.last_reason == "ahead_height":
+                    self.sync.peer_ahead(peer)
                 continue
             await self.on_message(msg, peer)
 

@@ -75,6 +75,13 @@ class BlockSync:
             self.ahead_seen = True
             self.behind.set()
 
+    def peer_ahead(self, peer: str | None) -> None:
+        """A message too far ahead for the admission gate came from `peer`: it has committed at least the height
+        after our next. Only that much is believed (the message itself cannot be checked without its height's
+        validator set), and it starts a sync at once: a validator that fell two heights behind a fast network
+        hears nothing it can use until it catches up, so waiting for the stall poll cost it seconds per fall."""
+        self.saw_height(self.tip.state.height + 3, peer)
+
     def committed(self) -> None:
         self.last_commit = trio.current_time()
 
@@ -113,7 +120,9 @@ class BlockSync:
             if self.ahead_seen:
                 # Being one commit behind the fastest peer is the normal state of a busy network: wait a moment
                 # for our own commit before asking anyone (at 16 nodes every node polled every peer every height).
-                with trio.move_on_after(AHEAD_GRACE_S):
+                # Two behind is not: nothing of the network's height passes our gate until we catch up.
+                one_behind = self.ahead_of_us[0] <= self.tip.state.height + 1
+                with trio.move_on_after(AHEAD_GRACE_S if one_behind else 0):
                     while self.tip.state.height < self.ahead_of_us[0]:  # the target may move meanwhile
                         await self.tip.wait_for(self.tip.state.height + 1)
                 self.ahead_seen = False

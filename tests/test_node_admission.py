@@ -31,6 +31,8 @@ from flnode.protocol.messages import (
     Proposal,
     UpdateAnnouncement,
     UpdateBundle,
+    Vote,
+    VoteType,
     decode_gossip,
     encode_gossip,
 )
@@ -284,3 +286,20 @@ def test_no_wall_clock_value_reaches_a_trio_deadline() -> None:
                 if any(_uses_wall_clock(a, tainted) for a in args):
                     offenders.append(f"{path.relative_to(ROOT)}:{sub.lineno}")
     assert not offenders, f"wall-clock values used as trio deadlines: {offenders}"
+
+
+def test_gate_tells_a_message_too_far_ahead_from_a_stale_one(net: tuple[Path, Genesis, list[NodeKey]]) -> None:
+    """Both are refused, under different reasons: one too far ahead shows the sender is past us (the router starts a
+    sync on it), a stale one shows nothing."""
+    _, genesis, keys = net
+    gate, m = _gate(genesis, [0.0])
+    gate.view.height = 5  # type: ignore[attr-defined]
+    topic = Topics.for_chain(genesis.chain_id).consensus
+    k = keys[0]
+    for h, reason in ((7, "ahead_height"), (3, "stale_height")):
+        v = Vote(VoteType.PREVOTE, h, 0, None, k.public_key).signed(k, genesis.chain_id)
+        assert gate.admit(topic, encode_gossip(v), "peerA") is None
+        assert gate.last_reason == reason and m.counters[f"rejected_{reason}"] == 1
+    for h in (4, 5, 6):  # the window: the last height, ours, the next
+        v = Vote(VoteType.PREVOTE, h, 0, None, k.public_key).signed(k, genesis.chain_id)
+        assert gate.admit(topic, encode_gossip(v), "peerA") == v

@@ -94,3 +94,37 @@ async def test_a_node_behind_syncs_every_block_and_refuses_a_forged_one(tmp_path
     with trio.fail_after(10):
         await refusing.sync_from("server", 4)
     assert delivered == [] and refusing.metrics.counters["rejected_bad_sync_block"] == 1
+
+
+async def test_a_message_past_the_gate_starts_a_sync_without_the_one_behind_grace(tmp_path: Path,
+                                                                                  monkeypatch: Any) -> None:
+    """A validator two heights behind hears only messages its gate refuses as too far ahead: such a message makes it
+    sync at once (believing only that the sender committed our next height and one more), not after the
+    one-commit-behind grace nor the stall poll."""
+    import flnode.node.sync as sync_mod
+
+    monkeypatch.setattr(sync_mod, "AHEAD_GRACE_S", 60.0)  # were it applied here, the sync would not finish in time
+    monkeypatch.setattr(sync_mod, "STALL_POLL_S", 60.0)
+    g, blocks, server, worker = serving(tmp_path, 4)
+    tip = Head(g, genesis_state(g), genesis_block_hash(g), None)
+    by_height = {b.height: (b, s) for b, _, s, _ in blocks}
+    delivered: list[int] = []
+
+    async def apply(ev: CommitReceived) -> None:
+        delivered.append(ev.block.height)
+        tip.advance(by_height[ev.block.height][1], ev.block.hash(), ev.certificate)
+
+    net = Net()
+    net.server = server
+    client = BlockSync(tip, net, server.store, worker, Metrics(), apply)  # type: ignore[arg-type]
+    client.committed()  # a commit just now: no stall poll for a minute
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(client.run)
+        await trio.sleep(0.3)
+        assert delivered == []  # nothing shows the network ahead: no request
+        client.peer_ahead("server")
+        assert client.ahead_of_us == (2, "server")  # our tip is 0: the sender committed at least 2
+        with trio.fail_after(10):
+            await tip.wait_for(4)  # one batch brings every block the peer has
+        nursery.cancel_scope.cancel()
+    assert delivered == [1, 2, 3, 4]
