@@ -131,6 +131,12 @@ class RateLimitedLog:
         return n < self.per_window
 
 
+# Updates are kept up to two heights past the next (the update pool's window): a validator that fell two heights
+# behind still holds the updates of the height its sync brings it to, and validates that height's block without
+# fetching every one of them while the network moves on without it.
+UPDATES_AHEAD = 2
+
+
 class AdmissionGate:
     def __init__(
         self,
@@ -257,7 +263,7 @@ class AdmissionGate:
         if isinstance(msg, UpdateAnnouncement):
             if topic != self.updates_topic:
                 return "wrong_topic"
-            if msg.height > current + 1:
+            if msg.height > current + UPDATES_AHEAD:
                 return "ahead_height"
             if msg.height < current:
                 return "stale_height"

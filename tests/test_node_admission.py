@@ -303,3 +303,17 @@ def test_gate_tells_a_message_too_far_ahead_from_a_stale_one(net: tuple[Path, Ge
     for h in (4, 5, 6):  # the window: the last height, ours, the next
         v = Vote(VoteType.PREVOTE, h, 0, None, k.public_key).signed(k, genesis.chain_id)
         assert gate.admit(topic, encode_gossip(v), "peerA") == v
+
+
+def test_gate_keeps_updates_two_heights_past_the_next(net: tuple[Path, Genesis, list[NodeKey]]) -> None:
+    """A node two heights behind still admits the updates of the height its sync brings it to (the pool's window);
+    one height further is too far ahead."""
+    _, genesis, keys = net
+    gate, m = _gate(genesis, [0.0])
+    topic = Topics.for_chain(genesis.chain_id).updates
+    ann, _ = _updates(genesis, keys)[0]
+    k = next(k for k in keys if k.public_key == ann.author)
+    for h, ok in ((1, True), (2, True), (3, True), (4, False)):  # the gate's view is at height 1
+        a = replace(ann, height=h).signed(k, genesis.chain_id)
+        assert (gate.admit(topic, encode_gossip(a), "peerA") == a) is ok, h
+    assert gate.last_reason == "ahead_height" and m.counters["rejected_ahead_height"] == 1
