@@ -28,6 +28,7 @@ from flnode.protocol.messages import (
 )
 
 from .metrics import Metrics
+from .pool import HEIGHT_WINDOW
 
 log = logging.getLogger("flnode.admission")
 
@@ -131,10 +132,10 @@ class RateLimitedLog:
         return n < self.per_window
 
 
-# Updates are kept up to two heights past the next (the update pool's window): a validator that fell two heights
-# behind still holds the updates of the height its sync brings it to, and validates that height's block without
-# fetching every one of them while the network moves on without it.
-UPDATES_AHEAD = 2
+# Updates are admitted as far ahead as the update pool keeps them (two heights past the next): a validator that fell
+# two heights behind still holds the updates of the height its sync brings it to, and validates that height's block
+# without fetching every one of them while the network moves on without it.
+UPDATES_AHEAD = HEIGHT_WINDOW - 1
 
 
 class AdmissionGate:
