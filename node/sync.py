@@ -167,6 +167,9 @@ class BlockSync:
                     self.metrics.inc("rejected_bad_sync_block")
                     log.info("rejected synced block", extra={"peer": peer[:16], "why": str(exc)[:200]})
                     return
+                # Certified, so committed elsewhere: its blobs are fetched at once, with no wait for bundles of
+                # a height gossip has left (the batch runs past the target a gate-refused message showed).
+                self.target = max(self.target, block.height)
                 log.info("synced block", extra={"height": block.height, "from": peer[:16]})
                 before = tip.state.height
                 await self.deliver(CommitReceived(block, cert))

@@ -128,3 +128,28 @@ async def test_a_message_past_the_gate_starts_a_sync_without_the_one_behind_grac
             await tip.wait_for(4)  # one batch brings every block the peer has
         nursery.cancel_scope.cancel()
     assert delivered == [1, 2, 3, 4]
+
+
+async def test_every_block_a_sync_delivers_counts_as_committed_elsewhere(tmp_path: Path) -> None:
+    """A batch runs past the height that started the sync: each certified block in it is known committed elsewhere
+    when the driver gets it, so the commit path fetches its blobs at once instead of waiting for bundles no peer
+    sends any more (a syncing validator took 0.5 s a block and never caught up with a 0.2 s/height network)."""
+    g, blocks, server, worker = serving(tmp_path, 4)
+    tip = Head(g, genesis_state(g), genesis_block_hash(g), None)
+    by_height = {b.height: (b, s) for b, _, s, _ in blocks}
+    elsewhere: list[bool] = []
+    client: BlockSync | None = None
+
+    async def apply(ev: CommitReceived) -> None:
+        assert client is not None
+        elsewhere.append(client.committed_elsewhere(ev.block.height))
+        tip.advance(by_height[ev.block.height][1], ev.block.hash(), ev.certificate)
+
+    net = Net()
+    net.server = server
+    client = BlockSync(tip, net, server.store, worker, Metrics(), apply)  # type: ignore[arg-type]
+    client.peer_ahead("server")  # believed: the sender committed height 2
+    assert not client.committed_elsewhere(3)
+    with trio.fail_after(10):
+        await client.sync_from("server", client.ahead_of_us[0])
+    assert tip.state.height == 4 and elsewhere == [True, True, True, True]
