@@ -2,18 +2,9 @@
 direct long-lived consensus streams between validators."""
 
 from .consensus_stream import CONSENSUS_PROTOCOL, ConsensusTransport
+from .frames import NetError, Stream, StreamedResponse, encode_frames, read_frame, write_frame
 from .gate import StartupGate, has_quorum
-from .host import (
-    InboundMessage,
-    NetError,
-    P2PNode,
-    Stream,
-    StreamedResponse,
-    encode_frames,
-    peer_id_of,
-    read_frame,
-    write_frame,
-)
+from .host import InboundMessage, P2PNode, peer_id_of
 
 __all__ = [
     "CONSENSUS_PROTOCOL",

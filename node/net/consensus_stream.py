@@ -31,8 +31,9 @@ from .direct import (
     dial,
 )
 from .flow import FrameDecoder, FrameTooBig, PeerQueue, RateBudget, SeenSet, digest
+from .frames import NetError, Stream, encode_frames
 from .gate import has_quorum
-from .host import NetError, P2PNode, Stream, encode_frames
+from .host import P2PNode
 
 log = logging.getLogger("flnode.net.consensus")
 
@@ -158,7 +159,7 @@ class ConsensusTransport:
             self._listener = DirectListener(direct.key, direct.chain_id, self._accept, direct.host, direct.port,
                                             self.counters, request_handler=p2p.serve_direct_request)
             p2p.set_handler(DIRECT_PROTOCOL, self._serve_directory, max_request=16)
-            p2p.open_direct = self.open_request
+            p2p.requests.open_direct = self.open_request
 
     # ---------------------------------------------------------------- API
 
@@ -379,7 +380,7 @@ class ConsensusTransport:
             ok = peer < self.p2p.peer_id
         if nursery is None or not ok or self._banned(peer):
             self.counters["rejected_streams"] += 1
-            return  # host.py resets the stream
+            return  # requests.py resets the stream
         done = trio.Event()
         if subscriber:
             self._listening.add(peer)

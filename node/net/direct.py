@@ -38,7 +38,8 @@ from nacl.bindings import (
 from nacl.exceptions import CryptoError
 from nacl.exceptions import RuntimeError as NaclRuntimeError
 
-from .host import FRAME_HEADER, NetError, peer_id_of
+from .frames import FRAME_HEADER, NetError
+from .host import peer_id_of
 
 log = logging.getLogger("flnode.net.direct")
 
@@ -280,7 +281,7 @@ async def _read_exact(sock: trio.SocketStream, n: int, buf: bytearray) -> bytes:
 
 class ExactReader:
     """A direct stream whose `read(n)` returns at most n bytes (the rest is kept for the next read), as the
-    request framing of host.py expects; a DirectStream returns whole wire frames."""
+    request framing of requests.py expects; a DirectStream returns whole wire frames."""
 
     def __init__(self, stream: DirectStream) -> None:
         self.stream = stream

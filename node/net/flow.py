@@ -8,7 +8,7 @@ import heapq
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from .host import FRAME_HEADER, NetError
+from .frames import FRAME_HEADER, NetError
 
 
 def digest(data: bytes) -> bytes:
