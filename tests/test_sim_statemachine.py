@@ -180,3 +180,33 @@ def test_pinned_restart_in_a_later_round_relays_why_it_left_the_earlier_one() ->
         step()
         net.safe()
     net.teardown()
+
+
+def test_a_twin_started_above_height_one_restarts_where_it_was() -> None:
+    """Found by `make fuzz` (seed 1614951023): a twin started at height 2 crashed and restarted at height 1, which
+    its machine (restored from records of height 2) refused as ShellMisuse. A twin is a copy of the original's home,
+    committed blocks included, so it resumes above them."""
+    sim = Simulation(SimConfig(nodes=4, byzantine=0, heights=100))
+    sim.queue = [q for q in sim.queue if q[2] >= 0]
+    heapq.heapify(sim.queue)
+    for node in sim.nodes:
+        assert node.machine is not None
+        sim._perform(node.idx, node.machine.step(StartHeight(1)))
+    for _ in range(10_000):  # deliver until validator 0 has committed height 1
+        if sim.nodes[0].commits or not sim.queue:
+            break
+        at, _, idx, item = heapq.heappop(sim.queue)
+        sim.now = max(sim.now, at)
+        if idx >= 0:
+            sim._deliver(idx, item)
+    assert 1 in sim.nodes[0].commits
+    twin = sim.add_twin(0)
+    for _ in range(50):  # let the twin record a step of its height
+        at, _, idx, item = heapq.heappop(sim.queue)
+        sim.now = max(sim.now, at)
+        if idx >= 0:
+            sim._deliver(idx, item)
+    sim._control(("crash", twin))
+    sim._control(("restart", twin))  # raised ShellMisuse: StartHeight(1) after height 2
+    machine = sim.nodes[twin].machine
+    assert sim.nodes[twin].up and machine is not None and machine.height >= 2

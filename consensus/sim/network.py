@@ -246,9 +246,11 @@ class Simulation:
 
     def add_twin(self, idx: int) -> int:
         """Start a second, honest copy of node idx's key (Twins): from now on the pair counts as one faulty
-        validator. The twin starts fresh at the height the original is at; returns the twin's index."""
+        validator. The twin is a copy of the original's chain (its committed blocks, as a copied home would hold)
+        with a fresh machine, starting at the original's height; returns the twin's index."""
         orig = self.nodes[idx]
-        twin = _Node(len(self.nodes), orig.key, False, self._machine(orig.key), mode="twin")
+        twin = _Node(len(self.nodes), orig.key, False, self._machine(orig.key), mode="twin",
+                     commits=dict(orig.commits), blocks=dict(orig.blocks))  # a restart resumes above them
         self.nodes.append(twin)
         if orig.honest:
             orig.honest = False
