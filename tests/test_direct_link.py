@@ -122,7 +122,7 @@ async def test_real_sockets_round_trip_wrong_peer_and_garbage() -> None:
 
 
 def test_directory_prefers_first_hand_and_refuses_malformed_answers() -> None:
-    from flnode.node.net.direct import Directory
+    from flnode.node.net.directory import Directory
     from flnode.protocol.encoding import pack
 
     d = Directory()
@@ -200,8 +200,9 @@ async def test_requests_between_validators_take_a_direct_connection_without_libp
             nodes[1].set_handler("/test/big/1", stream_big)
             for t in ts:
                 await n.start(t.run)
-            assert ts[1]._listener is not None
-            ts[0].directory.configure([(ids[1], "127.0.0.1", ts[1]._listener.port)], ids[0])
+            links = ts[1].links
+            assert links is not None and links.listener is not None
+            ts[0].directory.configure([(ids[1], "127.0.0.1", links.listener.port)], ids[0])
             assert await nodes[0].request(ids[1], "/test/reverse/1", b"abc", max_response=16, timeout=5) == b"cba"
             got = bytearray()
 

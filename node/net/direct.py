@@ -27,8 +27,6 @@ from typing import Any
 
 import trio
 from flnode.protocol.crypto import NodeKey, verify
-from flnode.protocol.encoding import pack, unpack
-from flnode.protocol.errors import ProtocolError
 from nacl.bindings import (
     crypto_aead_chacha20poly1305_ietf_decrypt,
     crypto_aead_chacha20poly1305_ietf_encrypt,
@@ -43,7 +41,6 @@ from .host import peer_id_of
 
 log = logging.getLogger("flnode.net.direct")
 
-DIRECT_PROTOCOL = "/flnode/direct/1.0.0"  # libp2p request: "which TCP port is your direct listener on?"
 MAGIC = b"FLD1"  # a consensus link
 REQUEST_MAGIC = b"FLQ1"  # one request and its response (blobs, blocks, status), on a connection of its own
 AUTH_KIND = "direct-link-auth"
@@ -55,70 +52,6 @@ MAX_HANDSHAKES = 32  # concurrent inbound handshakes; more wait (a slow-loris co
 
 class HandshakeError(NetError):
     pass
-
-
-DIRECTORY_MAX = 1024  # entries in one directory answer
-MAX_DIRECTORY_ANSWER = 128 << 10
-
-
-class Directory:
-    """Where each peer's direct link listens. A peer's own answer (its port, at the address our libp2p connection
-    reaches it on) is first-hand; entries relayed by others only fill gaps. A wrong entry costs one failed
-    handshake (the link authenticates the identity), after which it is forgotten. Sans-I/O."""
-
-    def __init__(self) -> None:
-        self._addrs: dict[str, tuple[str, int]] = {}
-        self._configured: dict[str, tuple[str, int]] = {}
-        self._firsthand: set[str] = set()
-
-    def __len__(self) -> int:
-        return len(self._addrs)
-
-    def get(self, peer: str) -> tuple[str, int] | None:
-        return self._addrs.get(peer) or self._configured.get(peer)
-
-    def configure(self, entries: list[tuple[str, str, int]], me: str) -> None:
-        """Addresses from the node's config (direct_peers): used until a learned one replaces them, and never
-        forgotten (a peer not yet listening at start-up is dialled there again)."""
-        self._configured = {p: (h, port) for p, h, port in entries if p != me}
-
-    def learn_firsthand(self, peer: str, host: str, port: int) -> None:
-        self._addrs[peer] = (host, port)
-        self._firsthand.add(peer)
-
-    def learn_relayed(self, entries: list[tuple[str, str, int]], me: str) -> int:
-        new = 0
-        for peer, host, port in entries:
-            if peer != me and peer not in self._firsthand and peer not in self._addrs:
-                self._addrs[peer] = (host, port)
-                new += 1
-        return new
-
-    def forget(self, peer: str) -> None:
-        self._addrs.pop(peer, None)
-        self._firsthand.discard(peer)
-
-    def answer(self, own_port: int) -> bytes:
-        """Our port, and what we know of others' (loopback entries only make sense to peers on this host too)."""
-        known = [[p, h, pt] for p, (h, pt) in sorted(self._addrs.items())][:DIRECTORY_MAX]
-        return pack([own_port, known])
-
-    @staticmethod
-    def parse(raw: bytes) -> tuple[int, list[tuple[str, str, int]]]:
-        """(their port, relayed entries); malformed entries are skipped, a malformed answer is an error."""
-        try:
-            value = unpack(raw, MAX_DIRECTORY_ANSWER)
-        except ProtocolError:
-            raise NetError("a malformed directory answer") from None
-        if not (isinstance(value, list) and len(value) == 2 and isinstance(value[0], int)
-                and isinstance(value[1], list) and 0 <= value[0] <= 65535):
-            raise NetError("a malformed directory answer")
-        entries = [
-            (e[0], e[1], e[2]) for e in value[1][:DIRECTORY_MAX]
-            if isinstance(e, list) and len(e) == 3 and isinstance(e[0], str) and isinstance(e[1], str)
-            and isinstance(e[2], int) and 0 < len(e[0]) <= 64 and 0 < len(e[1]) <= 64 and 0 < e[2] <= 65535
-        ]
-        return value[0], entries
 
 
 def chain_tag(chain_id: str) -> bytes:

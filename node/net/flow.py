@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .frames import FRAME_HEADER, NetError
@@ -158,3 +159,12 @@ class FrameDecoder:
             pos = end
         del self._buf[:pos]
         return frames
+
+
+def listener_slot_free(peer: str, held: set[str], is_member: Callable[[str], bool], member_slots: int,
+                       outsider_slots: int) -> bool:
+    """Whether a non-validator may take a listening slot: members (trainers, admitted nodes) and outsiders each
+    have their own few, so outsiders cannot take them all; a peer holds at most one."""
+    member = is_member(peer)
+    same = sum(1 for p in held if is_member(p) == member)
+    return peer not in held and same < (member_slots if member else outsider_slots)
