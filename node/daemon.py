@@ -1,16 +1,12 @@
-"""The flnode daemon: the composition root that builds the node's services and joins them.
-
-Services, each in its own module with one role: the head (the committed tip, node/head.py; written only by the
-committer), the driver (the only task stepping the machine, node/driver.py, with node/timers.py), the proposer,
-the checker (the one verdict cache), the committer, the mempool, the trainer, the router (admission, then each
-message to its owner), peers, the seat (the validator set this node follows), the outbox (our own messages),
-start-up, sync, the blob service, the store worker, the admission gate and status. Background tasks are
-supervised; only the driver (with the committer) and the store are fatal. Every deadline is on trio's clock.
+"""The flnode daemon: the composition root that builds the node's services (each its own module with one role,
+docs/ARCHITECTURE.md draws them) and joins them. Background tasks are supervised; only the driver (with the
+committer) and the store are fatal. Every deadline is on trio's clock.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +16,8 @@ from flnode.node.app import AppState
 from flnode.node.app.participant import Participant
 from flnode.node.app.state import state_size_cap
 from flnode.node.chain.store import ChainStore
-from flnode.node.config import NodeConfig, parse_direct_peer
+from flnode.node.config import NodeConfig
 from flnode.node.metrics import Metrics
-from flnode.node.net import P2PNode
 from flnode.protocol.crypto import NodeKey
 from flnode.protocol.genesis import Genesis
 from flnode.protocol.messages import GOSSIP_MAX_SIZE, UpdateBundle
@@ -37,14 +32,14 @@ from .driver import Driver, restore_machine
 from .head import Head
 from .member_txs import MemberTxs
 from .mempool import Mempool
-from .net import ConsensusTransport
+from .network import open_network
 from .outbox import Outbox
 from .peers import Peers
 from .proposer import Proposer
 from .router import Router
 from .seat import Seat
-from .startup import Startup, direct_config
-from .status import StatusFile, probe_loop_lag, status_record, write_every
+from .startup import Startup
+from .status import StatusFile, probe_loop_lag, publish_status, write_every
 from .store_worker import StoreWorker
 from .supervise import Tasks
 from .sync import BlockSync
@@ -94,24 +89,11 @@ class Daemon:
         self.machine, sign_guard = restore_machine(genesis, key, store, self.head.next_height, validators, voting,
                                                    sign_state_path)
 
-        self.net = P2PNode(
-            key.seed, list(config.listen), bootstrap=list(config.bootstrap),
-            # Validators exchange consensus messages and their own update announcements over direct streams;
-            # gossip carries only announcements from and to non-validators (trainers, observers).
-            topics=[self.topics.updates],
-            validator=lambda topic, data, peer=None: self.router.validate_gossip(topic, data, peer),
-            announce=list(config.announce) or None, max_peers=config.p2p_max_peers,
-        )
         self.peers = Peers(genesis, self.head)
-        # Consensus travels over direct streams between validators; a non-validator listens to every validator.
-        # A stream delivers in order while it lives, so the same bytes are never sent twice on one connection
-        # (a reconnect starts afresh and the machine's rebroadcast re-sends what matters).
-        self.transport = ConsensusTransport(
-            self.net, self.peers.validator_peers, dial_all=not voting, resend_after=float("inf"),
-            direct=direct_config(config, key, self.chain_id), is_member=self.peers.is_member_peer,
-        )
-        self.transport.on_connect = lambda peer: self.outbox.validator_connected(peer)
-        self.transport.directory.configure([parse_direct_peer(e) for e in config.direct_peers], self.net.peer_id)
+        self.net, self.transport = open_network(
+            config, key, self.chain_id, self.topics, self.peers, voting=voting,
+            validate_gossip=lambda topic, data, peer: self.router.validate_gossip(topic, data, peer),
+            on_connect=lambda peer: self.outbox.validator_connected(peer))
         self.seat = Seat(self.me, self.head, self.machine, self.peers, self.transport, voting)
         if not self.state.membership.empty():
             self.seat.follow(validators)
@@ -132,7 +114,10 @@ class Daemon:
         self.blobs.on_stored = self.mempool.blob_stored
         self.data, participant_index = own_participant(genesis, config, self.me, self.members, data_file)
 
-        is_voting, deliver, spawn = (lambda: self.seat.voting), self._deliver, self.tasks.spawn
+        is_voting, spawn = (lambda: self.seat.voting), self.tasks.spawn
+        def deliver(event: Any) -> Awaitable[None]:  # to the driver, built below
+            return self.driver.inbox.send(event)
+
         self.checker = Checker(genesis, self.me, self.head, self.mempool, self.blobs, self.metrics, self.timing,
                                deliver, voting=is_voting, committed_elsewhere=lambda h: self.sync.committed_elsewhere(h),
                                connected=self.transport.reachable)
@@ -212,12 +197,9 @@ class Daemon:
                        "addrs": "libp2p after the first commit" if deferred else ",".join(self.net.listen_addrs())},
             )
             if self.config.metrics_listen or self.config.http_listen:  # imported only when served: hypercorn
-                from flnode.node.web import serve_metrics, serve_web
+                from flnode.node.web import serve_configured
 
-                if self.config.metrics_listen:
-                    await nursery.start(serve_metrics, self.metrics, self.config.metrics_listen)
-                if self.config.http_listen:  # read-only explorer, JSON API and /metrics
-                    await nursery.start(serve_web, self, self.config.http_listen)
+                await serve_configured(nursery, self, self.config.metrics_listen, self.config.http_listen)
             nursery.start_soon(self._consensus)  # fatal: an exception here stops the node
             supervise = self.tasks.supervise
             supervise("inbound", self.router.run_gossip)
@@ -235,14 +217,5 @@ class Daemon:
         await self.startup.wait_for_quorum()
         await self.driver.run()
 
-    async def _deliver(self, event: Any) -> None:
-        await self.driver.inbox.send(event)
-
     def write_status(self) -> None:
-        if self.status_file is None:
-            return
-        self.metrics.set("store_max_call_ms", round(self.worker.max_call_s * 1000, 2))
-        self.metrics.set("sign_refusals", getattr(self.machine, "sign_refusals", 0))
-        for reason, n in getattr(self.machine, "dropped", {}).items():  # remote messages that could not count
-            self.metrics.set(f"consensus_dropped_{reason}", n)
-        self.status_file.write(status_record(self))
+        publish_status(self, self.worker, self.status_file)

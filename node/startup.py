@@ -6,28 +6,14 @@ import logging
 
 import trio
 from flnode.consensus import Tendermint
-from flnode.node.config import NodeConfig
-from flnode.protocol.crypto import NodeKey
 
 from .head import Head
 from .net import ConsensusTransport, P2PNode, peer_id_of
-from .net.consensus_stream import DirectConfig
 from .seat import Seat
 from .sync import BlockSync
 
 P2P_DEFER_MAX_S = 20.0  # libp2p starts after the first commit, or after this long without one
 log = logging.getLogger("flnode.startup")
-
-
-def direct_config(config: NodeConfig, key: NodeKey, chain_id: str) -> DirectConfig | None:
-    """The direct links' listener (None: none configured); it listens on the IP of the first TCP listen address (docs/LIBP2P.md)."""
-    if config.direct_port < 0:
-        return None
-    for addr in config.listen:
-        parts = addr.split("/")
-        if len(parts) > 4 and parts[1] in ("ip4", "ip6") and parts[3] == "tcp":
-            return DirectConfig(key, chain_id, parts[2], config.direct_port)
-    return None
 
 
 class Startup:

@@ -109,3 +109,14 @@ async def probe_loop_lag(metrics: Metrics, clock: Callable[[], float] = trio.cur
             metrics.set("loop_lag_max_ms", round(worst * 1000, 1))
         if lag > STALL_S:
             metrics.inc("loop_stalls")
+
+
+def publish_status(node: NodeView, worker: Any, status_file: StatusFile | None) -> None:
+    """The gauges read from other services' fields, then the status file (if the node keeps one)."""
+    if status_file is None:
+        return
+    node.metrics.set("store_max_call_ms", round(worker.max_call_s * 1000, 2))
+    node.metrics.set("sign_refusals", getattr(node.machine, "sign_refusals", 0))
+    for reason, n in getattr(node.machine, "dropped", {}).items():  # remote messages that could not count
+        node.metrics.set(f"consensus_dropped_{reason}", n)
+    status_file.write(status_record(node))

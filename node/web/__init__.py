@@ -2,6 +2,6 @@
 
 from .app import WebApp, metrics_only_app
 from .reader import ChainReader
-from .server import serve_asgi, serve_metrics, serve_web
+from .server import serve_asgi, serve_configured, serve_metrics, serve_web
 
-__all__ = ["ChainReader", "WebApp", "metrics_only_app", "serve_asgi", "serve_metrics", "serve_web"]
+__all__ = ["ChainReader", "WebApp", "metrics_only_app", "serve_asgi", "serve_configured", "serve_metrics", "serve_web"]

@@ -75,3 +75,11 @@ async def serve_web(node: NodeView, listen: str, *, task_status: Any = trio.TASK
 async def serve_metrics(metrics: Metrics, listen: str, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
     """Serve only ``/metrics`` on ``listen`` (the ``metrics_listen`` setting)."""
     await serve_asgi(metrics_only_app(metrics), listen, task_status=task_status)
+
+
+async def serve_configured(nursery: trio.Nursery, node: NodeView, metrics_listen: str, http_listen: str) -> None:
+    """What the node's config asks to serve: /metrics alone, and the explorer with its JSON API and /metrics."""
+    if metrics_listen:
+        await nursery.start(serve_metrics, node.metrics, metrics_listen)
+    if http_listen:
+        await nursery.start(serve_web, node, http_listen)
