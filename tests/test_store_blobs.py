@@ -364,7 +364,9 @@ def test_a_streamed_blob_is_hashed_once_and_appears_only_whole(tmp_path: Path, m
     assert r is not None and r.size == len(data) and bytes(r.read_at(100, 50)) == data[100:150]
     assert calls == []
     r.close()
-    assert s.blobs._pending[h] == (len(data), 5)
+    model = b"the model of height 1"
+    staged = s.blobs.stage_height(1, digest(model), model, set(), None, {})
+    assert (h, len(data), 5, "update") in staged.upserts  # the next commit indexes it for its announced height
     s.close()
 
 
@@ -405,9 +407,12 @@ def test_a_file_from_before_a_restart_is_hashed_once_and_dropped_if_corrupt(tmp_
     good, bad = os.urandom(5000), os.urandom(5000)
     s.blobs.put(digest(good), good)
     s.blobs.put(digest(bad), bad)
+    model = b"the model of height 1"
+    staged = s.blobs.stage_height(1, digest(model), model, set(), None, {})
+    s.db.transaction(staged.index)  # indexed, as a height's commit does: open does not read indexed files
+    s.blobs.committed(staged)
     s.close()
-    s = ChainStore.open(tmp_path / "c.sqlite")  # un-indexed files are re-hashed at open (and so trusted)
-    s.blobs._verified.clear()  # as for indexed files, which open does not read
+    s = ChainStore.open(tmp_path / "c.sqlite")
     s.blobs.files.path(digest(bad)).write_bytes(os.urandom(5000))
     r = s.blobs.reader(digest(good))
     assert r is not None and bytes(r.read_at(0, 5000)) == good
