@@ -1,11 +1,10 @@
 """The blob service: update and model blobs by content hash, fetched from holders and served to peers.
 
-Fetches race a few holders with staggered starts (the most likely holder first), with timeouts scaled to the
-blob's size. A response streams straight into a temporary file, hashed as it is written (one hash pass, never the
-whole blob in memory); data that does not hash to what was asked for is refused and its file removed. One fetch
-per hash runs at a time; other callers wait for it. Existence is answered from memory where possible, otherwise
-by a file's existence, never by reading a blob. Serving streams from the file in pieces, and readers() hands
-validation and aggregation the files themselves, read a chunk at a time.
+Fetches race a few holders with staggered starts (likeliest holder first), timeouts scaled to the blob's size. A
+response streams into a temporary file, hashed as it is written (one pass, never the whole blob in memory); data
+that does not hash to what was asked for is refused and its file removed. One fetch per hash runs at a time;
+others wait for it. Existence is answered from memory or a file's existence, never by reading a blob. Serving
+streams from the file in pieces; readers() hands validation and aggregation the files, read a chunk at a time.
 """
 
 from __future__ import annotations

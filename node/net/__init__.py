@@ -3,8 +3,8 @@ direct long-lived consensus streams between validators."""
 
 from .consensus_stream import CONSENSUS_PROTOCOL, ConsensusTransport
 from .frames import NetError, Stream, StreamedResponse, encode_frames, read_frame, write_frame
-from .gate import StartupGate, has_quorum
 from .host import InboundMessage, P2PNode, peer_id_of
+from .quorum import has_quorum
 
 __all__ = [
     "CONSENSUS_PROTOCOL",
@@ -12,7 +12,6 @@ __all__ = [
     "InboundMessage",
     "NetError",
     "P2PNode",
-    "StartupGate",
     "Stream",
     "StreamedResponse",
     "encode_frames",

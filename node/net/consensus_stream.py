@@ -17,11 +17,11 @@ import trio
 
 from .direct import ExactReader
 from .directory import DirectConfig, DirectLinks, Directory
-from .flow import PeerQueue, RateBudget, SeenSet, digest, listener_slot_free
+from .flow import PeerQueue, RateBudget, SeenSet, frame_id, listener_slot_free
 from .frames import NetError, Stream
-from .gate import has_quorum
 from .host import P2PNode
 from .link_session import LinkLimits, LinkStream, Session
+from .quorum import has_quorum
 
 log = logging.getLogger("flnode.net.consensus")
 
@@ -125,7 +125,7 @@ class ConsensusTransport:
             self.counters["oversize"] += 1
             log.warning("not sending an oversize consensus message", extra={"size": len(data)})
             return
-        h, now = digest(data), trio.current_time()
+        h, now = frame_id(data), trio.current_time()
         for s in self._sessions.values():
             if skip is not None and skip(s.peer):
                 self.counters["skipped_peer_has_it"] += 1
@@ -281,7 +281,7 @@ class ConsensusTransport:
         self._changed = trio.Event()
 
     def _deliver(self, peer: str, frame: bytes) -> None:
-        h, now = digest(frame), trio.current_time()
+        h, now = frame_id(frame), trio.current_time()
         s = self._sessions.get(peer)
         if s is not None:
             s.queue.mark_sent(h, now)  # it has this one: never relay it back on this connection

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from .frames import FRAME_HEADER, NetError
 
 
-def digest(data: bytes) -> bytes:
+def frame_id(data: bytes) -> bytes:
+    """A short key for "this frame was seen" (not a content address: those are protocol.hashing.digest)."""
     return hashlib.blake2b(data, digest_size=16).digest()
 
 

@@ -1,4 +1,4 @@
-"""Start-up gate: hold back consensus until this node can reach more than 2/3 of the voting power.
+"""The start-up gate's question: can this node reach more than 2/3 of the voting power?
 
 Starting height 1 before enough validators are connected only burns round 0 on the propose timeout.
 """
@@ -17,15 +17,3 @@ def has_quorum(powers: Mapping[str, int], connected: Iterable[str], self_id: str
     total = self_power + sum(p for v, p in powers.items() if v != self_id)
     have = self_power + sum(powers.get(v, 0) for v in set(connected) if v != self_id)
     return total > 0 and 3 * have > 2 * total
-
-
-class StartupGate:
-    """The same rule bound to one validator set, for callers that check it repeatedly."""
-
-    def __init__(self, powers: Mapping[str, int], self_id: str, self_power: int) -> None:
-        self.powers = dict(powers)
-        self.self_id = self_id
-        self.self_power = self_power
-
-    def is_open(self, connected: Iterable[str]) -> bool:
-        return has_quorum(self.powers, connected, self.self_id, self.self_power)
