@@ -162,6 +162,7 @@ class AdmissionGate:
         self.cache = ByteLRU(cache_bytes)
         self._log = RateLimitedLog()
         self.last_reason: str | None = None  # why the last call to admit() refused
+        self.last_refused: Message | None = None  # and the message it refused, if it decoded
         # first admitted message per slot: one update per (author, height), two proposals per (height, round)
         self._update_slots: dict[tuple[bytes, int], bytes] = {}
         self._proposal_slots: dict[tuple[int, int], set[bytes]] = {}
@@ -169,6 +170,7 @@ class AdmissionGate:
     def admit(self, topic: str | None, data: bytes, peer: str | None) -> Message | None:
         """The decoded message if it may be acted upon and relayed, else None (rejection counted). `topic` None
         means a direct validator stream, which carries consensus messages and update announcements alike."""
+        self.last_refused = None
         h = digest(data)
         cached = self.cache.get(h)
         if cached is not None:
@@ -194,6 +196,7 @@ class AdmissionGate:
         reason = self._check(topic, msg)
         if reason is not None:
             self._reject(reason, type(msg).__name__, peer)
+            self.last_refused = msg
             return None
         self.cache.put(h, msg, len(data))
         self.metrics.set("admission_cache_bytes", self.cache.bytes)

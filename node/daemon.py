@@ -140,6 +140,7 @@ class Daemon:
         self.router = self.router_class(genesis, self.head, self.gate, self.net, self.transport, self.peers,
                                         self.sync, self.mempool, self.blobs, self.metrics, self.timing,
                                         deliver=deliver, voting=is_voting, spawn=spawn)
+        self.committer.on_committed.append(self.router.committed)
         self.startup = Startup(self.head, self.net, self.transport, self.seat, self.machine, self.sync,
                                direct_peers=bool(config.direct_peers))
         self.trainer = self.use_trainer(self.data, participant_index) if self.data is not None else None

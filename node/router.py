@@ -23,8 +23,9 @@ from flnode.protocol.messages import (
     encode_gossip,
 )
 
-from .admission import AdmissionGate
+from .admission import UPDATES_AHEAD, AdmissionGate
 from .blobs import BlobService
+from .early_updates import EarlyUpdates
 from .head import Head
 from .mempool import Mempool
 from .net import ConsensusTransport
@@ -45,6 +46,7 @@ class Router:
         self.genesis, self.head, self.gate, self.net, self.transport = genesis, head, gate, net, transport
         self.peers, self.sync, self.mempool, self.blobs, self.metrics = peers, sync, mempool, blobs, metrics
         self.timing, self.deliver, self.voting, self.spawn = timing, deliver, voting, spawn
+        self.early = EarlyUpdates()  # updates refused as too far ahead, offered to the gate after each commit
 
     def validate_gossip(self, topic: str, data: bytes, peer: str | None = None) -> bool:
         """libp2p topic validator: only what the admission gate admits is re-gossiped."""
@@ -56,7 +58,7 @@ class Router:
             if msg is not None:
                 await self.on_message(msg, item.from_peer)
             elif self.gate.last_reason == "ahead_height":
-                self.sync.peer_ahead(item.from_peer)
+                self._ahead(item.from_peer, item.data)
 
     async def run_consensus(self) -> None:
         async for peer, data in self.transport.inbound:
@@ -65,9 +67,31 @@ class Router:
                 if self.gate.last_reason in CUT_OFF_REASONS:
                     self.transport.cut_off(peer, self.gate.last_reason or "")
                 elif self.gate.last_reason == "ahead_height":
-                    self.sync.peer_ahead(peer)
+                    self._ahead(peer, data)
                 continue
             await self.on_message(msg, peer)
+
+    def _ahead(self, peer: str | None, data: bytes) -> None:
+        """A message past the gate's window: its sender is ahead of us, and an update of it is kept for later."""
+        msg = self.gate.last_refused
+        if isinstance(msg, UpdateBundle | UpdateAnnouncement):
+            ann = msg.announcement if isinstance(msg, UpdateBundle) else msg
+            if self.early.park(peer, ann.height, data, self.head.next_height):
+                self.metrics.inc("early_updates_parked")
+        self.sync.peer_ahead(peer)
+
+    def committed(self) -> None:
+        """After each commit: the kept updates whose height is now within the gate's window go through it."""
+        due = self.early.due(self.head.next_height, UPDATES_AHEAD)
+        if due:
+            self.spawn("early_updates", self._readmit, due)
+
+    async def _readmit(self, frames: list[tuple[str | None, bytes]]) -> None:
+        for peer, data in frames:
+            msg = self.gate.admit(None, data, peer)
+            if msg is not None:
+                self.metrics.inc("early_updates_admitted")
+                await self.on_message(msg, peer)
 
     async def on_message(self, msg: Message, from_peer: str | None) -> None:
         self.metrics.inc("gossip_received")

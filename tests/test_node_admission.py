@@ -317,3 +317,45 @@ def test_gate_keeps_updates_two_heights_past_the_next(net: tuple[Path, Genesis, 
         a = replace(ann, height=h).signed(k, genesis.chain_id)
         assert (gate.admit(topic, encode_gossip(a), "peerA") == a) is ok, h
     assert gate.last_reason == "ahead_height" and m.counters["rejected_ahead_height"] == 1
+
+
+def test_an_update_too_far_ahead_is_kept_and_admitted_once_its_height_is_near(
+        net: tuple[Path, Genesis, list[NodeKey]]) -> None:
+    """A validator link sends each frame once: an update refused as too far ahead (its receiver was syncing) is
+    kept, and after the commits that bring its height within the gate's window it goes through the gate."""
+    from flnode.node.admission import UPDATES_AHEAD
+    from flnode.node.early_updates import EarlyUpdates
+
+    _, genesis, keys = net
+    gate, _ = _gate(genesis, [0.0])
+    ann, _ = _updates(genesis, keys)[0]
+    k = next(k for k in keys if k.public_key == ann.author)
+    early = EarlyUpdates()
+    late = encode_gossip(replace(ann, height=5).signed(k, genesis.chain_id))
+    assert gate.admit(None, late, "peerA") is None and gate.last_reason == "ahead_height"
+    refused = gate.last_refused
+    assert isinstance(refused, UpdateAnnouncement) and refused.height == 5
+    assert early.park("peerA", refused.height, late, gate.view.next_height())
+    assert not early.park("peerA", refused.height, late, 1)  # kept once
+    assert early.due(1, UPDATES_AHEAD) == []  # height 5 is still past 1 + 2
+    view = gate.view
+    assert isinstance(view, View)
+    view.height = 3  # two commits later
+    assert early.due(3, UPDATES_AHEAD) == [("peerA", late)] and len(early) == 0
+    assert gate.admit(None, late, "peerA") == refused
+
+
+def test_kept_early_updates_are_bounded_per_sender_in_bytes_and_in_reach() -> None:
+    from flnode.node.early_updates import EarlyUpdates
+
+    early = EarlyUpdates(max_ahead=4, max_per_peer=2, max_bytes=100)
+    assert not early.park("a", 1, b"x" * 10, 1)  # the next height itself is the gate's, not early
+    assert not early.park("a", 6, b"x" * 10, 1)  # past the reach: a sync brings those blocks
+    assert early.park("a", 2, b"a1" * 5, 1) and early.park("a", 3, b"a2" * 5, 1)
+    assert not early.park("a", 4, b"a3" * 5, 1) and early.dropped == 1  # a sender's share is full
+    assert early.park("b", 4, b"b" * 60, 1) and early.nbytes == 80
+    assert early.park("c", 5, b"c" * 30, 1)  # over 100 bytes: the oldest (a1) goes
+    assert early.nbytes == 100 and len(early) == 3
+    assert early.due(4, 1) == [("b", b"b" * 60), ("c", b"c" * 30)] and early.nbytes == 0  # a2's height passed
+    early.park("d", 9, b"d", 5)
+    assert early.due(10, 2) == [] and len(early) == 0  # a height already passed is forgotten
