@@ -8,7 +8,11 @@ committed every height, and per node per height: CPU seconds, messages and bytes
 consensus frames, peak RSS, and the longest store call (the event loop never waits for it: it runs on the store
 worker thread).
 
-    python -m bench.bench_scale [--quick] [--nodes 4,8,16,32,64] [--rounds N] [--runs 3]
+    python -m bench.bench_scale [--quick] [--nodes 4,8,16,32,64] [--rounds N] [--runs 3] [--profile]
+
+--profile runs every node under cProfile (FLNODE_PROFILE_DIR, the event loop thread's CPU) and prints, per size, the
+functions that cost it the most, summed over the nodes, in ms per node-height (start-up included; the profiler
+itself slows a node ~2x, so round times of a profiled run are not the figures).
 """
 
 from __future__ import annotations
@@ -48,9 +52,48 @@ def status(home: Path) -> dict[str, Any]:
         return {}
 
 
-def one_run(n: int, rounds: int, timeout: float) -> dict[str, Any]:
+def profile_rows(prof_dir: Path, node_heights: int, top: int = 25) -> list[dict[str, Any]]:
+    """The `top` functions by own time over every node's profile: ms per node-height and share of all own time."""
+    import pstats
+
+    files = sorted(str(p) for p in prof_dir.glob("*.prof"))
+    if not files:
+        return []
+    st = pstats.Stats(*files)
+    entries = st.stats  # type: ignore[attr-defined]
+    total = sum(v[2] for v in entries.values()) or 1.0
+    ranked = sorted(entries.items(), key=lambda kv: kv[1][2], reverse=True)[:top]
+    rows = [{"function": f"{Path(f).name}:{line} {name}", "ms_per_node_height": round(1000 * v[2] / node_heights, 3),
+             "share": round(v[2] / total, 3), "calls_per_node_height": round(v[1] / node_heights, 1)}
+            for (f, line, name), v in ranked]
+    by_part: dict[str, float] = {}
+    for (f, _, name), v in entries.items():
+        part = where(f, name)
+        by_part[part] = by_part.get(part, 0.0) + v[2]
+    parts = [{"function": f"{k} (all)", "ms_per_node_height": round(1000 * t / node_heights, 3), "share": round(t / total, 3),
+              "calls_per_node_height": None} for k, t in sorted(by_part.items(), key=lambda kv: -kv[1])[:12]]
+    return parts + rows
+
+
+def where(path: str, name: str) -> str:
+    """The part of the program a profiled function belongs to: a package, a flnode layer, or a C builtin."""
+    if path == "~":
+        return "C: " + name.split(" of ")[0].replace("<built-in method ", "").replace("<method ", "").strip("<>'")
+    parts = Path(path).parts
+    if "site-packages" in parts:
+        return parts[parts.index("site-packages") + 1].split(".")[0]
+    for layer in ("consensus", "protocol", "node", "cli", "adapters"):
+        if layer in parts:
+            i = parts.index(layer)
+            return "flnode." + ".".join([*parts[i:-1], Path(path).stem])
+    return "python: " + Path(path).stem
+
+
+def one_run(n: int, rounds: int, timeout: float, profile: bool = False) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as d:
         home = Path(d)
+        if profile:
+            os.environ["FLNODE_PROFILE_DIR"] = str(home / "profiles")
         rules = _task_and_rules("logreg", "digits", "iid", 0.5, "fedavg", 0, 100.0, 1, 0.1, 2000)
         create_testnet(home, n, chain_id="scale", listen_host="127.0.0.1", ports=free_ports(n), task_rules=rules,
                        force=True)
@@ -84,6 +127,7 @@ def one_run(n: int, rounds: int, timeout: float) -> dict[str, Any]:
             statuses = [status(v.home) for v in views]
         finally:
             stop_nodes(procs)
+            os.environ.pop("FLNODE_PROFILE_DIR", None)
         for v in views:
             read_node(v)
         from flnode.node.chain.store import ChainStore
@@ -116,7 +160,9 @@ def one_run(n: int, rounds: int, timeout: float) -> dict[str, Any]:
         received = sum(float(st.get("net", {}).get("consensus_frames_in", 0)) for st in statuses)
         dups = sum(float(st.get("net", {}).get("consensus_duplicates_in", 0)) for st in statuses)
         store_ms = [float(st.get("gauges", {}).get("store_max_call_ms", 0)) for st in statuses]
+        profiled = profile_rows(home / "profiles", n * committed) if profile else []
         return {
+            "profile": profiled,
             "nodes": n,
             "every_height": finished and len(hashes) == 1,
             "heights_min": min(heights),
@@ -164,6 +210,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=0)
     ap.add_argument("--runs", type=int, default=0)
     ap.add_argument("--timeout", type=float, default=0)
+    ap.add_argument("--profile", action="store_true")
     a = ap.parse_args()
     sizes = [int(x) for x in a.nodes.split(",") if x] or ([4, 8] if a.quick else [4, 8, 16, 32, 64])
     # enough heights that the median is the steady state: libp2p starts after the first commit, which slows the
@@ -176,11 +223,13 @@ def main() -> None:
     for n in sizes:
         rounds = rounds_for(n)
         timeout = a.timeout or (60 + 6 * n + 2 * rounds)
-        rs = [one_run(n, rounds, timeout) for _ in range(runs if n < 64 else 1)]
+        rs = [one_run(n, rounds, timeout, a.profile) for _ in range(runs if n < 64 else 1)]
         for r in rs:
             r["rounds"] = rounds
         all_runs += rs
-        rows.append(worst(rs))
+        rows.append({k: v for k, v in worst(rs).items() if k != "profile"})
+        if a.profile and rs[-1]["profile"]:
+            print_table(f"{n} nodes: event-loop CPU by function, own time (last run)", rs[-1]["profile"])
         print_table(f"scale so far (worst of {len(rs)} runs)", rows)
     write_json("scale", {"rows": rows, "runs": all_runs})
 

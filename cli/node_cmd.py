@@ -260,9 +260,29 @@ def start(
                             nursery.cancel_scope.cancel()
                             break
 
-            trio.run(main)
+            _run_profiled(main, os.environ.get("FLNODE_PROFILE_DIR"), cfg.moniker)
         finally:
             store.close()
+
+
+def _run_profiled(main: Any, profile_dir: str | None, name: str) -> None:
+    """trio.run(main); with FLNODE_PROFILE_DIR set, under cProfile counting the event loop thread's CPU (consensus,
+    checks and the network run there; the store and hashing threads are not in it), its stats written to
+    <dir>/<moniker>.prof on exit (bench_scale --profile reads them)."""
+    import trio
+
+    if not profile_dir:
+        trio.run(main)
+        return
+    import cProfile
+    import time
+
+    prof = cProfile.Profile(time.thread_time)  # CPU of the loop's thread: waiting in epoll costs nothing
+    try:
+        prof.runcall(trio.run, main)
+    finally:
+        Path(profile_dir).mkdir(parents=True, exist_ok=True)
+        prof.dump_stats(str(Path(profile_dir) / f"{name or os.getpid()}.prof"))
 
 
 # ---------------------------------------------------------------- status
