@@ -49,8 +49,13 @@ class Router:
         self.early = EarlyUpdates()  # updates refused as too far ahead, offered to the gate after each commit
 
     def validate_gossip(self, topic: str, data: bytes, peer: str | None = None) -> bool:
-        """libp2p topic validator: only what the admission gate admits is re-gossiped."""
-        return self.gate.admit(topic, data, peer) is not None
+        """libp2p topic validator: only what the admission gate admits is re-gossiped (a trainer's update too far
+        ahead is kept: gossip will not deliver it again)."""
+        if self.gate.admit(topic, data, peer) is not None:
+            return True
+        if self.gate.last_reason == "ahead_height":
+            self._keep_early(peer, data)
+        return False
 
     async def run_gossip(self) -> None:
         async for item in self.net.inbound:
@@ -73,12 +78,15 @@ class Router:
 
     def _ahead(self, peer: str | None, data: bytes) -> None:
         """A message past the gate's window: its sender is ahead of us, and an update of it is kept for later."""
+        self._keep_early(peer, data)
+        self.sync.peer_ahead(peer)
+
+    def _keep_early(self, peer: str | None, data: bytes) -> None:
         msg = self.gate.last_refused
         if isinstance(msg, UpdateBundle | UpdateAnnouncement):
             ann = msg.announcement if isinstance(msg, UpdateBundle) else msg
             if self.early.park(peer, ann.height, data, self.head.next_height):
                 self.metrics.inc("early_updates_parked")
-        self.sync.peer_ahead(peer)
 
     def committed(self) -> None:
         """After each commit: the kept updates whose height is now within the gate's window go through it."""
