@@ -160,28 +160,31 @@ class DirectStream:
 
     async def write(self, data: bytes) -> None:
         view = memoryview(data)
-        out = bytearray()
+        parts: list[bytes] = []  # joined once: each byte is copied for the cipher and for the join, no more
         for start in range(0, max(1, len(data)), PIECE):
             sealed = self._send.seal(bytes(view[start : start + PIECE]))
-            out += len(sealed).to_bytes(FRAME_HEADER, "big") + sealed
+            parts += (len(sealed).to_bytes(FRAME_HEADER, "big"), sealed)
         try:
             async with self._send_lock:
-                await self._sock.send_all(bytes(out))
+                await self._sock.send_all(b"".join(parts))
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise NetError(f"direct write failed: {exc!r}"[:200]) from None
 
     async def read(self, n: int) -> bytes:
         """The plaintext of the next wire frames available (at least one); b"" once the peer closed."""
-        out = bytearray()
+        out: list[bytes] = []
         while not out:
-            while len(self._wire) >= FRAME_HEADER:
-                size = int.from_bytes(self._wire[:FRAME_HEADER], "big")
-                if size > MAX_WIRE_FRAME:
-                    raise NetError(f"a direct frame of {size} bytes exceeds {MAX_WIRE_FRAME}")
-                if len(self._wire) < FRAME_HEADER + size:
-                    break
-                out += self._recv.open(bytes(self._wire[FRAME_HEADER : FRAME_HEADER + size]))
-                del self._wire[: FRAME_HEADER + size]
+            wire, at = self._wire, 0
+            with memoryview(wire) as view:  # released before the bytearray is resized
+                while len(wire) - at >= FRAME_HEADER:
+                    size = int.from_bytes(view[at : at + FRAME_HEADER], "big")
+                    if size > MAX_WIRE_FRAME:
+                        raise NetError(f"a direct frame of {size} bytes exceeds {MAX_WIRE_FRAME}")
+                    if len(wire) - at < FRAME_HEADER + size:
+                        break
+                    out.append(self._recv.open(bytes(view[at + FRAME_HEADER : at + FRAME_HEADER + size])))
+                    at += FRAME_HEADER + size
+            del wire[:at]
             if out:
                 break
             try:
@@ -191,7 +194,7 @@ class DirectStream:
             if not chunk:
                 return b""
             self._wire += chunk
-        return bytes(out)
+        return out[0] if len(out) == 1 else b"".join(out)
 
     async def reset(self) -> None:
         with trio.CancelScope(shield=True), trio.move_on_after(1):
@@ -224,7 +227,10 @@ class ExactReader:
     async def read(self, n: int) -> bytes:
         if not self._left:
             self._left = await self.stream.read(n)
-        out, self._left = self._left[:n], self._left[n:]
+        if len(self._left) <= n:  # the usual case: handed on without a copy
+            out, self._left = self._left, b""
+        else:
+            out, self._left = self._left[:n], self._left[n:]
         return out
 
     async def write(self, data: bytes) -> None:
