@@ -15,7 +15,6 @@ from typing import Any
 
 import trio
 
-from .direct import ExactReader
 from .directory import DirectConfig, DirectLinks, Directory
 from .flow import PeerQueue, RateBudget, SeenSet, frame_id, listener_slot_free
 from .frames import NetError, Stream
@@ -102,10 +101,6 @@ class ConsensusTransport:
         """Peers a request can go to: libp2p connections, and validators linked to us (over a direct link a
         request needs no libp2p connection)."""
         return list(dict.fromkeys([*self.p2p.connected_peers(), *sorted(self.connected())]))
-
-    async def open_request(self, peer: str) -> ExactReader | None:
-        """A direct connection for one request to `peer`, or None (then libp2p carries it)."""
-        return None if self.links is None else await self.links.open_request(peer)
 
     def subscribers(self) -> set[str]:
         return {p for p, s in self._sessions.items() if s.subscriber}

@@ -36,7 +36,7 @@ from nacl.bindings import (
 from nacl.exceptions import CryptoError
 from nacl.exceptions import RuntimeError as NaclRuntimeError
 
-from .frames import FRAME_HEADER, NetError
+from .frames import FRAME_HEADER, NetError, close_quietly
 from .host import peer_id_of
 
 log = logging.getLogger("flnode.net.direct")
@@ -197,11 +197,7 @@ class DirectStream:
         return out[0] if len(out) == 1 else b"".join(out)
 
     async def reset(self) -> None:
-        with trio.CancelScope(shield=True), trio.move_on_after(1):
-            try:
-                await self._sock.aclose()
-            except Exception:
-                pass
+        await close_quietly(self._sock.aclose)
 
 
 async def _read_exact(sock: trio.SocketStream, n: int, buf: bytearray) -> bytes:

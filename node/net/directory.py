@@ -128,9 +128,6 @@ class DirectLinks:
             return
         nursery.start_soon(self._directory_loop, peers)
 
-    def known(self, peer: str) -> bool:
-        return self.directory.get(peer) is not None
-
     async def open_request(self, peer: str) -> ExactReader | None:
         """A direct connection for one request to `peer`, or None (no direct address known, or the dial failed:
         libp2p carries it)."""

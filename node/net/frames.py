@@ -100,9 +100,13 @@ class Stream:
             raise NetError(f"write failed: {exc!r}"[:200]) from None
 
     async def reset(self) -> None:
-        """Best effort and bounded: a reset must never hang or raise."""
-        with trio.CancelScope(shield=True), trio.move_on_after(1):
-            try:
-                await self._raw.reset()
-            except Exception:
-                pass
+        await close_quietly(self._raw.reset)
+
+
+async def close_quietly(close: Callable[[], Awaitable[object]]) -> None:
+    """Best effort and bounded, even inside a cancelled scope: closing a stream must never hang or raise."""
+    with trio.CancelScope(shield=True), trio.move_on_after(1):
+        try:
+            await close()
+        except Exception:
+            pass
